@@ -1,0 +1,1 @@
+"""Shared utilities: task table, checkpoints, distributed helpers, schedulers, logging, arguments."""
