@@ -1,0 +1,250 @@
+"""Per-image class sets ("class index"), computed once from the label PNGs and cached.
+
+The index records, for every image of a split, which of the 256 label values occur in its label map. The
+step image lists (overlap / disjoint) are filters on it. Building it decodes every label once, with several
+processes; it is then cached as ``{dataset}_{split}_class_index.npz`` in the cache folder (see
+:func:`cache_folder`) and reused for as long as the label files are unchanged (same names, sizes and
+modification times); otherwise it is rebuilt. BARM's ``{split}_cls.txt`` files (``id c1 c2 ...`` with the
+foreground classes minus one) are accepted as an index too when placed in the cache folder.
+
+Building the index also validates every label: a file that is not a single-channel 8-bit PNG, that cannot
+be decoded, or that holds values outside the dataset's range is a :class:`UserError` naming the file.
+"""
+import hashlib
+import logging
+import multiprocessing
+import os
+import sys
+
+import numpy as np
+from PIL import Image
+
+from utils.errors import UserError
+
+log = logging.getLogger(__name__)
+
+INDEX_VERSION = 1
+LABEL_VALUES = 256
+
+
+class ClassIndex:
+    """``ids`` (list of image ids) and ``presence`` (bool array, images × 256 label values)."""
+
+    def __init__(self, ids, presence):
+        self.ids = list(ids)
+        self.presence = np.asarray(presence, dtype=bool)
+        if self.presence.shape != (len(self.ids), LABEL_VALUES):
+            raise ValueError(f"presence must be {len(self.ids)}x{LABEL_VALUES}, got {self.presence.shape}")
+
+    def __len__(self):
+        return len(self.ids)
+
+    def classes(self, i):
+        """Sorted label values present in image ``i``."""
+        return np.flatnonzero(self.presence[i]).tolist()
+
+    def contains_any(self, values):
+        """Boolean mask of the images containing at least one of ``values``."""
+        values = sorted(set(values))
+        if not values:
+            return np.zeros(len(self), dtype=bool)
+        return self.presence[:, values].any(axis=1)
+
+    def contains_only(self, allowed):
+        """Boolean mask of the images whose every label value is in ``allowed``."""
+        others = sorted(set(range(LABEL_VALUES)) - set(allowed))
+        return ~self.presence[:, others].any(axis=1)
+
+    def counts(self):
+        """Number of images in which each label value occurs (length 256)."""
+        return self.presence.sum(axis=0)
+
+
+def label_presence(path):
+    """The set of label values in one label PNG, as a bool array of length 256.
+
+    Raises :class:`UserError` for a file that cannot be decoded or is not an 8-bit single-channel label.
+    """
+    try:
+        with Image.open(path) as image:
+            if image.mode not in ("L", "P"):
+                raise UserError(f"label {path} has image mode {image.mode}: expected an 8-bit single-channel"
+                                f" (L or P) PNG of class ids")
+            histogram = image.histogram()
+    except UserError:
+        raise
+    except (OSError, SyntaxError, ValueError) as err:
+        raise UserError(f"cannot decode label {path} ({err}): expected a PNG of class ids") from None
+    return np.asarray(histogram[:LABEL_VALUES]) > 0
+
+
+def _scan(path):
+    """Pool worker: packed presence bits of one label, or the error message (raised in the parent)."""
+    try:
+        return np.packbits(label_presence(path)).tobytes(), None
+    except UserError as err:
+        return None, str(err)
+
+
+def _pool_context():
+    # forkserver: workers start from a clean process (no copy of the parent's threads or CUDA state) and
+    # share one import of this module; elsewhere spawn.
+    methods = multiprocessing.get_all_start_methods()
+    if "forkserver" in methods:
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload([__name__])
+        return context
+    return multiprocessing.get_context("spawn")
+
+
+def build_index(label_paths, ids, workers=None, progress=None):
+    """Decode every label of ``label_paths`` (with ``workers`` processes) into a :class:`ClassIndex`."""
+    workers = max(1, min(workers or os.cpu_count() or 1, len(label_paths)))
+    progress = sys.stderr.isatty() if progress is None else progress
+    packed = bytearray()
+    if workers == 1:
+        results = map(_scan, label_paths)
+        pool = None
+    else:
+        pool = _pool_context().Pool(workers)
+        chunk = max(1, min(256, len(label_paths) // (workers * 8)))
+        results = pool.imap(_scan, label_paths, chunksize=chunk)
+    try:
+        for n, (bits, error) in enumerate(results, 1):
+            if error is not None:
+                raise UserError(error)
+            packed += bits
+            if progress and (n % 1000 == 0 or n == len(label_paths)):
+                print(f"\rclass index: {n}/{len(label_paths)} labels", end="", file=sys.stderr, flush=True)
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    if progress:
+        print(file=sys.stderr)
+    presence = np.unpackbits(np.frombuffer(bytes(packed), dtype=np.uint8).reshape(len(ids), -1), axis=1)
+    return ClassIndex(ids, presence[:, :LABEL_VALUES].astype(bool))
+
+
+def check_label_values(index, label_paths, num_classes, ignore_label):
+    """Raise :class:`UserError` naming the first label with a value outside 0..num_classes-1 (and ignore)."""
+    allowed = set(range(num_classes)) | {ignore_label}
+    bad = ~index.contains_only(allowed)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        values = [v for v in index.classes(i) if v not in allowed]
+        raise UserError(f"label {label_paths[i]} holds values {values}: expected class ids 0..{num_classes - 1}"
+                        f" (and {ignore_label} = ignore); {int(bad.sum())} label file(s) are affected")
+
+
+def fingerprint(label_paths):
+    """Hash of the label files' names, sizes and modification times (what invalidates the cache)."""
+    digest = hashlib.sha1()
+    for path in label_paths:
+        try:
+            stat = os.stat(path)
+        except OSError as err:
+            raise UserError(f"cannot read label {path}: {err.strerror}") from None
+        digest.update(f"{os.path.basename(path)}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def cache_folder(data_root, cache_dir=None):
+    """Where the index is cached: ``cache_dir`` if given, else ``{data_root}/.ciss_cache`` when the data
+    folder is writable, else ``$XDG_CACHE_HOME/ciss/<hash of the data path>`` (default ``~/.cache``)."""
+    if cache_dir:
+        folder = cache_dir
+    elif os.access(data_root, os.W_OK):
+        folder = os.path.join(data_root, ".ciss_cache")
+    else:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        key = hashlib.sha1(os.path.abspath(data_root).encode()).hexdigest()[:16]
+        folder = os.path.join(base, "ciss", key)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create the class-index cache folder {folder} ({err.strerror}):"
+                        f" pass a writable --cache_dir") from None
+    return folder
+
+
+def _read_cache(path, key):
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if int(data["version"]) != INDEX_VERSION or str(data["fingerprint"]) != key:
+                return None
+            ids = data["ids"].tolist()
+            presence = np.unpackbits(data["presence"], axis=1)[:, :LABEL_VALUES].astype(bool)
+    except (OSError, KeyError, ValueError, EOFError):
+        return None
+    return ClassIndex(ids, presence)
+
+
+def _write_cache(path, key, index):
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as handle:
+            np.savez(handle, version=INDEX_VERSION, fingerprint=key, ids=np.asarray(index.ids),
+                     presence=np.packbits(index.presence, axis=1))
+        os.replace(tmp, path)
+    except OSError as err:
+        log.warning("could not write the class-index cache %s (%s); it will be rebuilt next time", path, err)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_barm_cls_file(path, ids):
+    """BARM's ``{split}_cls.txt`` as a :class:`ClassIndex` over ``ids``, or None if it does not cover them.
+
+    Each line is ``image_id c1 c2 ...`` with the foreground classes present, written as label − 1; the
+    background (0) and void (255) are not listed, so they are not marked present.
+    """
+    listed = {}
+    try:
+        with open(path, encoding="utf-8") as handle:
+            for line_no, line in enumerate(handle, 1):
+                parts = line.split()
+                if parts:
+                    listed[parts[0]] = [int(c) + 1 for c in parts[1:]]
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise UserError(f"cannot read the class index {path} ({err}): expected lines 'image_id c1 c2 ...'") from None
+    missing = [i for i in ids if i not in listed]
+    if missing:
+        log.warning("%s does not list %d image(s) of the split (e.g. %s); building the index from the labels",
+                    path, len(missing), missing[0])
+        return None
+    presence = np.zeros((len(ids), LABEL_VALUES), dtype=bool)
+    for row, image_id in enumerate(ids):
+        values = listed[image_id]
+        if any(not 0 < v < LABEL_VALUES for v in values):
+            raise UserError(f"{path}: image {image_id} lists a class outside 0..254")
+        presence[row, values] = True
+    return ClassIndex(ids, presence)
+
+
+def load_class_index(dataset, data_root, split, samples, num_classes, ignore_label, cache_dir=None,
+                     workers=None):
+    """The class index of ``samples`` (``[(id, image, label)]`` of ``split``), from cache or built.
+
+    Order of preference: BARM's ``{split}_cls.txt`` in the cache folder, the cached index if the label
+    files are unchanged, else a fresh build (validated and cached).
+    """
+    ids = [s[0] for s in samples]
+    label_paths = [s[2] for s in samples]
+    folder = cache_folder(data_root, cache_dir)
+    barm_file = os.path.join(folder, f"{split}_cls.txt")
+    if os.path.exists(barm_file):
+        index = read_barm_cls_file(barm_file, ids)
+        if index is not None:
+            log.info("class index: %s (BARM format)", barm_file)
+            return index
+    cache_path = os.path.join(folder, f"{dataset}_{split}_class_index.npz")
+    key = fingerprint(label_paths)
+    index = _read_cache(cache_path, key)
+    if index is not None and index.ids == ids:
+        return index
+    log.info("building the class index of %d %s %s labels (cached in %s)", len(ids), dataset, split, folder)
+    index = build_index(label_paths, ids, workers=workers)
+    check_label_values(index, label_paths, num_classes, ignore_label)
+    _write_cache(cache_path, key, index)
+    return index

@@ -1,0 +1,44 @@
+"""File-system checks shared by the dataset layouts: every problem is one :class:`UserError` line."""
+import os
+
+from utils.errors import UserError
+
+
+def check_dir(path, what):
+    """Return ``path`` if it is a directory, else raise a UserError saying what was expected there."""
+    if not os.path.isdir(path):
+        raise UserError(f"{path} is not a directory: expected {what}")
+    return path
+
+
+def read_id_list(path, what):
+    """Image ids of a split file: the stem of the first token of every non-empty line."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            lines = handle.read().splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"cannot read {path} ({err.__class__.__name__}): expected {what}") from None
+    ids = [os.path.splitext(os.path.basename(line.split()[0]))[0] for line in lines if line.strip()]
+    if not ids:
+        raise UserError(f"{path} lists no images: expected {what}")
+    return ids
+
+
+def list_stems(folder, extension):
+    """Sorted stems of the files in ``folder`` ending with ``extension``."""
+    stems = sorted(name[:-len(extension)] for name in os.listdir(folder) if name.endswith(extension))
+    if not stems:
+        raise UserError(f"{folder} holds no *{extension} files")
+    return stems
+
+
+def pair_files(ids, image_dir, image_ext, label_dir, label_ext):
+    """``[(id, image_path, label_path)]`` for ``ids``; an id without image or label is a UserError."""
+    images, labels = set(os.listdir(image_dir)), set(os.listdir(label_dir))
+    for image_id in ids:
+        if image_id + image_ext not in images:
+            raise UserError(f"image {os.path.join(image_dir, image_id + image_ext)} is missing"
+                            f" (listed in the split)")
+        if image_id + label_ext not in labels:
+            raise UserError(f"image {image_id} has no label: expected {os.path.join(label_dir, image_id + label_ext)}")
+    return [(i, os.path.join(image_dir, i + image_ext), os.path.join(label_dir, i + label_ext)) for i in ids]

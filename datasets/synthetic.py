@@ -1,0 +1,177 @@
+"""Deterministic synthetic datasets in the VOC 2012 and ADE20K layouts, for demos and tests.
+
+Every image shows a few objects (ellipses, rectangles, triangles) of several classes on a smooth, noisy
+background. Each class has its own colour and stripe texture (orientation and period), so a small network can
+learn to tell them apart. VOC labels carry a 255 ("void") border around each object, as the real
+annotations do; ADE labels use 0..150 with 0 = "other". The first object of image ``i`` cycles through all
+classes, so every class occurs once there are at least as many images as classes; further objects are
+drawn half from the classes up to the first one and half from all classes, so images mix classes of
+different incremental steps and the overlap and disjoint lists differ without either being empty. Image ``i`` depends only on ``(seed, split, i)``: a dataset is the same whatever the worker count.
+
+Command line::
+
+    python -m datasets.synthetic --dataset voc --root data/synthetic_voc --n_train 300 --n_val 60 --size 160
+"""
+import argparse
+import logging
+import multiprocessing
+import os
+import zlib
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+from datasets import ade, voc
+from utils.errors import UserError, exit_on_user_error
+
+log = logging.getLogger(__name__)
+
+VOID_WIDTH = 3  # pixels of 255 around each VOC object (dilated boundary)
+MAX_OBJECTS = 4
+SPLITS = ("train", "val")
+JPEG_QUALITY = 90
+
+
+def class_style(c):
+    """Colour (RGB), stripe angle and period of class ``c`` (deterministic, well separated in hue)."""
+    golden = 0.61803398875
+    hue = (c * golden) % 1.0
+    sat, val = 0.55 + 0.4 * ((c * 7) % 5) / 4, 0.55 + 0.4 * ((c * 3) % 4) / 3
+    rgb = np.array(_hsv_to_rgb(hue, sat, val)) * 255
+    angle = (c * 47 % 180) * np.pi / 180
+    period = 4 + (c * 5) % 9
+    return rgb, angle, period
+
+
+def _hsv_to_rgb(h, s, v):
+    i = int(h * 6) % 6
+    f = h * 6 - int(h * 6)
+    p, q, t = v * (1 - s), v * (1 - f * s), v * (1 - (1 - f) * s)
+    return [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)][i]
+
+
+def _object_mask(rng, height, width):
+    """A random filled shape as a bool array."""
+    mask = Image.new("L", (width, height), 0)
+    draw = ImageDraw.Draw(mask)
+    h = rng.uniform(0.2, 0.55) * height
+    w = rng.uniform(0.2, 0.55) * width
+    top, left = rng.uniform(0, height - h), rng.uniform(0, width - w)
+    box = [left, top, left + w, top + h]
+    kind = rng.integers(3)
+    if kind == 0:
+        draw.ellipse(box, fill=1)
+    elif kind == 1:
+        draw.rectangle(box, fill=1)
+    else:
+        draw.polygon([(left + w * rng.uniform(0, 1), top), (left, top + h), (left + w, top + h)], fill=1)
+    return np.asarray(mask, dtype=bool)
+
+
+def render(dataset, seed, split, i, size):
+    """Image ``i`` of ``split``: an RGB uint8 array and a uint8 label array."""
+    num_classes = {"voc": voc.NUM_CLASSES, "ade": ade.NUM_CLASSES}[dataset]
+    rng = np.random.default_rng([seed, zlib.crc32(f"{dataset}/{split}".encode()), i])
+    height = int(size * rng.uniform(0.75, 1.0))
+    width = int(size * rng.uniform(1.0, 1.3))
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = rng.uniform(60, 200, size=3)
+    tilt = rng.uniform(-0.3, 0.3, size=(2, 3))
+    image = base + (yy / height)[..., None] * tilt[0] * 100 + (xx / width)[..., None] * tilt[1] * 100
+    label = np.zeros((height, width), dtype=np.uint8)
+    void = np.zeros((height, width), dtype=bool)
+    n_objects = int(rng.integers(1, MAX_OBJECTS + 1))
+    first = 1 + (i % (num_classes - 1))
+    # further objects: half of them from classes <= the first one (so that, for natural orders, some images
+    # hold no class of a later step and the disjoint lists are never empty), half from any class
+    classes = [first] + [int(rng.integers(1, first + 1)) if rng.random() < 0.5 else int(rng.integers(1, num_classes))
+                         for _ in range(n_objects - 1)]
+    for c in classes:
+        mask = _object_mask(rng, height, width)
+        rgb, angle, period = class_style(c)
+        stripes = np.sin(2 * np.pi * (xx * np.cos(angle) + yy * np.sin(angle)) / period)
+        texture = rgb[None, None, :] * (0.8 + 0.2 * stripes[..., None])
+        image[mask] = texture[mask]
+        label[mask] = c
+        if dataset == "voc":
+            edge = Image.fromarray(mask.astype(np.uint8) * 255)
+            outer = np.asarray(edge.filter(ImageFilter.MaxFilter(2 * VOID_WIDTH + 1))) > 0
+            inner = np.asarray(edge.filter(ImageFilter.MinFilter(2 * VOID_WIDTH + 1))) > 0
+            void = (void & ~mask) | (outer & ~inner)
+    image += rng.normal(0, 6, size=image.shape)
+    if dataset == "voc":
+        label[void] = voc.IGNORE_LABEL
+    return np.clip(image, 0, 255).astype(np.uint8), label
+
+
+def _paths(dataset, root, split, i):
+    if dataset == "voc":
+        name = f"2012_{i:06d}" if split == "train" else f"2012_{900000 + i:06d}"
+        return name, os.path.join(root, voc.IMAGE_DIR, name + ".jpg"), os.path.join(root, voc.LABEL_DIR, name + ".png")
+    folder = ade.SPLIT_FOLDERS[split]
+    name = f"ADE_{'train' if split == 'train' else 'val'}_{i + 1:08d}"
+    return (name, os.path.join(root, "images", folder, name + ".jpg"),
+            os.path.join(root, "annotations", folder, name + ".png"))
+
+
+def _write_one(job):
+    dataset, root, split, i, size, seed, labels_only = job
+    name, image_path, label_path = _paths(dataset, root, split, i)
+    image, label = render(dataset, seed, split, i, size)
+    if not labels_only:
+        Image.fromarray(image).save(image_path, quality=JPEG_QUALITY)
+    Image.fromarray(label, mode="L").save(label_path)
+    return name
+
+
+def generate(dataset, root, n_train=300, n_val=60, size=160, seed=0, workers=None, labels_only=False):
+    """Write a synthetic ``dataset`` ("voc" or "ade") under ``root`` (the VOC2012 / ADEChallengeData2016
+    folder) and return ``{split: [ids]}``. ``labels_only`` skips the JPEGs (for class-index benchmarks)."""
+    if dataset not in ("voc", "ade"):
+        raise UserError(f"unknown dataset '{dataset}': expected voc or ade")
+    if n_train < 1 or n_val < 1 or size < 32:
+        raise UserError("expected --n_train >= 1, --n_val >= 1 and --size >= 32")
+    counts = {"train": n_train, "val": n_val}
+    for split in SPLITS:
+        _, image_path, label_path = _paths(dataset, root, split, 0)
+        os.makedirs(os.path.dirname(image_path), exist_ok=True)
+        os.makedirs(os.path.dirname(label_path), exist_ok=True)
+    jobs = [(dataset, root, split, i, size, seed, labels_only) for split in SPLITS for i in range(counts[split])]
+    workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
+    if workers == 1:
+        names = [_write_one(job) for job in jobs]
+    else:
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            names = pool.map(_write_one, jobs, chunksize=max(1, len(jobs) // (workers * 8)))
+    ids = {"train": names[:n_train], "val": names[n_train:]}
+    if dataset == "voc":
+        split_dir = os.path.join(root, voc.SPLIT_DIR)
+        os.makedirs(split_dir, exist_ok=True)
+        for split in SPLITS:
+            with open(os.path.join(split_dir, voc.SPLIT_FILES[split]), "w", encoding="utf-8") as handle:
+                handle.write("\n".join(ids[split]) + "\n")
+    return ids
+
+
+@exit_on_user_error
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--dataset", choices=("voc", "ade"), default="voc")
+    parser.add_argument("--root", required=True,
+                        help="output folder: plays the role of VOC2012/ or ADEChallengeData2016/")
+    parser.add_argument("--n_train", type=int, default=300, help="training images")
+    parser.add_argument("--n_val", type=int, default=60, help="validation (= test) images")
+    parser.add_argument("--size", type=int, default=160, help="nominal image size in pixels")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    parser.add_argument("--labels_only", action="store_true", help="write the label PNGs only")
+    args = parser.parse_args(argv)
+    ids = generate(args.dataset, args.root, args.n_train, args.n_val, args.size, args.seed, args.workers,
+                   args.labels_only)
+    print(f"wrote a synthetic {args.dataset} dataset to {args.root}: {len(ids['train'])} train,"
+          f" {len(ids['val'])} val images")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""Pascal VOC 2012 with the SBD-augmented labels (spec barm-ssul-kproba §5.1, methods §3.1).
+
+``data_root`` is the ``VOC2012`` folder itself::
+
+    VOC2012/JPEGImages/{id}.jpg
+    VOC2012/SegmentationClassAug/{id}.png                       labels 0..20, 255 = void
+    VOC2012/ImageSets/Segmentation/train_aug.txt, val.txt       10,582 / 1,449 ids
+
+A split file may hold bare ids or the ``/JPEGImages/x.jpg /SegmentationClassAug/x.png`` lines of the
+MiB/DKD lists; the first token's stem is the id.
+"""
+import os
+
+from datasets.files import check_dir, pair_files, read_id_list
+
+NAME = "voc"
+NUM_CLASSES = 21
+IGNORE_LABEL = 255
+CLASS_NAMES = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+)
+IMAGE_DIR = "JPEGImages"
+LABEL_DIR = "SegmentationClassAug"
+SPLIT_DIR = os.path.join("ImageSets", "Segmentation")
+SPLIT_FILES = {"train": "train_aug.txt", "val": "val.txt"}
+IMAGE_COUNTS = {"train": 10582, "val": 1449}  # the full dataset; the data check reports deviations
+
+
+def list_split(data_root, split):
+    """``[(id, image_path, label_path), ...]`` of ``split`` ("train" = train_aug, "val" = val) in file order."""
+    check_dir(data_root, "the VOC2012 folder (with JPEGImages/, SegmentationClassAug/, ImageSets/Segmentation/)")
+    image_dir = check_dir(os.path.join(data_root, IMAGE_DIR), "the VOC images folder")
+    label_dir = check_dir(os.path.join(data_root, LABEL_DIR), "the augmented VOC labels folder")
+    ids = read_id_list(os.path.join(data_root, SPLIT_DIR, SPLIT_FILES[split]), f"the VOC {split} list")
+    return pair_files(ids, image_dir, ".jpg", label_dir, ".png")
