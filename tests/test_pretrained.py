@@ -1,0 +1,227 @@
+"""Backbone weights (spec §3) and safe checkpoint loading (spec §8, §10.13)."""
+import io
+import os
+import urllib.error
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+from torchvision import models
+
+from network import build_model
+from network.pretrained import IMAGENET_URLS
+from utils.checkpoint import load_checkpoint_file
+from utils.errors import UserError
+
+
+def assert_backbone_equals(model, reference, buffers_optional=False):
+    state = model.backbone.state_dict()
+    expected = {k: v for k, v in reference.items() if not k.startswith("fc.")}
+    if buffers_optional:
+        assert set(expected) == {k for k in state if not k.endswith("num_batches_tracked")}
+    else:
+        assert set(state) == set(expected)
+    for key, value in expected.items():
+        assert torch.equal(state[key], value), key
+
+
+@pytest.fixture()
+def resnet18_state():
+    torch.manual_seed(0)
+    net = models.resnet18(weights=None)
+    with torch.no_grad():
+        for name, buffer in net.named_buffers():  # make the BN statistics distinguishable from defaults
+            if "running" in name:
+                buffer.uniform_(0.5, 1.5)
+    return net.state_dict()
+
+
+# ------------------------------------------------------------------------------------------------
+# Local pretrained files
+# ------------------------------------------------------------------------------------------------
+
+def test_torchvision_state_dict_with_fc_loads_as_backbone(tmp_path, resnet18_state):
+    path = tmp_path / "resnet18.pth"
+    torch.save(resnet18_state, path)
+    model = build_model("deeplabv3bga_resnet18", [16], pretrained=str(path))
+    assert_backbone_equals(model, resnet18_state)
+    assert all(m.momentum == 0.01 for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+def test_wrapped_and_prefixed_state_dict_loads(tmp_path, resnet18_state):
+    path = tmp_path / "wrapped.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in resnet18_state.items()}, "epoch": 3}, path)
+    model = build_model("deeplabv3inc_resnet18", [4], pretrained=str(path))
+    assert_backbone_equals(model, resnet18_state)
+
+
+def test_legacy_state_dict_without_num_batches_tracked_loads(tmp_path, resnet18_state):
+    legacy = {k: v for k, v in resnet18_state.items() if not k.endswith("num_batches_tracked")}
+    path = tmp_path / "legacy.pth"
+    torch.save(legacy, path)
+    model = build_model("deeplabv3bga_resnet18", [4], pretrained=str(path))
+    assert_backbone_equals(model, legacy, buffers_optional=True)
+    assert model.backbone.bn1.num_batches_tracked.item() == 0
+
+
+def test_barm_checkpoint_as_pretrained_source(tmp_path):
+    torch.manual_seed(1)
+    source = build_model("deeplabv3bga_resnet18", [16, 1])
+    path = tmp_path / "barm.pth"
+    torch.save({"model_state": source.state_dict(), "optimizer_state": {"state": {}, "param_groups": []},
+                "best_score": np.float64(0.6123)}, path)
+    torch.manual_seed(2)
+    model = build_model("deeplabv3bga_resnet18", [16], pretrained=str(path))
+    assert_backbone_equals(model, source.backbone.state_dict())
+    assert not torch.equal(model.classifier.head_pre[0].weight, source.classifier.head_pre[0].weight)
+
+
+def test_bad_pretrained_files_raise_user_error(tmp_path, resnet18_state):
+    with pytest.raises(UserError, match="does not exist"):
+        build_model("deeplabv3bga_resnet18", [3], pretrained=str(tmp_path / "missing.pth"))
+
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"this is not a checkpoint")
+    with pytest.raises(UserError, match="garbage.pth"):
+        build_model("deeplabv3bga_resnet18", [3], pretrained=str(garbage))
+
+    tensor_file = tmp_path / "tensor.pth"
+    torch.save(torch.zeros(3), tensor_file)
+    with pytest.raises(UserError, match="expected a state dict"):
+        build_model("deeplabv3bga_resnet18", [3], pretrained=str(tensor_file))
+
+    resnet50 = tmp_path / "resnet50.pth"
+    torch.save(models.resnet50(weights=None).state_dict(), resnet50)
+    with pytest.raises(UserError, match=r"resnet50\.pth.*resnet18.*unexpected: layer1\.0\.conv3\.weight") as info:
+        build_model("deeplabv3bga_resnet18", [3], pretrained=str(resnet50))
+    assert "mis-shaped: layer1.0.conv1.weight [64, 64, 1, 1] (expected [64, 64, 3, 3])" in str(info.value)
+
+    incomplete = tmp_path / "incomplete.pth"
+    torch.save({k: v for k, v in resnet18_state.items() if not k.startswith("layer4.1.")}, incomplete)
+    with pytest.raises(UserError, match=r"incomplete\.pth.*missing: layer4\.1\.conv1\.weight"):
+        build_model("deeplabv3bga_resnet18", [3], pretrained=str(incomplete))
+
+
+# ------------------------------------------------------------------------------------------------
+# ImageNet weights through the torch.hub cache
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture()
+def offline_hub(tmp_path, monkeypatch):
+    """An empty TORCH_HOME and no network: any download attempt raises URLError."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    assert torch.hub.get_dir() == str(tmp_path / "hub")
+    attempts = []
+
+    def no_network(url, *args, **kwargs):
+        attempts.append(url)
+        raise urllib.error.URLError("network is unreachable")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    monkeypatch.setattr("urllib.request.urlopen", no_network)
+    return tmp_path / "hub" / "checkpoints", attempts
+
+
+def test_imagenet_offline_without_cache_raises_user_error(offline_hub):
+    cache_dir, attempts = offline_hub
+    with pytest.raises(UserError) as info:
+        build_model("deeplabv3bga_resnet18", [16], pretrained="imagenet")
+    message = str(info.value)
+    assert "resnet18-5c106cde.pth" in message and str(cache_dir) in message
+    assert "--pretrained PATH" in message and "--no_pretrained" in message
+    assert attempts == [IMAGENET_URLS["resnet18"]]
+
+
+def test_imagenet_from_cache_needs_no_network(offline_hub, resnet18_state):
+    cache_dir, attempts = offline_hub
+    cache_dir.mkdir(parents=True)
+    torch.save(resnet18_state, cache_dir / "resnet18-5c106cde.pth")
+    model = build_model("deeplabv3bga_resnet18", [16], pretrained="imagenet")
+    assert_backbone_equals(model, resnet18_state)
+    assert attempts == []
+
+
+def test_imagenet_download_goes_through_torch_hub(monkeypatch, tmp_path, resnet18_state):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    calls = []
+
+    def fake_download(url, **kwargs):
+        calls.append((url, kwargs.get("weights_only")))
+        return resnet18_state
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", fake_download)
+    model = build_model("deeplabv3_resnet18", [16], pretrained="imagenet")
+    assert calls == [("https://download.pytorch.org/models/resnet18-5c106cde.pth", True)]
+    assert_backbone_equals(model, resnet18_state)
+
+
+# ------------------------------------------------------------------------------------------------
+# load_checkpoint_file
+# ------------------------------------------------------------------------------------------------
+
+def barm_checkpoint():
+    return {
+        "model_state": {"backbone.conv1.weight": torch.arange(6.0).reshape(1, 1, 2, 3)},
+        "optimizer_state": {"state": {}, "param_groups": [{"lr": 0.01, "params": [0]}]},
+        "best_score": np.float64(0.6123),
+    }
+
+
+def test_barm_checkpoint_with_numpy_score_loads(tmp_path):
+    path = tmp_path / "step0.pth"
+    torch.save(barm_checkpoint(), path)
+    loaded = load_checkpoint_file(str(path))
+    assert isinstance(loaded["best_score"], np.float64) and loaded["best_score"] == 0.6123
+    assert torch.equal(loaded["model_state"]["backbone.conv1.weight"], torch.arange(6.0).reshape(1, 1, 2, 3))
+    assert loaded["optimizer_state"]["param_groups"][0]["lr"] == 0.01
+
+
+def test_numpy1_pickled_scalar_loads(tmp_path):
+    """A checkpoint whose pickle names ``numpy.core.multiarray.scalar``, as numpy 1.x writes it."""
+    buffer = io.BytesIO()
+    torch.save(barm_checkpoint(), buffer)
+    rewritten = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(buffer.getvalue())) as source, \
+            zipfile.ZipFile(rewritten, "w", zipfile.ZIP_STORED) as target:
+        for name in source.namelist():
+            data = source.read(name)
+            if name.endswith("data.pkl"):
+                data = data.replace(b"numpy._core.multiarray\nscalar", b"numpy.core.multiarray\nscalar")
+                assert b"numpy.core.multiarray\nscalar" in data
+            target.writestr(name, data)
+    path = tmp_path / "numpy1.pth"
+    path.write_bytes(rewritten.getvalue())
+    loaded = load_checkpoint_file(str(path))
+    assert loaded["best_score"] == 0.6123
+
+
+class _RunsACommand:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_pickle_with_other_globals_is_refused(tmp_path):
+    marker = tmp_path / "executed"
+    path = tmp_path / "evil.pth"
+    torch.save({"model_state": {}, "payload": _RunsACommand(marker)}, path)
+    with pytest.raises(UserError, match=r"evil\.pth holds the Python object \S*system"):
+        load_checkpoint_file(str(path))
+    assert not marker.exists()
+
+
+def test_unreadable_checkpoints_raise_user_error(tmp_path):
+    path = tmp_path / "full.pth"
+    torch.save(barm_checkpoint(), path)
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(UserError, match=r"truncated\.pth.*could not be read"):
+        load_checkpoint_file(str(truncated))
+    with pytest.raises(UserError, match=r"missing\.pth does not exist"):
+        load_checkpoint_file(str(tmp_path / "missing.pth"))
+    with pytest.raises(UserError, match="is a directory"):
+        load_checkpoint_file(str(tmp_path))

@@ -1,0 +1,87 @@
+"""Checkpoint files: safe loading of ciss, BARM and SSUL checkpoints (spec barm-ssul-kproba §8, §10.13)."""
+import os
+import pickle
+import re
+
+import numpy as np
+import torch
+
+from utils.errors import UserError
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------
+
+_REFUSED_GLOBAL = re.compile(r"GLOBAL (\S+)")
+
+# Errors torch.load raises for a file that is truncated, corrupt or not a checkpoint at all.
+_READ_ERRORS = (
+    pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, TypeError,
+    AttributeError, KeyError, IndexError, ImportError,
+)
+
+
+def _torch_version():
+    """(major, minor) of the installed torch, e.g. (2, 15) for "2.15.0+cu132"."""
+    major, minor = re.match(r"(\d+)\.(\d+)", torch.__version__).groups()
+    return int(major), int(minor)
+
+
+def _numpy_safe_globals():
+    """The numpy objects a BARM/SSUL checkpoint holds: ``best_score`` is a numpy float64 scalar (spec §8).
+
+    numpy 1.x pickles it as ``numpy.core.multiarray.scalar`` + ``numpy.dtype``, numpy 2 as
+    ``numpy._core.multiarray.scalar`` + ``numpy.dtype``; rebuilding the dtype needs its class
+    (``numpy.dtypes.Float64DType``). The ``(obj, "dotted.name")`` form (torch >= 2.6) registers the
+    scalar constructor under both names; older torch registers it under its runtime name only.
+    """
+    scalar = np.float64(0).__reduce__()[0]  # numpy's scalar constructor, wherever this numpy keeps it
+    dtype_classes = [np.dtype, type(np.dtype(np.float64))]
+    if _torch_version() >= (2, 6):
+        return [(scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar")] + dtype_classes
+    return [scalar] + dtype_classes
+
+
+def _reason(err):
+    """The informative line of a ``torch.load`` error, without torch's weights-only header and footer."""
+    text = str(err).split("WeightsUnpickler error:", 1)[-1]
+    lines = [
+        line.strip() for line in text.splitlines()
+        if line.strip() and not line.startswith(("Weights only load failed", "Check the documentation"))
+    ]
+    return lines[0].split(". ")[0] if lines else type(err).__name__  # first sentence: torch appends advice
+
+
+def load_checkpoint_file(path, map_location="cpu"):
+    """Load a checkpoint with ``torch.load(weights_only=True)``, allowing only the numpy scalar types.
+
+    Tensors, plain containers and numpy float64 scalars load (BARM/SSUL checkpoints from numpy 1.x
+    and 2 included); anything else is refused rather than unpickled. The numpy allow-list needs
+    ``torch.serialization.safe_globals`` (torch >= 2.5; numpy-1.x pickles on numpy 2 need torch >= 2.6);
+    on older torch the file is read with plain ``weights_only=True``, so checkpoints holding numpy
+    scalars then need a newer torch.
+
+    Raises:
+        UserError: the path is missing or a directory, the file is truncated or corrupt, or it
+            needs Python objects beyond tensors, containers and numpy scalars.
+    """
+    if not os.path.exists(path):
+        raise UserError(f"checkpoint file {path} does not exist: expected a .pth file saved with torch.save")
+    if os.path.isdir(path):
+        raise UserError(f"checkpoint path {path} is a directory: expected a .pth file saved with torch.save")
+    try:
+        if hasattr(torch.serialization, "safe_globals"):
+            with torch.serialization.safe_globals(_numpy_safe_globals()):
+                return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except _READ_ERRORS as err:
+        refused = _REFUSED_GLOBAL.search(str(err))
+        if refused:  # torch's weights-only unpickler met a global outside the allow-list
+            raise UserError(
+                f"checkpoint file {path} holds the Python object {refused.group(1)}, which is not loaded for "
+                "safety: expected tensors, plain containers and numpy scalars only"
+            ) from err
+        raise UserError(
+            f"checkpoint file {path} could not be read ({_reason(err)}): expected an intact file saved with "
+            "torch.save"
+        ) from err
