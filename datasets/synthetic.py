@@ -19,14 +19,14 @@ import os
 import zlib
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw
 
 from datasets import ade, voc
 from utils.errors import UserError, exit_on_user_error
 
 log = logging.getLogger(__name__)
 
-VOID_WIDTH = 3  # pixels of 255 around each VOC object (dilated boundary)
+VOID_WIDTH = 2  # half-width in pixels of the 255 band along VOC object boundaries
 MAX_OBJECTS = 4
 SPLITS = ("train", "val")
 JPEG_QUALITY = 90
@@ -68,39 +68,58 @@ def _object_mask(rng, height, width):
     return np.asarray(mask, dtype=bool)
 
 
-def render(dataset, seed, split, i, size):
-    """Image ``i`` of ``split``: an RGB uint8 array and a uint8 label array."""
+def _boundary_band(label, radius):
+    """Pixels within ``radius`` (square neighbourhood) of a change of label value."""
+    edge = np.zeros(label.shape, dtype=bool)
+    edge[:, 1:] |= label[:, 1:] != label[:, :-1]
+    edge[1:, :] |= label[1:, :] != label[:-1, :]
+    band = edge.copy()
+    for _ in range(radius):  # separable dilation, one pixel per pass
+        grown = band.copy()
+        grown[:, 1:] |= band[:, :-1]
+        grown[:, :-1] |= band[:, 1:]
+        band = grown.copy()
+        band[1:, :] |= grown[:-1, :]
+        band[:-1, :] |= grown[1:, :]
+    return band
+
+
+def render(dataset, seed, split, i, size, with_image=True):
+    """Image ``i`` of ``split``: an RGB uint8 array (None without ``with_image``) and a uint8 label array.
+
+    The layout (size, shapes, classes) and the pixels come from two independent random streams, so the
+    labels are the same with or without the image.
+    """
     num_classes = {"voc": voc.NUM_CLASSES, "ade": ade.NUM_CLASSES}[dataset]
-    rng = np.random.default_rng([seed, zlib.crc32(f"{dataset}/{split}".encode()), i])
+    key = [seed, zlib.crc32(f"{dataset}/{split}".encode()), i]
+    rng, pixel_rng = np.random.default_rng(key + [0]), np.random.default_rng(key + [1])
     height = int(size * rng.uniform(0.75, 1.0))
     width = int(size * rng.uniform(1.0, 1.3))
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    base = rng.uniform(60, 200, size=3)
-    tilt = rng.uniform(-0.3, 0.3, size=(2, 3))
-    image = base + (yy / height)[..., None] * tilt[0] * 100 + (xx / width)[..., None] * tilt[1] * 100
-    label = np.zeros((height, width), dtype=np.uint8)
-    void = np.zeros((height, width), dtype=bool)
     n_objects = int(rng.integers(1, MAX_OBJECTS + 1))
     first = 1 + (i % (num_classes - 1))
     # further objects: half of them from classes <= the first one (so that, for natural orders, some images
     # hold no class of a later step and the disjoint lists are never empty), half from any class
     classes = [first] + [int(rng.integers(1, first + 1)) if rng.random() < 0.5 else int(rng.integers(1, num_classes))
                          for _ in range(n_objects - 1)]
-    for c in classes:
-        mask = _object_mask(rng, height, width)
-        rgb, angle, period = class_style(c)
-        stripes = np.sin(2 * np.pi * (xx * np.cos(angle) + yy * np.sin(angle)) / period)
-        texture = rgb[None, None, :] * (0.8 + 0.2 * stripes[..., None])
-        image[mask] = texture[mask]
+    masks = [_object_mask(rng, height, width) for _ in classes]
+
+    label = np.zeros((height, width), dtype=np.uint8)
+    for c, mask in zip(classes, masks):
         label[mask] = c
-        if dataset == "voc":
-            edge = Image.fromarray(mask.astype(np.uint8) * 255)
-            outer = np.asarray(edge.filter(ImageFilter.MaxFilter(2 * VOID_WIDTH + 1))) > 0
-            inner = np.asarray(edge.filter(ImageFilter.MinFilter(2 * VOID_WIDTH + 1))) > 0
-            void = (void & ~mask) | (outer & ~inner)
-    image += rng.normal(0, 6, size=image.shape)
     if dataset == "voc":
-        label[void] = voc.IGNORE_LABEL
+        label[_boundary_band(label, VOID_WIDTH)] = voc.IGNORE_LABEL
+    if not with_image:
+        return None, label
+
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = pixel_rng.uniform(60, 200, size=3)
+    tilt = pixel_rng.uniform(-0.3, 0.3, size=(2, 3))
+    image = base + (yy / height)[..., None] * tilt[0] * 100 + (xx / width)[..., None] * tilt[1] * 100
+    for c, mask in zip(classes, masks):
+        rgb, angle, period = class_style(c)
+        stripes = np.sin(2 * np.pi * (xx[mask] * np.cos(angle) + yy[mask] * np.sin(angle)) / period)
+        image[mask] = rgb[None, :] * (0.8 + 0.2 * stripes[:, None])
+    image += pixel_rng.normal(0, 6, size=image.shape)
     return np.clip(image, 0, 255).astype(np.uint8), label
 
 
@@ -117,8 +136,8 @@ def _paths(dataset, root, split, i):
 def _write_one(job):
     dataset, root, split, i, size, seed, labels_only = job
     name, image_path, label_path = _paths(dataset, root, split, i)
-    image, label = render(dataset, seed, split, i, size)
-    if not labels_only:
+    image, label = render(dataset, seed, split, i, size, with_image=not labels_only)
+    if image is not None:
         Image.fromarray(image).save(image_path, quality=JPEG_QUALITY)
     Image.fromarray(label, mode="L").save(label_path)
     return name
