@@ -1,0 +1,33 @@
+"""Incremental methods behind one interface (``methods/base.py``) and their loss terms (``methods/losses.py``).
+
+``get_method(name, dataset="voc", **overrides)`` returns a method with its reference hyper-parameters for
+``dataset``, with ``overrides`` (hyper-parameter names) applied.
+"""
+import dataclasses
+
+from methods.barm import BARM
+from methods.finetune import FineTune
+from utils.errors import UserError
+
+METHODS = {cls.name: cls for cls in (BARM, FineTune)}
+
+
+def list_methods():
+    return list(METHODS)
+
+
+def get_method_class(name):
+    if name not in METHODS:
+        raise UserError(f"unknown method '{name}': expected one of {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def get_method(name, dataset="voc", **overrides):
+    """The method ``name`` with the reference hyper-parameters for ``dataset`` and ``overrides`` applied."""
+    cls = get_method_class(name)
+    defaults = cls.default_hyper(dataset)
+    known = {f.name for f in dataclasses.fields(defaults)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise UserError(f"method {name} has no hyper-parameter {', '.join(unknown)}: expected {', '.join(sorted(known))}")
+    return cls(dataclasses.replace(defaults, **overrides), dataset=dataset)
