@@ -1,6 +1,7 @@
 """Checkpoint files: safe loading of ciss, BARM and SSUL checkpoints (spec barm-ssul-kproba §8, §10.13)."""
 import os
 import pickle
+import random
 import re
 
 import numpy as np
@@ -85,3 +86,54 @@ def load_checkpoint_file(path, map_location="cpu"):
             f"checkpoint file {path} could not be read ({_reason(err)}): expected an intact file saved with "
             "torch.save"
         ) from err
+
+
+# --------------------------------------------------------------------------------------------------
+# Saving
+# --------------------------------------------------------------------------------------------------
+
+CHECKPOINT_FORMAT = "ciss-1"
+
+
+def save_atomic(obj, path):
+    """``torch.save`` to a temporary file beside ``path``, then rename: a reader sees the old file or the
+    new one, never a half-written one (an interrupted save leaves no file behind)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def strip_module_prefix(state_dict):
+    """State dict keys without DataParallel/DDP's ``module.`` prefix (BARM/SSUL layout)."""
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# Random-number-generator states (for --resume)
+# --------------------------------------------------------------------------------------------------
+
+def rng_state():
+    """The torch (CPU and CUDA), Python and numpy generator states, as plain containers and tensors."""
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": random.getstate(),
+        "numpy": (name, keys.tolist(), int(position), int(has_gauss), float(cached)),
+    }
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached))

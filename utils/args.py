@@ -1,0 +1,165 @@
+"""Command line of ``train.py``: BARM's flags with their names and meaning (spec barm-ssul-kproba §1), plus
+the flags ciss adds, plus one flag per hyper-parameter of the selected ``--method``.
+
+BARM flags that had no effect there either work now (``--print_interval``, ``--val_interval``, ``--ckpt``
+as an alias of ``--prev_ckpt``) or are gone (``--num_classes``, ``--curr_itrs``, ``--separable_conv``,
+``--gpu_id``: use ``CUDA_VISIBLE_DEVICES``). Parsing is two-stage: ``--method`` and ``--dataset`` are read
+first, so that the method's hyper-parameter flags, with their reference defaults for the dataset, can be
+added (``python train.py --method ft --help`` lists FT's).
+"""
+import argparse
+import dataclasses
+import sys
+
+from methods import get_method_class, list_methods
+from network import list_models
+from network.backbone import ARCHITECTURES
+from utils.errors import USER_ERROR_EXIT_CODE, UserError
+from utils.schedulers import POLICIES
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``error: <message>`` on stderr, exit status 2."""
+
+    def error(self, message):
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(USER_ERROR_EXIT_CODE)
+
+
+def _selection(argv):
+    pre = OneLineParser(add_help=False)
+    pre.add_argument("--method", default="barm", choices=list_methods())
+    pre.add_argument("--dataset", default="voc", choices=("voc", "ade"))
+    known, _ = pre.parse_known_args(argv)
+    return known.method, known.dataset
+
+
+def _add_method_flags(parser, method_cls, dataset):
+    group = parser.add_argument_group(f"method '{method_cls.name}' hyper-parameters (reference defaults for"
+                                      f" {dataset})")
+    defaults = method_cls.default_hyper(dataset)
+    for field in dataclasses.fields(defaults):
+        default, meta = getattr(defaults, field.name), field.metadata
+        if isinstance(default, bool):
+            if default:
+                group.add_argument(f"--no_{field.name}", dest=field.name, action="store_false", help=meta["help"])
+            else:
+                group.add_argument(f"--{field.name}", action="store_true", help=meta["help"])
+        else:
+            group.add_argument(f"--{field.name}", type=type(default), default=default, choices=meta.get("choices"),
+                               help=f"{meta['help']} (default: %(default)s)")
+
+
+def build_parser(method="barm", dataset="voc"):
+    parser = OneLineParser(description="Class-incremental semantic segmentation: train steps curr_step..last"
+                                       " (or step 0 only with --initial), or evaluate saved steps with --test.")
+    data = parser.add_argument_group("data")
+    data.add_argument("--data_root", required=True,
+                      help="the VOC2012 folder (voc) or the ADEChallengeData2016 folder (ade)")
+    data.add_argument("--dataset", default="voc", choices=("voc", "ade"), help="(default: %(default)s)")
+    data.add_argument("--task", default="15-1", help="task name, e.g. 15-1, 10-1, 100-10, or any X-Y"
+                                                     " (default: %(default)s)")
+    data.add_argument("--task_file", default=None, metavar="FILE.json",
+                      help="custom class order (JSON list of class-id lists); runs are filed under its name")
+    data.add_argument("--overlap", action="store_true", help="overlap setting (default: disjoint)")
+    data.add_argument("--cache_dir", default=None, help="class-index cache folder (default: beside the data)")
+    data.add_argument("--num_workers", type=int, default=4, help="data-loading processes per training process"
+                                                                 " (default: %(default)s)")
+    data.add_argument("--crop_size", type=int, default=513, help="training crop and --crop_val size"
+                                                                 " (default: %(default)s)")
+    data.add_argument("--crop_val", action="store_true",
+                      help="validate/test on a centre crop after resizing the shorter side to --crop_size"
+                           " (default: full images, batch 1)")
+    data.add_argument("--batch_size", type=int, default=32, help="training batch per process (default: %(default)s)")
+    data.add_argument("--val_batch_size", type=int, default=4,
+                      help="validation/test batch with --crop_val (default: %(default)s)")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--method", default="barm", choices=list_methods(), help="(default: %(default)s)")
+    model.add_argument("--model", default=None, choices=list_models(),
+                       help="model name (default: the method's head on --backbone)")
+    model.add_argument("--backbone", default=None, choices=list(ARCHITECTURES),
+                       help="overrides the model name's backbone (default: resnet101)")
+    model.add_argument("--output_stride", type=int, default=16, choices=(8, 16), help="(default: %(default)s)")
+    weights = model.add_mutually_exclusive_group()
+    weights.add_argument("--pretrained", default=None, metavar="PATH",
+                         help="step-0 backbone weights: a torchvision ResNet state dict or a BARM/SSUL checkpoint"
+                              " (default: torchvision's ImageNet weights, downloaded once into TORCH_HOME)")
+    weights.add_argument("--no_pretrained", action="store_true", help="start step 0 from a random backbone")
+
+    train = parser.add_argument_group("training")
+    train.add_argument("--train_epoch", type=int, default=50, help="epochs per step (default: %(default)s)")
+    train.add_argument("--lr", type=float, default=0.01,
+                       help="learning rate (BARM: new head and ear at t>0 only) (default: %(default)s)")
+    train.add_argument("--lr_policy", default="warm_poly", choices=POLICIES, help="(default: %(default)s)")
+    train.add_argument("--step_size", type=int, default=10000, help="iterations per decay of --lr_policy step"
+                                                                    " (default: %(default)s)")
+    train.add_argument("--weight_decay", type=float, default=1e-4, help="(default: %(default)s)")
+    train.add_argument("--random_seed", type=int, default=1, help="re-applied at every step (default: %(default)s)")
+    train.add_argument("--amp", action="store_true",
+                       help="mixed precision: fp16 autocast + GradScaler on CUDA, bf16 autocast on CPU")
+    train.add_argument("--channels_last", default="auto", choices=("auto", "on", "off"),
+                       help="channels-last memory format (auto: on CUDA only) (default: %(default)s)")
+
+    steps = parser.add_argument_group("steps and checkpoints")
+    steps.add_argument("--curr_step", type=int, default=None,
+                       help="first step to train (default 0); with --test, the one step to evaluate")
+    steps.add_argument("--end_step", type=int, default=None, help="last step to train (default: the task's last)")
+    steps.add_argument("--initial", action="store_true", help="train step 0 only")
+    steps.add_argument("--resume", action="store_true",
+                       help="continue an interrupted run: skip finished steps, resume a step from its last.pth")
+    steps.add_argument("--prev_ckpt", "--ckpt", dest="prev_ckpt", default=None, metavar="PATH",
+                       help="checkpoint of step curr_step-1 (default: its final.pth); official BARM/SSUL files load")
+    steps.add_argument("--select_best", action="store_true",
+                       help="BARM's protocol: step 1 starts from step 0's best-on-validation checkpoint (the VOC"
+                            " validation set is its test set)")
+    steps.add_argument("--ckpt_dir", default="checkpoints", help="(default: %(default)s)")
+    steps.add_argument("--subpath", default=None,
+                       help="runs go to CKPT_DIR/SUBPATH/TASK/{overlap,disjoint}/step{t} (default: the method name)")
+
+    evaluation = parser.add_argument_group("evaluation and logging")
+    evaluation.add_argument("--test", "--test_only", dest="test", action="store_true",
+                            help="evaluate saved checkpoints on the test split instead of training")
+    evaluation.add_argument("--val_interval", type=int, default=None,
+                            help="validate every N epochs, 0 = never (default: BARM's rule: after every epoch"
+                                 " when an epoch has more than 100 iterations, else every 5th)")
+    evaluation.add_argument("--print_interval", type=int, default=10,
+                            help="iterations between loss logs (default: %(default)s)")
+
+    runtime = parser.add_argument_group("runtime")
+    runtime.add_argument("--device", default="auto",
+                         help="auto (CUDA if available), cpu, cuda or cuda:N; torchrun sets one device per"
+                              " process (default: %(default)s)")
+
+    _add_method_flags(parser, get_method_class(method), dataset)
+    return parser
+
+
+def validate(args):
+    """Checks argparse cannot express; raises :class:`UserError`."""
+    positive = {"batch_size": args.batch_size, "val_batch_size": args.val_batch_size,
+                "train_epoch": args.train_epoch, "crop_size": args.crop_size, "step_size": args.step_size,
+                "print_interval": args.print_interval}
+    for name, value in positive.items():
+        if value < 1:
+            raise UserError(f"--{name} must be at least 1, got {value}")
+    if args.num_workers < 0:
+        raise UserError(f"--num_workers must be 0 or more, got {args.num_workers}")
+    if args.val_interval is not None and args.val_interval < 0:
+        raise UserError(f"--val_interval must be 0 (never) or more, got {args.val_interval}")
+    if args.lr <= 0:
+        raise UserError(f"--lr must be positive, got {args.lr}")
+    if args.initial and args.curr_step not in (None, 0):
+        raise UserError(f"--initial trains step 0 only, but --curr_step is {args.curr_step}")
+    return args
+
+
+def parse_args(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    method, dataset = _selection(argv)
+    return validate(build_parser(method, dataset).parse_args(argv))
+
+
+def method_hyper(args, method_cls):
+    """The method's hyper-parameter dataclass filled from the parsed flags."""
+    return method_cls.Hyper(**{f.name: getattr(args, f.name) for f in dataclasses.fields(method_cls.Hyper)})
