@@ -106,15 +106,19 @@ def test(args, dist_info):
         log.info("\n%s", format_summary(rows))
 
 
-@exit_on_user_error
-def main(argv=None):
-    args = parse_args(argv)
+def run(args):
+    """Train or test as the parsed ``args`` say (set-up and tear-down of the process group included)."""
     dist_info = setup(args.device)
     setup_logging(dist_info.is_main)
     try:
         (test if args.test else train)(args, dist_info)
     finally:
         cleanup()
+
+
+@exit_on_user_error
+def main(argv=None):
+    run(parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import logging
 import os
 import random
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -65,7 +66,9 @@ def train_iteration(model, teacher, method, ctx, images, labels, optimizer, sche
     if finite:
         scaler.step(optimizer)
         scaler.update()
-    scheduler.step()  # the reference steps the schedule even when an update is skipped
+    with warnings.catch_warnings():  # the reference steps the schedule even when an update is skipped
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+        scheduler.step()
     return terms, finite
 
 

@@ -27,3 +27,11 @@ def voc_copy(synthetic_voc, tmp_path):
     root = str(tmp_path / "VOC2012")
     shutil.copytree(synthetic_voc, root, ignore=shutil.ignore_patterns(".ciss_cache"))
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_voc(tmp_path_factory):
+    """A small synthetic VOC folder for training runs."""
+    root = str(tmp_path_factory.mktemp("tiny") / "VOC2012")
+    generate("voc", root, n_train=60, n_val=16, size=80, seed=1, workers=1)
+    return root

@@ -1,0 +1,187 @@
+"""End-to-end runs of train.py on synthetic data (CPU, resnet18, 65-pixel crops)."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from utils.checkpoint import load_checkpoint_file
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMMON = ["--task", "15-1", "--overlap", "--backbone", "resnet18", "--no_pretrained", "--crop_size", "65",
+          "--batch_size", "4", "--num_workers", "0", "--crop_val", "--val_batch_size", "8", "--lr_policy", "poly",
+          "--val_interval", "0", "--pseudo", "--bn_freeze"]
+
+
+def train_cmd(data_root, ckpt_dir, *extra):
+    return [sys.executable, os.path.join(REPO, "train.py"), "--data_root", data_root, "--ckpt_dir", str(ckpt_dir),
+            *COMMON, *extra]
+
+
+def run(cmd, **kwargs):
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, **kwargs)
+
+
+def step_dir(ckpt_dir, step, task="15-1"):
+    return os.path.join(str(ckpt_dir), "barm", task, "overlap", f"step{step}")
+
+
+def weights(path):
+    return load_checkpoint_file(path)["model_state"]
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def assert_user_error(result, *fragments):
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def step0(tiny_voc, tmp_path_factory):
+    """Step 0 trained once (1 epoch); tests copy its folder."""
+    ckpt = tmp_path_factory.mktemp("step0")
+    result = run(train_cmd(tiny_voc, ckpt, "--initial", "--train_epoch", "1"))
+    assert result.returncode == 0, result.stderr
+    return ckpt
+
+
+def with_step0(step0, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(step0, ckpt)
+    return ckpt
+
+
+def test_three_steps_then_test_reproduces_the_metrics(tiny_voc, step0, tmp_path):
+    ckpt = with_step0(step0, tmp_path)
+    result = run(train_cmd(tiny_voc, ckpt, "--curr_step", "1", "--end_step", "2", "--train_epoch", "1"))
+    assert result.returncode == 0, result.stderr
+    assert "weights identical" not in result.stdout  # single process: no replica check
+    trained = {}
+    for step in range(3):
+        folder = step_dir(ckpt, step)
+        assert os.path.exists(os.path.join(folder, "final.pth"))
+        assert not os.path.exists(os.path.join(folder, "last.pth"))
+        with open(os.path.join(folder, "results.json")) as handle:
+            trained[step] = json.load(handle)
+        assert os.path.exists(os.path.join(folder, "per_class.csv"))
+        checkpoint = load_checkpoint_file(os.path.join(folder, "final.pth"))
+        assert checkpoint["classes"] == [[*range(16)], [16], [17]][:step + 1]
+        assert checkpoint["metrics"]["Mean IoU"] == trained[step]["Mean IoU"]
+        assert set(checkpoint) >= {"model_state", "optimizer_state", "scheduler_state", "scaler_state", "epoch",
+                                   "iteration", "method_state", "args", "hyper", "best_score"}
+    assert all(not k.startswith("module.") for k in weights(os.path.join(step_dir(ckpt, 2), "final.pth")))
+    assert trained[2]["summary"]["mIoU_new"] is not None and len(trained[2]["Class IoU"]) == 18
+    with open(os.path.join(str(ckpt), "barm", "15-1", "overlap", "summary.csv")) as handle:
+        assert [line.split(",")[0] for line in handle.read().splitlines()] == ["step", "0", "1", "2"]
+
+    tested = run(train_cmd(tiny_voc, ckpt, "--test"))
+    assert tested.returncode == 0, tested.stderr
+    for step in range(3):
+        with open(os.path.join(step_dir(ckpt, step), "results.json")) as handle:
+            again = json.load(handle)
+        assert again["confusion_matrix"] == trained[step]["confusion_matrix"]
+        assert again["Mean IoU"] == trained[step]["Mean IoU"] and again["summary"] == trained[step]["summary"]
+    one = run(train_cmd(tiny_voc, ckpt, "--test", "--curr_step", "1"))
+    assert one.returncode == 0 and f"test mIoU {100 * trained[1]['Mean IoU']:.2f}" in one.stdout
+
+
+def test_resume_after_a_kill_is_bitwise_identical(tiny_voc, step0, tmp_path):
+    epochs = ["--train_epoch", "8", "--curr_step", "1", "--end_step", "1"]
+    straight = with_step0(step0, tmp_path / "a")
+    assert run(train_cmd(tiny_voc, straight, *epochs)).returncode == 0
+
+    killed = with_step0(step0, tmp_path / "b")
+    last, final = os.path.join(step_dir(killed, 1), "last.pth"), os.path.join(step_dir(killed, 1), "final.pth")
+    process = subprocess.Popen(train_cmd(tiny_voc, killed, *epochs), cwd=REPO, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not os.path.exists(last) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert os.path.exists(last) and not os.path.exists(final), "the run should have been killed mid-step"
+    assert load_checkpoint_file(last)["epoch"] < 8
+
+    resumed = run(train_cmd(tiny_voc, killed, *epochs, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming step 1" in resumed.stdout
+    assert_same_weights(weights(final), weights(os.path.join(step_dir(straight, 1), "final.pth")))
+
+
+def test_resume_skips_finished_steps(tiny_voc, step0, tmp_path):
+    ckpt = with_step0(step0, tmp_path)
+    result = run(train_cmd(tiny_voc, ckpt, "--initial", "--resume", "--train_epoch", "1"))
+    assert result.returncode == 0 and "step 0 is finished" in result.stdout
+
+
+def test_two_gloo_processes_keep_identical_weights(tiny_voc, step0, tmp_path):
+    ckpt = with_step0(step0, tmp_path)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           *train_cmd(tiny_voc, ckpt, "--curr_step", "1", "--end_step", "1", "--train_epoch", "2",
+                      "--batch_size", "2", "--device", "cpu")[1:]]
+    result = run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "weights identical on all 2 ranks" in result.stdout
+    assert "global batch 4" in result.stdout
+    assert os.path.exists(os.path.join(step_dir(ckpt, 1), "final.pth"))
+
+
+def test_missing_previous_checkpoint(tiny_voc, tmp_path):
+    result = run(train_cmd(tiny_voc, tmp_path, "--curr_step", "1"))
+    assert_user_error(result, "previous checkpoint", "step0", "does not exist")
+
+
+def test_checkpoint_of_another_task(tiny_voc, step0, tmp_path):
+    other = os.path.join(step_dir(step0, 0), "final.pth")
+    result = run(train_cmd(tiny_voc, tmp_path, "--curr_step", "1", "--prev_ckpt", other, "--task", "10-1"))
+    assert_user_error(result, other, "task 15-1", "task 10-1")
+
+
+def test_unreadable_checkpoint(tiny_voc, tmp_path):
+    bad = tmp_path / "broken.pth"
+    bad.write_bytes(b"not a checkpoint at all")
+    result = run(train_cmd(tiny_voc, tmp_path, "--curr_step", "1", "--prev_ckpt", str(bad)))
+    assert_user_error(result, str(bad), "could not be read")
+
+
+def test_truncated_checkpoint_with_ckpt_alias(tiny_voc, step0, tmp_path):
+    source = os.path.join(step_dir(step0, 0), "final.pth")
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(open(source, "rb").read()[:4096])
+    result = run(train_cmd(tiny_voc, tmp_path, "--curr_step", "1", "--ckpt", str(truncated)))
+    assert_user_error(result, str(truncated))
+
+
+@pytest.mark.parametrize("extra, fragments", [
+    (["--task", "15-9x"], ["unknown voc task"]),
+    (["--curr_step", "9"], ["step 9 is out of range", "0..5"]),
+    (["--batch_size", "0"], ["--batch_size must be at least 1"]),
+    (["--gpu_id", "0"], ["unrecognized arguments: --gpu_id"]),
+    (["--method", "ft", "--pseudo"], ["unrecognized arguments: --pseudo"]),
+    (["--batch_size", "64", "--initial"], ["fewer than --batch_size 64"]),
+])
+def test_bad_command_lines(tiny_voc, tmp_path, extra, fragments):
+    assert_user_error(run(train_cmd(tiny_voc, tmp_path, *extra)), *fragments)
+
+
+def test_missing_data_root(tmp_path):
+    result = run(train_cmd(str(tmp_path / "nowhere"), tmp_path, "--initial"))
+    assert_user_error(result, str(tmp_path / "nowhere"), "VOC2012")
+    assert not os.path.exists(tmp_path / "barm")  # nothing written half-way
+
+
+def test_test_without_checkpoints(tiny_voc, tmp_path):
+    assert_user_error(run(train_cmd(tiny_voc, tmp_path, "--test")), "no checkpoint to test")
