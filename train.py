@@ -9,6 +9,8 @@ method's hyper-parameters.
 import logging
 import os
 
+import torch
+
 from engine.evaluate import evaluate_state
 from engine.data import class_names
 from engine.plan import make_plan, task_steps
@@ -40,8 +42,10 @@ def step_range(args, n_steps):
 def train(args, dist_info):
     method_cls = get_method_class(args.method)
     first, last = step_range(args, len(task_steps(args)))
-    if dist_info.is_main and args.select_best and first <= 0 <= last:
+    if args.select_best and first <= 0 <= last:
         log.info("--select_best: step 1 will start from step 0's best checkpoint on the validation split")
+    if dist_info.distributed and dist_info.device.type == "cpu":
+        log.info("SyncBatchNorm has no CPU implementation: BatchNorm layers that train keep per-process statistics")
     rows = []
     for step in range(first, last + 1):
         plan = make_plan(args, step)
@@ -110,6 +114,8 @@ def run(args):
     """Train or test as the parsed ``args`` say (set-up and tear-down of the process group included)."""
     dist_info = setup(args.device)
     setup_logging(dist_info.is_main)
+    if dist_info.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as the reference (spec §4.1): fastest kernels, not bitwise reproducible
     try:
         (test if args.test else train)(args, dist_info)
     finally:

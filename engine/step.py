@@ -104,8 +104,6 @@ class StepRun:
         if dist_info.distributed and method.bn_trains(self.ctx):
             if device.type == "cuda":
                 self.student = nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
-            else:
-                log.info("SyncBatchNorm has no CPU implementation: BatchNorm statistics stay per process")
         self.optimizer = torch.optim.SGD(method.param_groups(self.student, self.ctx, args.lr), lr=args.lr,
                                          momentum=MOMENTUM, nesterov=True, weight_decay=args.weight_decay)
         self.model = self.student
@@ -192,6 +190,20 @@ class StepRun:
             with open(os.path.join(self.plan.step_dir(), "config.json"), "w", encoding="utf-8") as handle:
                 json.dump(config, handle, indent=1)
 
+    def _report(self, writer, batches, sums, count, epoch, index):
+        """Running means of the loss terms since the epoch began: tensorboard, and the progress bar on a
+        terminal or one log line otherwise (BARM printed every 10 iterations)."""
+        means = {name: (v / count).item() for name, v in sums.items()}
+        lr = self.optimizer.param_groups[0]["lr"]
+        writer.scalars(means, self.iteration, "loss/")
+        writer.scalars({"lr": lr}, self.iteration)
+        text = " ".join(f"{k} {v:.4f}" for k, v in means.items())
+        if hasattr(batches, "set_postfix_str"):
+            batches.set_postfix_str(f"{text} lr {lr:.2e}", refresh=False)
+        else:
+            log.info("step %d epoch %d/%d iteration %d/%d: %s | lr %.2e", self.plan.step, epoch + 1,
+                     self.args.train_epoch, index, len(self.data), text, lr)
+
     def train(self):
         args, plan, device = self.args, self.plan, self.dist.device
         self._write_config()
@@ -204,8 +216,9 @@ class StepRun:
             start = time.time()
             self.method.set_train_mode(self.student, self.ctx)
             sums, count = {}, 0
-            for images, labels, _ in progress(self.data.epoch(epoch), self.dist.is_main,
-                                              desc=f"step {plan.step} epoch {epoch + 1}/{args.train_epoch}"):
+            batches = progress(self.data.epoch(epoch), self.dist.is_main,
+                               desc=f"step {plan.step} epoch {epoch + 1}/{args.train_epoch}")
+            for index, (images, labels, _) in enumerate(batches, 1):
                 images = normalize(images.to(device, non_blocking=True))
                 if self.channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
@@ -226,8 +239,7 @@ class StepRun:
                 for name, value in terms.items():
                     sums[name] = sums.get(name, 0.0) + value.detach().float()
                 if self.iteration % args.print_interval == 0:
-                    writer.scalars({name: (v / count).item() for name, v in sums.items()}, self.iteration, "loss/")
-                    writer.scalars({"lr": self.optimizer.param_groups[0]["lr"]}, self.iteration)
+                    self._report(writer, batches, sums, count, epoch, index)
             means = {name: (v / max(count, 1)).item() for name, v in sums.items()}
             seconds = time.time() - start
             log.info("step %d epoch %d/%d: %s | lr %.2e | %d skipped | %.0f s, %.1f images/s", plan.step,

@@ -2,6 +2,10 @@
 
     python scripts/benchmark.py index [--n 20210] [--size 512]     class index: full build and cached reload
     python scripts/benchmark.py model [--sizes 321 513]            model forward/backward and eval images/s
+                                                                   and peak memory (CPU: resident set size)
+    python scripts/benchmark.py train [--sizes 321 513]            BARM training step 0 / step 1 (with teacher) /
+                                                                   evaluation images/s and peak memory; on CUDA
+                                                                   also --amp and channels_last
 
 Each benchmark prints one line per measurement with the median over repeats; compare figures only within
 one run (the machines are noisy).
@@ -53,6 +57,143 @@ def bench_index(args):
         print(f"class index, cached reload: {reload:7.3f} s  (file listing + change check + load)")
 
 
+def peak_memory_mib(device):
+    """Peak memory of this process so far: CUDA allocations on a GPU, resident set size on the CPU."""
+    if device.type == "cuda":
+        return torch_module().cuda.max_memory_allocated(device) / 2 ** 20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def torch_module():
+    import torch
+    return torch
+
+
+def in_child(function, *args):
+    """Run ``function(*args)`` in a fresh process (so that its peak memory is its own) and return its result."""
+    import multiprocessing
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(function, args)
+
+
+def _model_case(name, backbone, size, batch, mode, repeats, device_name, channels_last, amp):
+    torch = torch_module()
+    from network import build_model
+    device = torch.device(device_name)
+    torch.manual_seed(0)
+    model = build_model(name, [16, 1], backbone=backbone).to(device)
+    images = torch.randn(batch, 3, size, size, device=device)
+    if channels_last:
+        model, images = model.to(memory_format=torch.channels_last), images.to(memory_format=torch.channels_last)
+    model.train(mode == "train")
+    autocast = torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16,
+                              enabled=amp)
+
+    def run():
+        if mode == "train":
+            with autocast:
+                logits, _ = model(images)
+            logits.float().sum().backward()
+        else:
+            with torch.no_grad():
+                model(images)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    run()  # warm-up (allocator, cudnn autotuning)
+    seconds, _ = timed(run, repeats)
+    return batch / seconds, peak_memory_mib(device)
+
+
+def bench_model(args):
+    torch = torch_module()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"model {args.model} ({args.backbone}), batch {args.batch}, device {device},"
+          f" {torch.get_num_threads()} threads, median of {args.repeats}")
+    variants = [(False, False)]
+    if device.startswith("cuda"):
+        variants += [(False, True), (True, True)]
+    for size in args.sizes:
+        for mode in ("train", "eval"):
+            for channels_last, amp in variants:
+                rate, memory = in_child(_model_case, args.model, args.backbone, size, args.batch, mode,
+                                        args.repeats, device, channels_last, amp)
+                label = "forward+backward" if mode == "train" else "eval forward"
+                extra = (" amp" if amp else " fp32") + (" channels_last" if channels_last else "")
+                print(f"  {size}x{size} {label:<16}{extra:<20} {rate:7.2f} images/s   peak {memory:8.0f} MiB")
+
+
+def _train_case(kind, size, batch, repeats, device_name, channels_last, amp):
+    """Images/s of one training iteration (step 0, or step 1 with the teacher) or of evaluation, and peak
+    memory, for BARM's resnet101 model, through the trainer's own step and prediction functions."""
+    torch = torch_module()
+    from datasets.transforms import normalize
+    from engine.step import train_iteration
+    from methods import get_method
+    from methods.base import StepContext
+    from network import build_model
+    from utils.schedulers import build_scheduler
+    from utils.tasks import get_task
+
+    device = torch.device(device_name)
+    steps = get_task("voc", "15-1")
+    step = 0 if kind == "step0" else 1
+    ctx = StepContext("voc", steps, step)
+    method = get_method("barm", pseudo=True, bn_freeze=True)
+    torch.manual_seed(0)
+    student = build_model("deeplabv3bga_resnet101", ctx.classes_per_step)
+    teacher = build_model("deeplabv3bga_resnet101", ctx.classes_per_step[:-1]) if kind == "step1" else None
+    method.configure(student, ctx)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    student = student.to(device, memory_format=memory_format)
+    if teacher is not None:
+        teacher = teacher.to(device, memory_format=memory_format).eval().requires_grad_(False)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=generator)
+    labels = torch.randint(0, ctx.num_classes, (batch, size, size), generator=generator)
+    images = normalize(images.to(device)).contiguous(memory_format=memory_format)
+    labels = labels.to(device)
+    optimizer = torch.optim.SGD(method.param_groups(student, ctx, 0.01), lr=0.01, momentum=0.9, nesterov=True)
+    scheduler = build_scheduler("poly", optimizer, 1000)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda")
+
+    def run():
+        if kind == "eval":
+            student.eval()
+            with torch.no_grad():
+                logits, _ = student(images)
+                method.predict(logits, labels.shape[-2:])
+        else:
+            method.set_train_mode(student, ctx)
+            train_iteration(student, teacher, method, ctx, images, labels, optimizer, scheduler, scaler, amp)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    run()
+    seconds, _ = timed(run, repeats)
+    return batch / seconds, peak_memory_mib(device)
+
+
+def bench_train(args):
+    torch = torch_module()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"BARM deeplabv3bga_resnet101, VOC 15-1, batch {args.batch}, device {device},"
+          f" {torch.get_num_threads()} threads, median of {args.repeats} (model side, data loading excluded)")
+    variants = [(False, False)]
+    if device.startswith("cuda"):
+        variants += [(False, True), (True, True)]
+    labels = {"step0": "train step 0", "step1": "train step 1 (+teacher)", "eval": "evaluation"}
+    for size in args.sizes:
+        for kind in ("step0", "step1", "eval"):
+            for channels_last, amp in variants:
+                if kind == "eval" and amp:
+                    continue  # evaluation runs in fp32, as the reference
+                rate, memory = in_child(_train_case, kind, size, args.batch, args.repeats, device, channels_last, amp)
+                extra = (" amp" if amp else " fp32") + (" channels_last" if channels_last else "")
+                print(f"  {size}x{size} {labels[kind]:<24}{extra:<20} {rate:7.2f} images/s   peak {memory:8.0f} MiB")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -63,6 +204,20 @@ def main():
     index.add_argument("--repeats", type=int, default=1)
     index.add_argument("--tmp", default=None, help="scratch folder (default: the system's)")
     index.set_defaults(run=bench_index)
+    model = commands.add_parser("model", help="model forward/backward and eval throughput and peak memory")
+    model.add_argument("--model", default="deeplabv3bga_resnet101")
+    model.add_argument("--backbone", default=None, help="override the model name's backbone")
+    model.add_argument("--sizes", type=int, nargs="+", default=[321, 513])
+    model.add_argument("--batch", type=int, default=2)
+    model.add_argument("--repeats", type=int, default=3)
+    model.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
+    model.set_defaults(run=bench_model)
+    train = commands.add_parser("train", help="training (step 0, incremental with teacher) and evaluation")
+    train.add_argument("--sizes", type=int, nargs="+", default=[321, 513])
+    train.add_argument("--batch", type=int, default=2)
+    train.add_argument("--repeats", type=int, default=3)
+    train.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
+    train.set_defaults(run=bench_train)
     args = parser.parse_args()
     args.run(args)
 
