@@ -6,6 +6,7 @@ from the previous step's checkpoint, or evaluate saved checkpoints with ``--test
 processes with gloo). ``python train.py --help`` lists the flags; ``--method NAME --help`` adds that
 method's hyper-parameters.
 """
+import dataclasses
 import logging
 import os
 
@@ -97,7 +98,8 @@ def test(args, dist_info):
         use_recorded_model(args, checkpoint, path)
         hyper = method_hyper(args, method_cls)
         if "hyper" in checkpoint:  # prediction follows the trained method's settings (e.g. sigmoid or softmax)
-            hyper = method_cls.Hyper(**checkpoint["hyper"])
+            known = {f.name for f in dataclasses.fields(method_cls.Hyper)}
+            hyper = dataclasses.replace(hyper, **{k: v for k, v in checkpoint["hyper"].items() if k in known})
         method = method_cls(hyper, dataset=args.dataset)
         state = strip_module_prefix(checkpoint.get("model_state", checkpoint))
         confusion = evaluate_state(plan, args, method, state, dist_info)

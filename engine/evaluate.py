@@ -3,6 +3,8 @@
 The end-of-step test and ``--test`` both go through :func:`evaluate_state` (a fresh model loaded with the
 step's weights), so they give the same numbers. Evaluation runs in fp32 without autocast (spec §7.2).
 """
+import contextlib
+
 import numpy as np
 import torch
 
@@ -14,11 +16,23 @@ from network import build_model
 from utils.logging import progress
 
 
+@contextlib.contextmanager
+def deterministic_cudnn():
+    """cuDNN's deterministic kernels, without autotuning, for the duration: the end-of-step test and a later
+    ``--test`` then pick the same algorithms and give the same numbers (training keeps autotuning)."""
+    saved = torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved
+
+
 def evaluate(model, method, loader, num_classes, device, channels_last, show_progress, desc="eval"):
     """Confusion matrix of ``model`` over ``loader`` (summed over ranks). Leaves the model in eval mode."""
     model.eval()
     metrics = StreamSegMetrics(num_classes, device=device)
-    with torch.no_grad():
+    with torch.no_grad(), deterministic_cudnn():
         for images, labels, _ in progress(loader, show_progress, desc=desc):
             images = normalize(images.to(device, non_blocking=True))
             if channels_last:

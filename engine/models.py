@@ -100,7 +100,6 @@ def build_step_models(plan, args, method, first_step):
     both happen after the step's seed was set).
     """
     name, backbone = model_spec(args, type(method))
-    ctx = plan.ctx
     pretrained = pretrained_source(args) if plan.step == 0 else None
     student = build_model(name, plan.classes_per_step, backbone=backbone, output_stride=args.output_stride,
                           pretrained=pretrained)
@@ -111,10 +110,10 @@ def build_step_models(plan, args, method, first_step):
     state = model_state(checkpoint)
     load_exact(previous, state, path)
     student.load_state_dict(state, strict=False)
-    method.init_new_classes(student, ctx)
+    method.init_new_classes(student, plan)
     method.load_state_dict(checkpoint.get("method_state", {}))
     log.info("step %d starts from %s", plan.step, path)
-    if not method.needs_teacher(ctx):
+    if not method.needs_teacher(plan):
         return student, None, checkpoint
     previous.eval()
     previous.requires_grad_(False)

@@ -13,30 +13,16 @@ from utils.tasks import check_step, get_task, task_name
 
 
 @dataclass(frozen=True)
-class StepPlan:
-    dataset: str
+class StepPlan(StepContext):
+    """A :class:`StepContext` (dataset, class lists, step) with the data and output locations."""
     data_root: str
     task: str  # the name runs are filed under
-    steps: tuple  # class ids per step of the whole task
-    step: int
     overlap: bool
     root: str  # {ckpt_dir}/{subpath}/{task}/{setting}
 
     @property
     def setting(self):
         return "overlap" if self.overlap else "disjoint"
-
-    @property
-    def classes_per_step(self):
-        return [len(s) for s in self.steps[:self.step + 1]]
-
-    @property
-    def num_classes(self):
-        return sum(self.classes_per_step)
-
-    @property
-    def ctx(self):
-        return StepContext(self.dataset, [list(s) for s in self.steps], self.step)
 
     def step_dir(self, step=None):
         return os.path.join(self.root, f"step{self.step if step is None else step}")
@@ -61,4 +47,4 @@ def make_plan(args, step):
     name = task_name(args.task, args.task_file)
     check_step(steps, step, task=f"{args.dataset} task {name}")
     root = os.path.join(args.ckpt_dir, args.subpath or args.method, name, "overlap" if args.overlap else "disjoint")
-    return StepPlan(args.dataset, args.data_root, name, tuple(tuple(s) for s in steps), step, args.overlap, root)
+    return StepPlan(args.dataset, tuple(tuple(s) for s in steps), step, args.data_root, name, args.overlap, root)

@@ -16,13 +16,14 @@ import warnings
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from datasets.transforms import normalize
 from engine.data import TrainData, class_names, eval_loader
 from engine.evaluate import evaluate_state, validation_score
-from engine.models import build_step_models, model_spec, to_device, use_channels_last
+from engine.models import build_step_models, load_exact, model_spec, to_device, use_channels_last
 from engine.results import format_step, step_results, write_step_results, write_summary
 from utils.checkpoint import CHECKPOINT_FORMAT, load_checkpoint_file, rng_state, save_atomic, set_rng_state
 from utils.distributed import all_gather_objects, all_true, barrier
@@ -78,6 +79,16 @@ def validate_now(args, epoch, iterations_per_epoch):
     return args.val_interval > 0 and (epoch + 1) % args.val_interval == 0
 
 
+def check_writable(folder):
+    """Create ``folder`` or raise a UserError now, rather than fail when the first checkpoint is due."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create the run folder {folder} ({err.strerror}): check --ckpt_dir") from None
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"the run folder {folder} is not writable: check --ckpt_dir")
+
+
 def parameter_digest(model):
     digest = hashlib.sha1()
     for tensor in model.state_dict().values():
@@ -90,21 +101,22 @@ class StepRun:
 
     def __init__(self, plan, args, method, dist_info, first_step):
         self.plan, self.args, self.method, self.dist = plan, args, method, dist_info
-        self.ctx = plan.ctx
         device = dist_info.device
-        if args.batch_size < 2 and method.bn_trains(self.ctx):
-            raise UserError(f"step {plan.step} trains BatchNorm statistics, which needs --batch_size 2 or more"
-                            f" (got {args.batch_size})")
+        sync_bn = dist_info.distributed and device.type == "cuda" and method.bn_trains(plan)
+        if method.bn_trains(plan) and args.batch_size * (dist_info.world_size if sync_bn else 1) < 2:
+            raise UserError(f"step {plan.step} trains BatchNorm statistics, which needs at least 2 images per"
+                            f" batch{' across the GPUs' if sync_bn else ''} (got --batch_size {args.batch_size})")
+        if dist_info.is_main:
+            check_writable(plan.step_dir())
         seed_everything(args.random_seed)
         student, teacher, _ = build_step_models(plan, args, method, first_step)
-        method.configure(student, self.ctx)
+        method.configure(student, self.plan)
         self.data = TrainData(plan, args, dist_info, method.label_policy)
         self.student = to_device(student, args, device)
         self.teacher = to_device(teacher, args, device) if teacher is not None else None
-        if dist_info.distributed and method.bn_trains(self.ctx):
-            if device.type == "cuda":
-                self.student = nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
-        self.optimizer = torch.optim.SGD(method.param_groups(self.student, self.ctx, args.lr), lr=args.lr,
+        if sync_bn:
+            self.student = nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
+        self.optimizer = torch.optim.SGD(method.param_groups(self.student, self.plan, args.lr), lr=args.lr,
                                          momentum=MOMENTUM, nesterov=True, weight_decay=args.weight_decay)
         self.model = self.student
         if dist_info.distributed:
@@ -119,9 +131,15 @@ class StepRun:
             self._restore(plan.last_path())
 
     # ---- checkpoints ----------------------------------------------------------------------------------
-    def _checkpoint(self, epoch, **extra):
-        name, backbone = model_spec(self.args, type(self.method))
+    def _identity(self):
+        """What the checkpoint was trained as: method, data, classes and model."""
         plan = self.plan
+        return {"method": self.method.name, "dataset": plan.dataset, "task": plan.task, "setting": plan.setting,
+                "step": plan.step, "classes": [list(s) for s in plan.steps[:plan.step + 1]],
+                "model": model_spec(self.args, type(self.method))[0], "backbone": self.student.backbone.arch,
+                "output_stride": self.args.output_stride}
+
+    def _checkpoint(self, epoch, **extra):
         return {
             "format": CHECKPOINT_FORMAT,
             "model_state": self.student.state_dict(),
@@ -130,24 +148,24 @@ class StepRun:
             "scaler_state": self.scaler.state_dict(),
             "epoch": epoch, "iteration": self.iteration, "skipped_iterations": self.skipped,
             "best_score": self.best_score if self.best_score is not None else -1,
-            "method": self.method.name, "hyper": self.method.hyper_dict(), "method_state": self.method.state_dict(),
-            "dataset": plan.dataset, "task": plan.task, "setting": plan.setting, "step": plan.step,
-            "classes": [list(s) for s in plan.steps[:plan.step + 1]],
-            "model": name, "backbone": self.student.backbone.arch, "output_stride": self.args.output_stride,
+            "hyper": self.method.hyper_dict(), "method_state": self.method.state_dict(),
+            **self._identity(),
             "args": vars(self.args),
             **extra,
         }
 
     def _restore(self, path):
         checkpoint = load_checkpoint_file(path)
-        if checkpoint.get("classes") != [list(s) for s in self.plan.steps[:self.plan.step + 1]] \
-                or checkpoint.get("method") != self.method.name:
-            raise UserError(f"{path} belongs to another run ({checkpoint.get('method')},"
-                            f" classes {checkpoint.get('classes')}): remove it or drop --resume")
-        self.student.load_state_dict(checkpoint["model_state"])
+        ours = self._identity()
+        for key in ("method", "classes", "model", "backbone", "output_stride"):
+            if checkpoint.get(key) != ours[key]:
+                raise UserError(f"{path} belongs to another run ({key} {checkpoint.get(key)}, this run {ours[key]}):"
+                                f" remove it or drop --resume")
+        load_exact(self.student, checkpoint["model_state"], path)
         self.optimizer.load_state_dict(checkpoint["optimizer_state"])
         self.scheduler.load_state_dict(checkpoint["scheduler_state"])
-        self.scaler.load_state_dict(checkpoint["scaler_state"])
+        if checkpoint["scaler_state"] and self.scaler.is_enabled():  # absent when the run had no CUDA AMP
+            self.scaler.load_state_dict(checkpoint["scaler_state"])
         self.start_epoch, self.iteration = checkpoint["epoch"], checkpoint["iteration"]
         self.skipped = checkpoint["skipped_iterations"]
         self.best_score = None if checkpoint["best_score"] == -1 else checkpoint["best_score"]
@@ -209,12 +227,12 @@ class StepRun:
         self._write_config()
         self._log_header()
         writer = ScalarWriter(plan.step_dir(), self.dist.is_main)
-        self.method.before_step(self.student, self.teacher, self.data, self.ctx)
+        self.method.before_step(self.student, self.teacher, self.data, self.plan)
         val_loader = None
         consecutive = 0
         for epoch in range(self.start_epoch, args.train_epoch):
             start = time.time()
-            self.method.set_train_mode(self.student, self.ctx)
+            self.method.set_train_mode(self.student, self.plan)
             sums, count = {}, 0
             batches = progress(self.data.epoch(epoch), self.dist.is_main,
                                desc=f"step {plan.step} epoch {epoch + 1}/{args.train_epoch}")
@@ -223,7 +241,7 @@ class StepRun:
                 if self.channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
                 labels = labels.to(device, non_blocking=True).long()
-                terms, finite = train_iteration(self.model, self.teacher, self.method, self.ctx, images, labels,
+                terms, finite = train_iteration(self.model, self.teacher, self.method, self.plan, images, labels,
                                                 self.optimizer, self.scheduler, self.scaler, args.amp)
                 self.iteration += 1
                 if not finite:
@@ -246,6 +264,7 @@ class StepRun:
                      epoch + 1, args.train_epoch, " ".join(f"{k} {v:.4f}" for k, v in means.items()),
                      self.optimizer.param_groups[0]["lr"], self.skipped, seconds,
                      len(self.data) * args.batch_size * self.dist.world_size / max(seconds, 1e-9))
+            self._sync_buffers()
             if validate_now(args, epoch, len(self.data)):
                 if val_loader is None:
                     val_loader = eval_loader(plan, args, "val", self.dist, self.method.label_policy)
@@ -256,11 +275,18 @@ class StepRun:
                          score, " (best)" if improved else "")
                 if improved:
                     self.best_score = score
-                    if args.select_best and self.dist.is_main:
+                    if args.select_best and plan.step == 0 and self.dist.is_main:
                         save_atomic(self._checkpoint(epoch + 1), plan.best_path())
-                self.method.set_train_mode(self.student, self.ctx)
+                self.method.set_train_mode(self.student, self.plan)
             self._save_last(epoch + 1)
         return writer
+
+    def _sync_buffers(self):
+        """Without SyncBatchNorm (gloo on the CPU) every rank updates its own BN statistics: adopt rank 0's
+        at the end of each epoch, so that all ranks validate, test and save the same model."""
+        if self.dist.distributed:
+            for buffer in self.student.buffers():
+                dist.broadcast(buffer, src=0)
 
     def finish(self, writer):
         """Test the final weights, write ``final.pth`` and the results files; returns the results."""

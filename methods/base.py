@@ -22,11 +22,11 @@ from torch import nn
 from methods.losses import CRITERIA, activation, upsample
 
 
-@dataclass
+@dataclass(frozen=True)
 class StepContext:
     """What a method may know about the step being trained."""
     dataset: str
-    steps: list  # class ids per step of the whole task
+    steps: tuple  # class ids per step of the whole task
     step: int
 
     @property
@@ -41,11 +41,6 @@ class StepContext:
     @property
     def num_new(self):
         return len(self.steps[self.step])
-
-    @property
-    def num_old(self):
-        """Channels of the previous step's model (0 at step 0)."""
-        return self.num_classes - self.num_new if self.step > 0 else 0
 
 
 def batchnorm_modules(model):

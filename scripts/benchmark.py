@@ -77,56 +77,70 @@ def in_child(function, *args):
         return pool.apply(function, args)
 
 
-def _model_case(name, backbone, size, batch, mode, repeats, device_name, channels_last, amp):
+def throughput(run, batch, repeats, device):
+    """Images/s (median of ``repeats`` after one warm-up call) of ``run`` and the peak memory."""
+    torch = torch_module()
+
+    def synchronised():
+        run()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    synchronised()  # warm-up: allocator, cudnn autotuning
+    seconds, _ = timed(synchronised, repeats)
+    return batch / seconds, peak_memory_mib(device)
+
+
+def report(case, kinds, args, device_name, fp32_only=()):
+    """Run ``case(kind, size, args, device, channels_last, amp)`` in a fresh process for every size, kind
+    and precision (on CUDA: fp32, --amp, --amp with channels-last) and print one line each."""
+    variants = [(False, False)] + ([(False, True), (True, True)] if device_name.startswith("cuda") else [])
+    for size in args.sizes:
+        for kind, label in kinds.items():
+            for channels_last, amp in variants:
+                if amp and kind in fp32_only:
+                    continue
+                rate, memory = in_child(case, kind, size, args, device_name, channels_last, amp)
+                extra = (" amp" if amp else " fp32") + (" channels_last" if channels_last else "")
+                print(f"  {size}x{size} {label:<24}{extra:<20} {rate:7.2f} images/s   peak {memory:8.0f} MiB")
+
+
+def _model_case(kind, size, args, device_name, channels_last, amp):
     torch = torch_module()
     from network import build_model
     device = torch.device(device_name)
     torch.manual_seed(0)
-    model = build_model(name, [16, 1], backbone=backbone).to(device)
-    images = torch.randn(batch, 3, size, size, device=device)
+    model = build_model(args.model, [16, 1], backbone=args.backbone).to(device)
+    images = torch.randn(args.batch, 3, size, size, device=device)
     if channels_last:
         model, images = model.to(memory_format=torch.channels_last), images.to(memory_format=torch.channels_last)
-    model.train(mode == "train")
+    model.train(kind == "train")
     autocast = torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16,
                               enabled=amp)
 
     def run():
-        if mode == "train":
+        if kind == "train":
             with autocast:
                 logits, _ = model(images)
             logits.float().sum().backward()
         else:
             with torch.no_grad():
                 model(images)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
 
-    run()  # warm-up (allocator, cudnn autotuning)
-    seconds, _ = timed(run, repeats)
-    return batch / seconds, peak_memory_mib(device)
+    return throughput(run, args.batch, args.repeats, device)
 
 
 def bench_model(args):
     torch = torch_module()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    print(f"model {args.model} ({args.backbone}), batch {args.batch}, device {device},"
+    print(f"model {args.model} ({args.backbone or 'its backbone'}), batch {args.batch}, device {device},"
           f" {torch.get_num_threads()} threads, median of {args.repeats}")
-    variants = [(False, False)]
-    if device.startswith("cuda"):
-        variants += [(False, True), (True, True)]
-    for size in args.sizes:
-        for mode in ("train", "eval"):
-            for channels_last, amp in variants:
-                rate, memory = in_child(_model_case, args.model, args.backbone, size, args.batch, mode,
-                                        args.repeats, device, channels_last, amp)
-                label = "forward+backward" if mode == "train" else "eval forward"
-                extra = (" amp" if amp else " fp32") + (" channels_last" if channels_last else "")
-                print(f"  {size}x{size} {label:<16}{extra:<20} {rate:7.2f} images/s   peak {memory:8.0f} MiB")
+    report(_model_case, {"train": "forward+backward", "eval": "eval forward"}, args, device)
 
 
-def _train_case(kind, size, batch, repeats, device_name, channels_last, amp):
-    """Images/s of one training iteration (step 0, or step 1 with the teacher) or of evaluation, and peak
-    memory, for BARM's resnet101 model, through the trainer's own step and prediction functions."""
+def _train_case(kind, size, args, device_name, channels_last, amp):
+    """A training iteration (step 0, or step 1 with the teacher) or an evaluation batch of BARM's
+    resnet101 model, through the trainer's own step and prediction functions."""
     torch = torch_module()
     from datasets.transforms import normalize
     from engine.step import train_iteration
@@ -137,9 +151,8 @@ def _train_case(kind, size, batch, repeats, device_name, channels_last, amp):
     from utils.tasks import get_task
 
     device = torch.device(device_name)
-    steps = get_task("voc", "15-1")
-    step = 0 if kind == "step0" else 1
-    ctx = StepContext("voc", steps, step)
+    steps = tuple(tuple(s) for s in get_task("voc", "15-1"))
+    ctx = StepContext("voc", steps, 0 if kind == "step0" else 1)
     method = get_method("barm", pseudo=True, bn_freeze=True)
     torch.manual_seed(0)
     student = build_model("deeplabv3bga_resnet101", ctx.classes_per_step)
@@ -150,10 +163,9 @@ def _train_case(kind, size, batch, repeats, device_name, channels_last, amp):
     if teacher is not None:
         teacher = teacher.to(device, memory_format=memory_format).eval().requires_grad_(False)
     generator = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=generator)
-    labels = torch.randint(0, ctx.num_classes, (batch, size, size), generator=generator)
+    images = torch.randint(0, 256, (args.batch, 3, size, size), dtype=torch.uint8, generator=generator)
+    labels = torch.randint(0, ctx.num_classes, (args.batch, size, size), generator=generator).to(device)
     images = normalize(images.to(device)).contiguous(memory_format=memory_format)
-    labels = labels.to(device)
     optimizer = torch.optim.SGD(method.param_groups(student, ctx, 0.01), lr=0.01, momentum=0.9, nesterov=True)
     scheduler = build_scheduler("poly", optimizer, 1000)
     scaler = torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda")
@@ -167,12 +179,8 @@ def _train_case(kind, size, batch, repeats, device_name, channels_last, amp):
         else:
             method.set_train_mode(student, ctx)
             train_iteration(student, teacher, method, ctx, images, labels, optimizer, scheduler, scaler, amp)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
 
-    run()
-    seconds, _ = timed(run, repeats)
-    return batch / seconds, peak_memory_mib(device)
+    return throughput(run, args.batch, args.repeats, device)
 
 
 def bench_train(args):
@@ -180,18 +188,8 @@ def bench_train(args):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     print(f"BARM deeplabv3bga_resnet101, VOC 15-1, batch {args.batch}, device {device},"
           f" {torch.get_num_threads()} threads, median of {args.repeats} (model side, data loading excluded)")
-    variants = [(False, False)]
-    if device.startswith("cuda"):
-        variants += [(False, True), (True, True)]
-    labels = {"step0": "train step 0", "step1": "train step 1 (+teacher)", "eval": "evaluation"}
-    for size in args.sizes:
-        for kind in ("step0", "step1", "eval"):
-            for channels_last, amp in variants:
-                if kind == "eval" and amp:
-                    continue  # evaluation runs in fp32, as the reference
-                rate, memory = in_child(_train_case, kind, size, args.batch, args.repeats, device, channels_last, amp)
-                extra = (" amp" if amp else " fp32") + (" channels_last" if channels_last else "")
-                print(f"  {size}x{size} {labels[kind]:<24}{extra:<20} {rate:7.2f} images/s   peak {memory:8.0f} MiB")
+    kinds = {"step0": "train step 0", "step1": "train step 1 (+teacher)", "eval": "evaluation"}
+    report(_train_case, kinds, args, device, fp32_only=("eval",))  # evaluation runs in fp32, as the reference
 
 
 def main():

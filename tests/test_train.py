@@ -127,16 +127,22 @@ def test_resume_skips_finished_steps(tiny_voc, step0, tmp_path):
     assert result.returncode == 0 and "step 0 is finished" in result.stdout
 
 
-def test_two_gloo_processes_keep_identical_weights(tiny_voc, step0, tmp_path):
-    ckpt = with_step0(step0, tmp_path)
+def test_two_gloo_processes_keep_identical_weights(tiny_voc, tmp_path):
+    # step 0 trains BatchNorm statistics (no SyncBatchNorm on the CPU), step 1 freezes them
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           *train_cmd(tiny_voc, ckpt, "--curr_step", "1", "--end_step", "1", "--train_epoch", "2",
-                      "--batch_size", "2", "--device", "cpu")[1:]]
+           *train_cmd(tiny_voc, tmp_path, "--end_step", "1", "--train_epoch", "1", "--batch_size", "2",
+                      "--device", "cpu")[1:]]
     result = run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "weights identical on all 2 ranks" in result.stdout
-    assert "global batch 4" in result.stdout
-    assert os.path.exists(os.path.join(step_dir(ckpt, 1), "final.pth"))
+    assert result.stdout.count("weights identical on all 2 ranks") == 2
+    assert "weights differ" not in result.stdout + result.stderr
+    assert "global batch 4" in result.stdout and "per-process statistics" in result.stdout
+    assert os.path.exists(os.path.join(step_dir(tmp_path, 1), "final.pth"))
+    with open(os.path.join(step_dir(tmp_path, 0), "results.json")) as handle:
+        trained = json.load(handle)  # evaluated by both ranks, each on half of the test images
+    tested = run(train_cmd(tiny_voc, tmp_path, "--test", "--curr_step", "0"))  # one process, rank 0's weights
+    with open(os.path.join(step_dir(tmp_path, 0), "results.json")) as handle:
+        assert json.load(handle)["confusion_matrix"] == trained["confusion_matrix"]
 
 
 def test_missing_previous_checkpoint(tiny_voc, tmp_path):
@@ -185,3 +191,14 @@ def test_missing_data_root(tmp_path):
 
 def test_test_without_checkpoints(tiny_voc, tmp_path):
     assert_user_error(run(train_cmd(tiny_voc, tmp_path, "--test")), "no checkpoint to test")
+
+
+def test_corrupt_image_found_by_a_loader_worker(tiny_voc, tmp_path):
+    data = tmp_path / "VOC2012"
+    shutil.copytree(tiny_voc, data, ignore=shutil.ignore_patterns(".ciss_cache"))
+    image = data / "JPEGImages" / "2012_000003.jpg"
+    image.write_bytes(b"garbage")
+    cmd = train_cmd(str(data), tmp_path / "ckpt", "--initial", "--train_epoch", "1")
+    cmd[cmd.index("--num_workers") + 1] = "1"
+    assert_user_error(run(cmd), "cannot decode image", str(image))
+    assert not list((tmp_path / "ckpt").rglob("*.pth"))

@@ -104,6 +104,9 @@ def save_atomic(obj, path):
     try:
         torch.save(obj, tmp)
         os.replace(tmp, path)
+    except OSError as err:
+        raise UserError(f"cannot write {path} ({err.strerror or err}): check the free space and permissions of"
+                        f" {folder}") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

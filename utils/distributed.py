@@ -32,17 +32,25 @@ class DistInfo:
         return self.rank == 0
 
 
-def resolve_device(name, local_rank=0):
-    """``--device``: "auto" (CUDA if available), "cpu", "cuda" or "cuda:N"."""
+def resolve_device(name, local_rank=0, world_size=1):
+    """``--device``: "auto" (CUDA if available), "cpu", "cuda" or "cuda:N" (one process only: under
+    torchrun each process takes the GPU of its ``LOCAL_RANK``)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-        if name == "cuda":
-            name = f"cuda:{local_rank % torch.cuda.device_count()}"
-    elif name != "cpu":
+    if name == "cpu":
+        return torch.device("cpu")
+    if name != "cuda" and not (name.startswith("cuda:") and name[5:].isdigit()):
         raise UserError(f"--device {name}: expected auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    count = torch.cuda.device_count()
+    if name == "cuda":
+        return torch.device(f"cuda:{local_rank % count}")
+    if world_size > 1:
+        raise UserError(f"--device {name}: under torchrun every process uses the GPU of its local rank; pass"
+                        f" --device cuda and choose GPUs with CUDA_VISIBLE_DEVICES")
+    if int(name[5:]) >= count:
+        raise UserError(f"--device {name}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}")
     return torch.device(name)
 
 
@@ -51,7 +59,7 @@ def setup(device_name="auto"):
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(device_name, local_rank)
+    device = resolve_device(device_name, local_rank, world_size)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
