@@ -90,7 +90,8 @@ def test(args, dist_info):
         if not os.path.exists(path):
             raise UserError(f"checkpoint {path} does not exist: train step {step} first")
         checkpoint = load_checkpoint_file(path)
-        if checkpoint.get("classes", [list(s) for s in plan.steps[:step + 1]]) != [list(s) for s in plan.steps[:step + 1]]:
+        classes = [list(s) for s in plan.steps[:step + 1]]
+        if checkpoint.get("classes", classes) != classes:
             raise UserError(f"checkpoint {path} holds classes {checkpoint['classes']}, not those of step {step}"
                             f" of {plan.task}")
         if checkpoint.get("method", args.method) != args.method:

@@ -202,7 +202,7 @@ def read_barm_cls_file(path, ids):
     listed = {}
     try:
         with open(path, encoding="utf-8") as handle:
-            for line_no, line in enumerate(handle, 1):
+            for line in handle:
                 parts = line.split()
                 if parts:
                     listed[parts[0]] = [int(c) + 1 for c in parts[1:]]

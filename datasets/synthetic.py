@@ -6,7 +6,8 @@ learn to tell them apart. VOC labels carry a 255 ("void") border around each obj
 annotations do; ADE labels use 0..150 with 0 = "other". The first object of image ``i`` cycles through all
 classes, so every class occurs once there are at least as many images as classes; further objects are
 drawn half from the classes up to the first one and half from all classes, so images mix classes of
-different incremental steps and the overlap and disjoint lists differ without either being empty. Image ``i`` depends only on ``(seed, split, i)``: a dataset is the same whatever the worker count.
+different incremental steps and the overlap and disjoint lists differ without either being empty. Image
+``i`` depends only on ``(seed, split, i)``: a dataset is the same whatever the worker count.
 
 Command line::
 

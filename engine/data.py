@@ -16,27 +16,14 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from datasets import get_layout, step_samples
 from datasets.incremental import IncrementalSegmentation, label_lut
 from datasets.transforms import eval_transform, train_transform
-from utils.distributed import broadcast_object
+from utils.distributed import main_first
 from utils.errors import UserError
 
 
 def _samples(plan, split, args, dist_info):
-    """The step's samples. Rank 0 goes first (it may build the class index), then the others read the
-    cache; a problem rank 0 finds is raised on every rank, so that no rank waits for the others forever."""
-    def read():
-        return step_samples(plan.dataset, plan.data_root, [list(s) for s in plan.steps], plan.step, plan.overlap,
-                            split, cache_dir=args.cache_dir)
-
-    samples, error = None, None
-    if dist_info.is_main:
-        try:
-            samples = read()
-        except UserError as err:
-            error = str(err)
-    error = broadcast_object(error)
-    if error is not None:
-        raise UserError(error)
-    return samples if dist_info.is_main else read()
+    """The step's samples; rank 0 goes first (it may build the class index), the others read its cache."""
+    return main_first(lambda: step_samples(plan.dataset, plan.data_root, [list(s) for s in plan.steps], plan.step,
+                                           plan.overlap, split, cache_dir=args.cache_dir), dist_info)
 
 
 def epoch_seed(seed, step, epoch, rank):

@@ -26,7 +26,7 @@ from engine.evaluate import evaluate_state, validation_score
 from engine.models import build_step_models, load_exact, model_spec, to_device, use_channels_last
 from engine.results import format_step, step_results, write_step_results, write_summary
 from utils.checkpoint import CHECKPOINT_FORMAT, load_checkpoint_file, rng_state, save_atomic, set_rng_state
-from utils.distributed import all_gather_objects, all_true, barrier
+from utils.distributed import all_gather_objects, all_true, barrier, main_first
 from utils.errors import UserError
 from utils.logging import ScalarWriter, progress
 from utils.schedulers import build_scheduler
@@ -44,6 +44,14 @@ def seed_everything(seed):
     torch.manual_seed(seed)
     np.random.seed(seed)
     random.seed(seed)
+
+
+def grad_scaler(device, amp):
+    """The loss scaler of fp16 training on CUDA (disabled otherwise: bf16 and fp32 need none)."""
+    enabled = amp and device.type == "cuda"
+    if hasattr(torch.amp, "GradScaler"):  # torch >= 2.3
+        return torch.amp.GradScaler(device.type, enabled=enabled)
+    return torch.cuda.amp.GradScaler(enabled=enabled)
 
 
 def autocast(device, enabled):
@@ -75,7 +83,8 @@ def train_iteration(model, teacher, method, ctx, images, labels, optimizer, sche
 
 def validate_now(args, epoch, iterations_per_epoch):
     if args.val_interval is None:
-        return iterations_per_epoch > BARM_VALIDATION_ITERATIONS or epoch % BARM_VALIDATION_PERIOD == BARM_VALIDATION_PERIOD - 1
+        return (iterations_per_epoch > BARM_VALIDATION_ITERATIONS
+                or epoch % BARM_VALIDATION_PERIOD == BARM_VALIDATION_PERIOD - 1)
     return args.val_interval > 0 and (epoch + 1) % args.val_interval == 0
 
 
@@ -106,12 +115,13 @@ class StepRun:
         if method.bn_trains(plan) and args.batch_size * (dist_info.world_size if sync_bn else 1) < 2:
             raise UserError(f"step {plan.step} trains BatchNorm statistics, which needs at least 2 images per"
                             f" batch{' across the GPUs' if sync_bn else ''} (got --batch_size {args.batch_size})")
-        if dist_info.is_main:
-            check_writable(plan.step_dir())
         seed_everything(args.random_seed)
-        student, teacher, _ = build_step_models(plan, args, method, first_step)
+        # rank 0 first: it downloads the ImageNet weights if needed and meets a bad checkpoint first
+        student, teacher, _ = main_first(lambda: build_step_models(plan, args, method, first_step), dist_info)
         method.configure(student, self.plan)
         self.data = TrainData(plan, args, dist_info, method.label_policy)
+        if dist_info.is_main:  # inputs are valid: make sure the outputs can be written before training
+            check_writable(plan.step_dir())
         self.student = to_device(student, args, device)
         self.teacher = to_device(teacher, args, device) if teacher is not None else None
         if sync_bn:
@@ -124,7 +134,7 @@ class StepRun:
                                                  find_unused_parameters=method.find_unused_parameters)
         self.total_iters = args.train_epoch * len(self.data)
         self.scheduler = build_scheduler(args.lr_policy, self.optimizer, self.total_iters, args.step_size)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda")
+        self.scaler = grad_scaler(device, args.amp)
         self.channels_last = use_channels_last(args, device)
         self.start_epoch, self.iteration, self.best_score, self.skipped = 0, 0, None, 0
         if args.resume and os.path.exists(plan.last_path()):

@@ -29,5 +29,6 @@ def get_method(name, dataset="voc", **overrides):
     known = {f.name for f in dataclasses.fields(defaults)}
     unknown = sorted(set(overrides) - known)
     if unknown:
-        raise UserError(f"method {name} has no hyper-parameter {', '.join(unknown)}: expected {', '.join(sorted(known))}")
+        raise UserError(f"method {name} has no hyper-parameter {', '.join(unknown)}:"
+                        f" expected {', '.join(sorted(known))}")
     return cls(dataclasses.replace(defaults, **overrides), dataset=dataset)

@@ -143,7 +143,7 @@ def _train_case(kind, size, args, device_name, channels_last, amp):
     resnet101 model, through the trainer's own step and prediction functions."""
     torch = torch_module()
     from datasets.transforms import normalize
-    from engine.step import train_iteration
+    from engine.step import grad_scaler, train_iteration
     from methods import get_method
     from methods.base import StepContext
     from network import build_model
@@ -168,7 +168,7 @@ def _train_case(kind, size, args, device_name, channels_last, amp):
     images = normalize(images.to(device)).contiguous(memory_format=memory_format)
     optimizer = torch.optim.SGD(method.param_groups(student, ctx, 0.01), lr=0.01, momentum=0.9, nesterov=True)
     scheduler = build_scheduler("poly", optimizer, 1000)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda")
+    scaler = grad_scaler(device, amp)
 
     def run():
         if kind == "eval":

@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from engine.step import train_iteration
+from engine.step import grad_scaler, train_iteration
 from methods import get_method
 from methods.base import StepContext
 from network import build_model
@@ -48,7 +48,7 @@ def one_step(model, student, teacher, method, images, labels):
     optimizer = torch.optim.SGD(method.param_groups(student, CTX, 0.01), lr=0.01, momentum=0.9, nesterov=True,
                                 weight_decay=1e-4)
     scheduler = build_scheduler("poly", optimizer, 10)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    scaler = grad_scaler(torch.device("cpu"), amp=False)
     terms, finite = train_iteration(model, teacher, method, CTX, images, labels, optimizer, scheduler, scaler,
                                     amp=False)
     return terms, finite
@@ -102,7 +102,7 @@ def test_non_finite_loss_skips_the_update_but_steps_the_schedule():
     method.loss = nan_loss
     optimizer = torch.optim.SGD(method.param_groups(student, CTX, 0.01), lr=0.01, momentum=0.9, nesterov=True)
     scheduler = build_scheduler("poly", optimizer, 10)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    scaler = grad_scaler(torch.device("cpu"), amp=False)
     _, finite = train_iteration(student, teacher, method, CTX, images, labels, optimizer, scheduler, scaler, False)
     assert not finite
     assert scheduler.last_epoch == 1
@@ -115,6 +115,6 @@ def test_cpu_training_step_with_and_without_bf16_autocast(amp):
     method, student, teacher, images, labels = make_setup()
     optimizer = torch.optim.SGD(method.param_groups(student, CTX, 0.01), lr=0.01, momentum=0.9, nesterov=True)
     scheduler = build_scheduler("poly", optimizer, 10)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    scaler = grad_scaler(torch.device("cpu"), amp=False)
     terms, finite = train_iteration(student, teacher, method, CTX, images, labels, optimizer, scheduler, scaler, amp)
     assert finite and all(v.dtype == torch.float32 for v in terms.values())  # losses in fp32 under autocast

@@ -95,6 +95,21 @@ def all_gather_objects(obj):
     return gathered
 
 
+def main_first(function, dist_info):
+    """``function()`` on rank 0, then on the other ranks (e.g. rank 0 fills a cache the others read). A
+    :class:`UserError` on rank 0 is raised on every rank, so that no rank waits for the others forever."""
+    result, error = None, None
+    if dist_info.is_main:
+        try:
+            result = function()
+        except UserError as err:
+            error = str(err)
+    error = broadcast_object(error)
+    if error is not None:
+        raise UserError(error)
+    return result if dist_info.is_main else function()
+
+
 def broadcast_object(obj, src=0):
     """``obj`` of rank ``src`` on every rank."""
     if not (dist.is_available() and dist.is_initialized()):
