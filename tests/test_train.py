@@ -202,3 +202,14 @@ def test_corrupt_image_found_by_a_loader_worker(tiny_voc, tmp_path):
     cmd[cmd.index("--num_workers") + 1] = "1"
     assert_user_error(run(cmd), "cannot decode image", str(image))
     assert not list((tmp_path / "ckpt").rglob("*.pth"))
+
+
+def test_unwritable_checkpoint_folder(tiny_voc, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert_user_error(run(train_cmd(tiny_voc, blocker, "--initial", "--train_epoch", "1")), "--ckpt_dir")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_requested_without_cuda(tiny_voc, tmp_path):
+    assert_user_error(run(train_cmd(tiny_voc, tmp_path, "--initial", "--device", "cuda")), "CUDA is not available")
