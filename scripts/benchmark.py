@@ -91,9 +91,13 @@ def throughput(run, batch, repeats, device):
     return batch / seconds, peak_memory_mib(device)
 
 
-def report(case, kinds, args, device_name, fp32_only=()):
+def report(title, case, kinds, args, fp32_only=()):
     """Run ``case(kind, size, args, device, channels_last, amp)`` in a fresh process for every size, kind
     and precision (on CUDA: fp32, --amp, --amp with channels-last) and print one line each."""
+    torch = torch_module()
+    device_name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"{title}, batch {args.batch}, device {device_name}, {torch.get_num_threads()} threads,"
+          f" median of {args.repeats}")
     variants = [(False, False)] + ([(False, True), (True, True)] if device_name.startswith("cuda") else [])
     for size in args.sizes:
         for kind, label in kinds.items():
@@ -131,11 +135,8 @@ def _model_case(kind, size, args, device_name, channels_last, amp):
 
 
 def bench_model(args):
-    torch = torch_module()
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    print(f"model {args.model} ({args.backbone or 'its backbone'}), batch {args.batch}, device {device},"
-          f" {torch.get_num_threads()} threads, median of {args.repeats}")
-    report(_model_case, {"train": "forward+backward", "eval": "eval forward"}, args, device)
+    report(f"model {args.model} ({args.backbone or 'its backbone'})", _model_case,
+           {"train": "forward+backward", "eval": "eval forward"}, args)
 
 
 def _train_case(kind, size, args, device_name, channels_last, amp):
@@ -184,12 +185,9 @@ def _train_case(kind, size, args, device_name, channels_last, amp):
 
 
 def bench_train(args):
-    torch = torch_module()
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    print(f"BARM deeplabv3bga_resnet101, VOC 15-1, batch {args.batch}, device {device},"
-          f" {torch.get_num_threads()} threads, median of {args.repeats} (model side, data loading excluded)")
     kinds = {"step0": "train step 0", "step1": "train step 1 (+teacher)", "eval": "evaluation"}
-    report(_train_case, kinds, args, device, fp32_only=("eval",))  # evaluation runs in fp32, as the reference
+    report("BARM deeplabv3bga_resnet101, VOC 15-1 (model side, data loading excluded)", _train_case, kinds, args,
+           fp32_only=("eval",))  # evaluation runs in fp32, as the reference
 
 
 def main():
