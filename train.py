@@ -13,13 +13,13 @@ import os
 import torch
 
 from engine.evaluate import evaluate_state
+from engine.models import model_state, read_checkpoint
 from engine.data import class_names
 from engine.plan import make_plan, task_steps
 from engine.results import format_step, format_summary, step_results, write_step_results, write_summary
 from engine.step import run_step
 from methods import get_method_class
 from utils.args import method_hyper, parse_args
-from utils.checkpoint import load_checkpoint_file, strip_module_prefix
 from utils.distributed import cleanup, setup
 from utils.errors import UserError, exit_on_user_error
 from utils.logging import setup_logging
@@ -28,13 +28,13 @@ from utils.tasks import check_step
 log = logging.getLogger("ciss")
 
 
-def step_range(args, n_steps):
+def step_range(args, steps):
     if args.initial:
         return 0, 0
     first = args.curr_step or 0
-    last = n_steps - 1 if args.end_step is None else args.end_step
+    last = len(steps) - 1 if args.end_step is None else args.end_step
     for step in (first, last):
-        check_step([None] * n_steps, step, task=f"{args.dataset} task {args.task}")
+        check_step(steps, step, task=f"{args.dataset} task {args.task}")
     if last < first:
         raise UserError(f"--end_step {last} is before --curr_step {first}")
     return first, last
@@ -42,7 +42,7 @@ def step_range(args, n_steps):
 
 def train(args, dist_info):
     method_cls = get_method_class(args.method)
-    first, last = step_range(args, len(task_steps(args)))
+    first, last = step_range(args, task_steps(args))
     if args.select_best and first <= 0 <= last:
         log.info("--select_best: step 1 will start from step 0's best checkpoint on the validation split")
     if dist_info.distributed and dist_info.device.type == "cpu":
@@ -60,12 +60,12 @@ def train(args, dist_info):
         log.info("\n%s", format_summary(rows))
 
 
-def steps_to_test(args, n_steps):
+def steps_to_test(args, steps):
     if args.curr_step is not None:
-        check_step([None] * n_steps, args.curr_step, task=f"{args.dataset} task {args.task}")
+        check_step(steps, args.curr_step, task=f"{args.dataset} task {args.task}")
         return [args.curr_step]
     plan = make_plan(args, 0)
-    found = [t for t in range(n_steps) if os.path.exists(plan.final_path(t))]
+    found = [t for t in range(len(steps)) if os.path.exists(plan.final_path(t))]
     if not found:
         raise UserError(f"no checkpoint to test under {plan.root}: expected step*/final.pth (train first, or"
                         f" check --ckpt_dir, --subpath, --task and --overlap)")
@@ -84,16 +84,10 @@ def use_recorded_model(args, checkpoint, path):
 def test(args, dist_info):
     method_cls = get_method_class(args.method)
     rows = []
-    for step in steps_to_test(args, len(task_steps(args))):
+    for step in steps_to_test(args, task_steps(args)):
         plan = make_plan(args, step)
         path = plan.final_path()
-        if not os.path.exists(path):
-            raise UserError(f"checkpoint {path} does not exist: train step {step} first")
-        checkpoint = load_checkpoint_file(path)
-        classes = [list(s) for s in plan.steps[:step + 1]]
-        if checkpoint.get("classes", classes) != classes:
-            raise UserError(f"checkpoint {path} holds classes {checkpoint['classes']}, not those of step {step}"
-                            f" of {plan.task}")
+        checkpoint = read_checkpoint(path, plan, step, f"checkpoint {path} does not exist: train step {step} first")
         if checkpoint.get("method", args.method) != args.method:
             raise UserError(f"checkpoint {path} was trained with --method {checkpoint['method']}, not {args.method}")
         use_recorded_model(args, checkpoint, path)
@@ -102,8 +96,7 @@ def test(args, dist_info):
             known = {f.name for f in dataclasses.fields(method_cls.Hyper)}
             hyper = dataclasses.replace(hyper, **{k: v for k, v in checkpoint["hyper"].items() if k in known})
         method = method_cls(hyper, dataset=args.dataset)
-        state = strip_module_prefix(checkpoint.get("model_state", checkpoint))
-        confusion = evaluate_state(plan, args, method, state, dist_info)
+        confusion = evaluate_state(plan, args, method, model_state(checkpoint), dist_info)
         results = step_results(confusion, plan, method.name, class_names(plan), path)
         if dist_info.is_main:
             write_step_results(results, plan.step_dir())

@@ -17,8 +17,8 @@ import os
 import sys
 
 import numpy as np
-from PIL import Image
 
+from datasets.files import read_label
 from utils.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -65,16 +65,7 @@ def label_presence(path):
 
     Raises :class:`UserError` for a file that cannot be decoded or is not an 8-bit single-channel label.
     """
-    try:
-        with Image.open(path) as image:
-            if image.mode not in ("L", "P"):
-                raise UserError(f"label {path} has image mode {image.mode}: expected an 8-bit single-channel"
-                                f" (L or P) PNG of class ids")
-            histogram = image.histogram()
-    except UserError:
-        raise
-    except (OSError, SyntaxError, ValueError) as err:
-        raise UserError(f"cannot decode label {path} ({err}): expected a PNG of class ids") from None
+    histogram = read_label(path, lambda image: image.histogram())
     return np.asarray(histogram[:LABEL_VALUES]) > 0
 
 

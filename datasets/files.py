@@ -1,7 +1,24 @@
 """File-system checks shared by the dataset layouts: every problem is one :class:`UserError` line."""
 import os
 
+from PIL import Image
+
 from utils.errors import UserError
+
+
+def read_label(path, read):
+    """``read(image)`` of the label PNG at ``path``; a file that cannot be decoded or is not an 8-bit
+    single-channel image is a UserError naming it."""
+    try:
+        with Image.open(path) as image:
+            if image.mode not in ("L", "P"):
+                raise UserError(f"label {path} has image mode {image.mode}: expected an 8-bit single-channel"
+                                f" (L or P) PNG of class ids")
+            return read(image)
+    except UserError:
+        raise
+    except (OSError, SyntaxError, ValueError) as err:
+        raise UserError(f"cannot decode label {path} ({err}): expected a PNG of class ids") from None
 
 
 def check_dir(path, what):

@@ -10,6 +10,7 @@
 import numpy as np
 from PIL import Image
 
+from datasets.files import read_label
 from utils.errors import UserError
 
 IGNORE = 255
@@ -79,16 +80,7 @@ def open_image(path):
 
 def open_label(path, lut):
     """Decode a label PNG and map it through ``lut``; returns a mode-L image."""
-    try:
-        with Image.open(path) as image:
-            if image.mode not in ("L", "P"):
-                raise UserError(f"label {path} has image mode {image.mode}: expected an 8-bit single-channel PNG")
-            values = np.asarray(image)
-    except UserError:
-        raise
-    except (OSError, SyntaxError, ValueError) as err:
-        raise UserError(f"cannot decode label {path} ({err})") from None
-    return Image.fromarray(lut[values], mode="L")
+    return Image.fromarray(lut[read_label(path, np.asarray)], mode="L")
 
 
 class IncrementalSegmentation:

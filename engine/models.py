@@ -55,23 +55,30 @@ def previous_checkpoint_path(plan, args, first_step):
     return plan.final_path(plan.step - 1)
 
 
-def read_previous(plan, args, first_step):
-    """The step t-1 checkpoint as ``(path, checkpoint dict)``; every problem is a :class:`UserError`."""
-    path = previous_checkpoint_path(plan, args, first_step)
+def read_checkpoint(path, plan, upto, missing):
+    """The checkpoint at ``path`` holding the classes of steps 0..``upto`` of the plan's task; ``missing``
+    says what to do when the file is absent. Every problem is a :class:`UserError`."""
     if not os.path.exists(path):
-        raise UserError(f"previous checkpoint {path} does not exist: train step {plan.step - 1} of {plan.task}"
-                        f" ({plan.setting}) first, or pass --prev_ckpt")
+        raise UserError(missing)
     checkpoint = load_checkpoint_file(path)
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model_state", checkpoint), dict):
         raise UserError(f"checkpoint {path} holds no model state: expected a dict with 'model_state'")
-    expected = [list(s) for s in plan.steps[:plan.step]]
-    if "classes" in checkpoint:
+    expected = [list(s) for s in plan.steps[:upto + 1]]
+    if "classes" in checkpoint:  # ciss checkpoints record them; official BARM/SSUL files are checked by shape
         if checkpoint.get("dataset") != plan.dataset or checkpoint["classes"] != expected:
             raise UserError(
                 f"checkpoint {path} was trained on {checkpoint.get('dataset')} task {checkpoint.get('task')}"
                 f" (classes per step {checkpoint['classes']}), but step {plan.step} of {plan.dataset} task"
-                f" {plan.task} continues from classes per step {expected}")
-    return path, checkpoint
+                f" {plan.task} needs classes per step {expected}")
+    return checkpoint
+
+
+def read_previous(plan, args, first_step):
+    """The step t-1 checkpoint as ``(path, checkpoint dict)``."""
+    path = previous_checkpoint_path(plan, args, first_step)
+    missing = (f"previous checkpoint {path} does not exist: train step {plan.step - 1} of {plan.task}"
+               f" ({plan.setting}) first, or pass --prev_ckpt")
+    return path, read_checkpoint(path, plan, plan.step - 1, missing)
 
 
 def model_state(checkpoint):
