@@ -2,18 +2,29 @@
 
 Public API: :func:`step_image_ids` (the image ids a step trains or validates on), :func:`step_samples`
 (the same as ``(id, image_path, label_path)`` triples), :func:`get_layout` (the dataset module: class
-names, number of classes, file lists).
+names, number of classes, file lists), :func:`saliency_path` (SSUL's saliency maps) and
+:func:`default_num_workers` (the ``--num_workers`` default).
+
+Every function here works from a plain script without ``if __name__ == "__main__":`` (the labels are decoded
+by threads, see ``datasets.files``).
 """
+import os
+
 import numpy as np
 
 from datasets import ade, voc
 from datasets.class_index import load_class_index
+from datasets.files import usable_cpus
 from datasets.incremental import step_mask
 from utils.errors import UserError
 from utils.tasks import check_step, get_task
 
 LAYOUTS = {"voc": voc, "ade": ade}
-SPLITS = ("train", "val", "test")
+# "train": training list; "val": per-step validation; "test": the whole validation list (BARM/SSUL);
+# "test_seen": validation images with a seen class (MiB/PLOP/RCIL/DKD, methods spec §3.2)
+SPLITS = ("train", "val", "test", "test_seen")
+SALIENCY_DIR = "saliency_map"  # SSUL's saliency maps inside the VOC2012 folder (spec barm-ssul-kproba §5.1)
+MAX_DEFAULT_WORKERS = 4  # BARM's --num_workers default, the most the default ever picks
 
 
 def get_layout(dataset):
@@ -24,7 +35,8 @@ def get_layout(dataset):
 
 
 def file_split(split):
-    """The file list a split reads: "train" the training list, "val" and "test" the validation list."""
+    """The file list a split reads: "train" the training list; "val", "test" and "test_seen" the validation
+    list."""
     if split not in SPLITS:
         raise UserError(f"unknown split '{split}': expected one of {', '.join(SPLITS)}")
     return "train" if split == "train" else "val"
@@ -41,21 +53,53 @@ def split_class_index(dataset, data_root, split, cache_dir=None, workers=None):
 
 
 def step_samples(dataset, data_root, steps, step, overlap, split="train", cache_dir=None, workers=None):
-    """``[(id, image_path, label_path)]`` of ``split`` at ``step`` of the task ``steps``.
+    """``[(id, image_path, label_path)]`` of ``split`` at ``step`` of the task ``steps``, in file order.
 
-    "train": the images the step trains on (overlap or disjoint rule); "val": BARM's per-step validation
-    images (the same rule on the validation list); "test": the whole validation list.
+    * "train": the images the step trains on (overlap or disjoint rule, spec barm-ssul-kproba §5.2);
+    * "val": the per-step validation images (the same rule on the validation list);
+    * "test": the whole validation list (BARM/SSUL, spec barm-ssul-kproba §5.2);
+    * "test_seen": the validation images containing at least one **seen** class, i.e. a class of steps
+      0..step other than 0 (MiB/PLOP/RCIL/DKD's ``test_on_val-<t>``, methods spec §3.2); ``overlap`` does
+      not matter. At the last step of a task whose classes all occur it is the whole list.
     """
     check_step(steps, step)
     if split == "test":
         return get_layout(dataset).list_split(data_root, file_split(split))
     samples, index = split_class_index(dataset, data_root, split, cache_dir=cache_dir, workers=workers)
-    keep = np.flatnonzero(step_mask(index, steps, step, overlap))
+    if split == "test_seen":
+        seen = {c for s in steps[:step + 1] for c in s} - {0}
+        keep = np.flatnonzero(index.contains_any(seen))
+    else:
+        keep = np.flatnonzero(step_mask(index, steps, step, overlap))
     return [samples[i] for i in keep]
 
 
 def step_image_ids(dataset, data_root, task, step, overlap, split="train", cache_dir=None, task_file=None):
-    """Image ids of ``split`` ("train", "val" or "test") at ``step`` of ``task`` (see :func:`step_samples`)."""
+    """Image ids of ``split`` ("train", "val", "test" or "test_seen") at ``step`` of ``task`` (see
+    :func:`step_samples`)."""
     steps = get_task(dataset, task, task_file)
     check_step(steps, step, task=f"{dataset} task {task}")
     return [s[0] for s in step_samples(dataset, data_root, steps, step, overlap, split, cache_dir=cache_dir)]
+
+
+def saliency_path(data_root, image_id):
+    """SSUL's saliency map of a VOC image: ``{data_root}/saliency_map/{image_id}.png`` (spec barm-ssul-kproba
+    §5.1, §12.2; 8-bit, 0 = not salient)."""
+    return os.path.join(data_root, SALIENCY_DIR, f"{image_id}.png")
+
+
+def default_num_workers(processes_per_node=None):
+    """The default ``--num_workers`` (DataLoader worker processes per training process)::
+
+        min(MAX_DEFAULT_WORKERS, usable_cpus // processes_per_node - 1), at least 0
+
+    ``usable_cpus`` counts the CPUs this process may run on, as the DataLoader does before it warns that a
+    loader creates more workers than CPUs (``len(os.sched_getaffinity(0))``, else ``os.cpu_count()``); each
+    of the ``processes_per_node`` training processes (default: torchrun's ``LOCAL_WORLD_SIZE``, else 1)
+    keeps one CPU for itself. So the default never triggers that warning: 2 CPUs give 1 worker, 1 CPU gives
+    0 (loading in the training process), 16 CPUs give 4, and 16 CPUs shared by 8 processes give 1.
+    """
+    if processes_per_node is None:
+        processes_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    per_process = usable_cpus() // max(1, processes_per_node)
+    return max(0, min(MAX_DEFAULT_WORKERS, per_process - 1))

@@ -8,20 +8,24 @@ modification times); otherwise it is rebuilt. BARM's ``{split}_cls.txt`` files (
 foreground classes minus one) are accepted as an index too when placed in the cache folder.
 
 Building the index also validates every label: a file that is not a single-channel 8-bit PNG, that cannot
-be decoded, or that holds values outside the dataset's range is a :class:`UserError` naming the file.
+be decoded, or that holds values outside the dataset's range is a :class:`UserError` naming the file, and
+no cache file (nor a cache folder this call created) is left behind. A cache file that cannot be read
+(truncated, damaged: any error while loading it) is rebuilt with one warning line.
+
+The labels are decoded by a thread pool (``datasets.files.parallel_imap``), never by a process pool, so
+:func:`load_class_index` works from a script without a ``__main__`` guard.
 """
 import hashlib
 import logging
-import multiprocessing
 import os
 import sys
 
 import numpy as np
 
-from datasets.files import read_label
+from datasets.files import parallel_imap, read_label
 from utils.errors import UserError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("ciss")
 
 INDEX_VERSION = 1
 LABEL_VALUES = 256
@@ -70,47 +74,25 @@ def label_presence(path):
 
 
 def _scan(path):
-    """Pool worker: packed presence bits of one label, or the error message (raised in the parent)."""
+    """Packed presence bits of one label, or the error message (raised by the caller, in order)."""
     try:
         return np.packbits(label_presence(path)).tobytes(), None
     except UserError as err:
         return None, str(err)
 
 
-def _pool_context():
-    # forkserver: workers start from a clean process (no copy of the parent's threads or CUDA state) and
-    # share one import of this module; elsewhere spawn.
-    methods = multiprocessing.get_all_start_methods()
-    if "forkserver" in methods:
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload([__name__])
-        return context
-    return multiprocessing.get_context("spawn")
-
-
 def build_index(label_paths, ids, workers=None, progress=None):
-    """Decode every label of ``label_paths`` (with ``workers`` processes) into a :class:`ClassIndex`."""
-    workers = max(1, min(workers or os.cpu_count() or 1, len(label_paths)))
+    """Decode every label of ``label_paths`` into a :class:`ClassIndex` over ``ids``, with ``workers``
+    threads (default: the usable CPUs). The first undecodable label (in list order) is a UserError."""
     progress = sys.stderr.isatty() if progress is None else progress
+    chunk = max(1, min(256, len(label_paths) // (8 * (workers or 1))))
     packed = bytearray()
-    if workers == 1:
-        results = map(_scan, label_paths)
-        pool = None
-    else:
-        pool = _pool_context().Pool(workers)
-        chunk = max(1, min(256, len(label_paths) // (workers * 8)))
-        results = pool.imap(_scan, label_paths, chunksize=chunk)
-    try:
-        for n, (bits, error) in enumerate(results, 1):
-            if error is not None:
-                raise UserError(error)
-            packed += bits
-            if progress and (n % 1000 == 0 or n == len(label_paths)):
-                print(f"\rclass index: {n}/{len(label_paths)} labels", end="", file=sys.stderr, flush=True)
-    finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
+    for n, (bits, error) in enumerate(parallel_imap(_scan, label_paths, workers, chunk), 1):
+        if error is not None:
+            raise UserError(error)
+        packed += bits
+        if progress and (n % 1000 == 0 or n == len(label_paths)):
+            print(f"\rclass index: {n}/{len(label_paths)} labels", end="", file=sys.stderr, flush=True)
     if progress:
         print(file=sys.stderr)
     presence = np.unpackbits(np.frombuffer(bytes(packed), dtype=np.uint8).reshape(len(ids), -1), axis=1)
@@ -140,17 +122,21 @@ def fingerprint(label_paths):
     return digest.hexdigest()
 
 
-def cache_folder(data_root, cache_dir=None):
-    """Where the index is cached: ``cache_dir`` if given, else ``{data_root}/.ciss_cache`` when the data
-    folder is writable, else ``$XDG_CACHE_HOME/ciss/<hash of the data path>`` (default ``~/.cache``)."""
+def _folder_path(data_root, cache_dir=None):
     if cache_dir:
-        folder = cache_dir
-    elif os.access(data_root, os.W_OK):
-        folder = os.path.join(data_root, ".ciss_cache")
-    else:
-        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        key = hashlib.sha1(os.path.abspath(data_root).encode()).hexdigest()[:16]
-        folder = os.path.join(base, "ciss", key)
+        return cache_dir
+    if os.access(data_root, os.W_OK):
+        return os.path.join(data_root, ".ciss_cache")
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    key = hashlib.sha1(os.path.abspath(data_root).encode()).hexdigest()[:16]
+    return os.path.join(base, "ciss", key)
+
+
+def cache_folder(data_root, cache_dir=None):
+    """Where the index is cached (created if needed): ``cache_dir`` if given, else ``{data_root}/.ciss_cache``
+    when the data folder is writable, else ``$XDG_CACHE_HOME/ciss/<hash of the data path>`` (default
+    ``~/.cache``)."""
+    folder = _folder_path(data_root, cache_dir)
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as err:
@@ -160,15 +146,21 @@ def cache_folder(data_root, cache_dir=None):
 
 
 def _read_cache(path, key):
+    """``(index, problem)``: the cached index (None if absent or stale) and, for a file that exists but
+    cannot be read, why (else None)."""
+    if not os.path.exists(path):
+        return None, None
     try:
         with np.load(path, allow_pickle=False) as data:
             if int(data["version"]) != INDEX_VERSION or str(data["fingerprint"]) != key:
-                return None
+                return None, None
             ids = data["ids"].tolist()
             presence = np.unpackbits(data["presence"], axis=1)[:, :LABEL_VALUES].astype(bool)
-    except (OSError, KeyError, ValueError, EOFError):
-        return None
-    return ClassIndex(ids, presence)
+            return ClassIndex(ids, presence), None
+    # any failure to read the cache (zipfile.BadZipFile, a bad .npy header, a bad shape, a short read, ...)
+    # means "rebuild it", never a crash that lasts until the folder is deleted by hand
+    except Exception as err:  # noqa: BLE001
+        return None, f"{err.__class__.__name__}: {err}"
 
 
 def _write_cache(path, key, index):
@@ -218,11 +210,23 @@ def load_class_index(dataset, data_root, split, samples, num_classes, ignore_lab
     """The class index of ``samples`` (``[(id, image, label)]`` of ``split``), from cache or built.
 
     Order of preference: BARM's ``{split}_cls.txt`` in the cache folder, the cached index if the label
-    files are unchanged, else a fresh build (validated and cached).
+    files are unchanged, else a fresh build (validated and cached). A cache file that cannot be read is
+    rebuilt (one warning line). When a label is invalid (UserError) or the build is interrupted, a cache
+    folder created by this call is removed again if it is still empty.
     """
     ids = [s[0] for s in samples]
     label_paths = [s[2] for s in samples]
+    existed = os.path.isdir(_folder_path(data_root, cache_dir))
     folder = cache_folder(data_root, cache_dir)
+    try:
+        return _load_or_build(dataset, split, ids, label_paths, folder, num_classes, ignore_label, workers)
+    except BaseException:
+        if not existed:
+            _remove_if_empty(folder)
+        raise
+
+
+def _load_or_build(dataset, split, ids, label_paths, folder, num_classes, ignore_label, workers):
     barm_file = os.path.join(folder, f"{split}_cls.txt")
     if os.path.exists(barm_file):
         index = read_barm_cls_file(barm_file, ids)
@@ -231,11 +235,22 @@ def load_class_index(dataset, data_root, split, samples, num_classes, ignore_lab
             return index
     cache_path = os.path.join(folder, f"{dataset}_{split}_class_index.npz")
     key = fingerprint(label_paths)
-    index = _read_cache(cache_path, key)
+    index, problem = _read_cache(cache_path, key)
     if index is not None and index.ids == ids:
         return index
-    log.info("building the class index of %d %s %s labels (cached in %s)", len(ids), dataset, split, folder)
+    if problem is not None:
+        log.warning("the class-index cache %s cannot be read (%s): rebuilding it from the %d %s %s labels",
+                    cache_path, problem, len(ids), dataset, split)
+    else:
+        log.info("building the class index of %d %s %s labels (cached in %s)", len(ids), dataset, split, folder)
     index = build_index(label_paths, ids, workers=workers)
     check_label_values(index, label_paths, num_classes, ignore_label)
     _write_cache(cache_path, key, index)
     return index
+
+
+def _remove_if_empty(folder):
+    try:
+        os.rmdir(folder)  # fails, harmlessly, when the folder holds anything
+    except OSError:
+        pass

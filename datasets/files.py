@@ -1,5 +1,13 @@
-"""File-system checks shared by the dataset layouts: every problem is one :class:`UserError` line."""
+"""File-system checks shared by the dataset layouts (every problem is one :class:`UserError` line), and the
+thread pool that decodes many files at once.
+
+Decoding runs in threads, not processes: Pillow releases the GIL while it inflates and scans a PNG, so threads
+scale with the cores for this work, and a thread pool never re-imports the caller's ``__main__``, so every
+public function works from a plain script without ``if __name__ == "__main__":`` (process pools started with
+"spawn" or "forkserver" re-run such a script in every worker, which then starts its own pool, without end).
+"""
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 from PIL import Image
 
@@ -59,3 +67,30 @@ def pair_files(ids, image_dir, image_ext, label_dir, label_ext):
         if image_id + label_ext not in labels:
             raise UserError(f"image {image_id} has no label: expected {os.path.join(label_dir, image_id + label_ext)}")
     return [(i, os.path.join(image_dir, i + image_ext), os.path.join(label_dir, i + label_ext)) for i in ids]
+
+
+def usable_cpus():
+    """The number of CPUs this process may run on (its affinity mask where the OS has one, as PyTorch's
+    DataLoader counts them), at least 1."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def parallel_imap(function, items, workers=None, chunksize=1):
+    """``function(item)`` for every item, in order, lazily, computed by ``workers`` threads (default: the usable
+    CPUs; 1 = in the calling thread). Stopping the iteration early cancels the work not yet started."""
+    items = list(items)
+    workers = max(1, min(workers or usable_cpus(), len(items)))
+    if workers == 1:
+        yield from map(function, items)
+        return
+    chunks = [items[i:i + chunksize] for i in range(0, len(items), chunksize)]
+    with ThreadPoolExecutor(workers, thread_name_prefix="ciss-decode") as pool:
+        futures = [pool.submit(lambda chunk: [function(item) for item in chunk], c) for c in chunks]
+        try:
+            for future in futures:
+                yield from future.result()
+        finally:
+            for future in futures:
+                future.cancel()

@@ -4,8 +4,10 @@
   written with the classes of the earlier steps (not BARM's ``range(1, first new class)``, which is wrong
   for shuffled orders, spec §10.17), so they are correct for any class order.
 * :func:`label_lut` — a 256-entry lookup table from raw label values to training targets; the mapping is a
-  named policy (``LABEL_POLICIES``) so that the conventions of other methods can be added beside BARM's.
-* :class:`IncrementalSegmentation` — the dataset: decode, map through the table, joint transforms.
+  label policy: a function ``(steps, step, split) -> table`` that a method passes itself, or the name of one
+  registered with :func:`register_label_policy` (BARM's, "barm", is registered here).
+* :class:`IncrementalSegmentation` — the dataset: decode, map through the table, joint transforms of the
+  image, the label and the method's extra per-sample maps (SSUL's saliency).
 """
 import numpy as np
 from PIL import Image
@@ -14,6 +16,11 @@ from datasets.files import read_label
 from utils.errors import UserError
 
 IGNORE = 255
+LUT_SIZE = 256
+# label splits a policy maps: "train" / "val" (the step's classes), "test" (every class, channel order),
+# "memory" (SSUL-M's memory samples: current and previous classes)
+SPLITS = ("train", "val", "test", "memory")
+LABEL_POLICIES = {}
 
 
 def step_mask(index, steps, step, overlap):
@@ -39,34 +46,52 @@ def channel_order(steps):
     return order
 
 
+def register_label_policy(name):
+    """Decorator registering a label policy ``policy(steps, step, split) -> 256-entry table`` under ``name``
+    (so that :func:`label_lut` finds it by name); returns the function unchanged. A name is registered once."""
+    def register(policy):
+        if name in LABEL_POLICIES and LABEL_POLICIES[name] is not policy:
+            raise ValueError(f"label policy {name!r} is already registered")
+        LABEL_POLICIES[name] = policy
+        return policy
+    return register
+
+
+@register_label_policy("barm")
 def barm_lut(steps, step, split):
-    """BARM/SSUL label mapping (spec barm-ssul-kproba §5.3).
+    """BARM/SSUL label mapping (spec barm-ssul-kproba §5.3, §12.4).
 
     train / val: raw values that are not classes of the current step become background 0 (old and future
     classes included), void stays 255; then the channel order. test: the channel order only, so classes of
-    later steps keep indices >= the current number of channels and the metric ignores them.
+    later steps keep indices >= the current number of channels and the metric ignores them. memory (SSUL-M's
+    memory samples, spec §12.4 step 4): the classes of steps 0..step keep their channel, future classes
+    become background 0, void stays 255.
     """
     order = channel_order(steps)
     if split == "test":
         return order
-    lut = np.zeros(256, dtype=np.uint8)
-    current = list(steps[step])
-    lut[current] = order[current]
+    kept = list(steps[step]) if split != "memory" else [c for s in steps[:step + 1] for c in s]
+    lut = np.zeros(LUT_SIZE, dtype=np.uint8)
+    lut[kept] = order[kept]
     lut[IGNORE] = IGNORE
     return lut
 
 
-LABEL_POLICIES = {"barm": barm_lut}
-SPLITS = ("train", "val", "test")
-
-
 def label_lut(steps, step, split, policy="barm"):
-    """The 256-entry uint8 table that maps raw label values to targets for ``split`` at ``step``."""
+    """The 256-entry uint8 table that maps raw label values to targets for ``split`` (one of ``SPLITS``) at
+    ``step``: ``policy(steps, step, split)`` when ``policy`` is callable (a method's own policy), else the
+    policy registered under that name (an unknown name is a UserError)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    if policy not in LABEL_POLICIES:
-        raise UserError(f"unknown label policy '{policy}': expected one of {', '.join(LABEL_POLICIES)}")
-    return LABEL_POLICIES[policy](steps, step, split)
+    if not callable(policy):
+        if policy not in LABEL_POLICIES:
+            raise UserError(f"unknown label policy '{policy}': expected one of {', '.join(LABEL_POLICIES)}")
+        policy = LABEL_POLICIES[policy]
+    lut = np.asarray(policy(steps, step, split))
+    if lut.shape != (LUT_SIZE,) or lut.min() < 0 or lut.max() >= LUT_SIZE:
+        raise ValueError(f"label policy {policy!r} returned a table of shape {lut.shape}: expected"
+                         f" {LUT_SIZE} values in 0..{LUT_SIZE - 1}")
+    return lut.astype(np.uint8)
 
 
 def open_image(path):
@@ -83,18 +108,42 @@ def open_label(path, lut):
     return Image.fromarray(lut[read_label(path, np.asarray)], mode="L")
 
 
+EIGHT_BIT_MODES = ("L", "P", "1", "LA", "RGB", "RGBA")  # read as their 8-bit luminance
+
+
+def open_extra_map(path, name):
+    """Decode the 8-bit PNG of the extra map ``name`` (e.g. a saliency map) as a mode-L image; a missing,
+    undecodable or not 8-bit file is a :class:`UserError` naming it."""
+    expected = f"an 8-bit PNG {name} map for every image"
+    try:
+        with Image.open(path) as image:
+            if image.mode not in EIGHT_BIT_MODES:
+                raise UserError(f"{name} map {path} has image mode {image.mode}: expected {expected}")
+            return image.convert("L") if image.mode != "L" else image.copy()
+    except FileNotFoundError:
+        raise UserError(f"{name} map {path} is missing: expected {expected}") from None
+    except UserError:
+        raise
+    except (OSError, SyntaxError, ValueError) as err:
+        raise UserError(f"cannot decode {name} map {path} ({err}): expected {expected}") from None
+
+
 class IncrementalSegmentation:
     """Map-style dataset over ``samples`` = ``[(id, image_path, label_path)]``.
 
-    Item ``i`` is ``(image, label, id)`` after ``transform`` (see ``datasets.transforms``): with the
-    standard transforms, a uint8 image tensor (3, H, W) and a uint8 label tensor (H, W) of channel indices
-    with 255 = ignore; images are normalised on the device (``datasets.transforms.normalize``).
+    Item ``i`` is ``(image, label, extras, id)`` after ``transform`` (see ``datasets.transforms``): with the
+    standard transforms, a uint8 image tensor (3, H, W), a uint8 label tensor (H, W) of channel indices
+    with 255 = ignore, and ``extras`` = ``{name: uint8 tensor (H, W)}``, one per entry of ``extra_maps``
+    (``{name: image_id -> path of an 8-bit PNG}``, e.g. SSUL's saliency), each transformed exactly like the
+    label (nearest resize, the same crop, padding 0, flip); ``{}`` without extra maps (``default_collate``
+    keeps it ``{}``). Images are normalised on the device (``datasets.transforms.normalize``).
     """
 
-    def __init__(self, samples, lut, transform):
+    def __init__(self, samples, lut, transform, extra_maps=None):
         self.samples = list(samples)
         self.lut = np.asarray(lut, dtype=np.uint8)
         self.transform = transform
+        self.extra_maps = dict(extra_maps or {})
 
     def __len__(self):
         return len(self.samples)
@@ -110,5 +159,11 @@ class IncrementalSegmentation:
         if image.size != label.size:
             raise UserError(f"image {image_path} is {image.size[0]}x{image.size[1]} but its label {label_path}"
                             f" is {label.size[0]}x{label.size[1]}: expected the same size")
-        image, label = self.transform(image, label)
-        return image, label, image_id
+        extras = {name: open_extra_map(path_of(image_id), name) for name, path_of in self.extra_maps.items()}
+        for name, extra in extras.items():
+            if extra.size != image.size:
+                raise UserError(f"{name} map {self.extra_maps[name](image_id)} is {extra.size[0]}x"
+                                f"{extra.size[1]} but image {image_path} is {image.size[0]}x{image.size[1]}:"
+                                f" expected the same size")
+        image, label, *maps = self.transform(image, label, *extras.values())
+        return image, label, dict(zip(extras, maps)), image_id

@@ -9,28 +9,39 @@ drawn half from the classes up to the first one and half from all classes, so im
 different incremental steps and the overlap and disjoint lists differ without either being empty. Image
 ``i`` depends only on ``(seed, split, i)``: a dataset is the same whatever the worker count.
 
+VOC folders also get SSUL's saliency maps, ``saliency_map/{id}.png`` (spec barm-ssul-kproba §12.2; 8-bit,
+0 = not salient, 255 = salient) for the training and validation images: every labelled pixel (objects and
+their void border) is salient except for a random ``SALIENCY_MISS`` of them, and a random
+``SALIENCY_FALSE`` of the background pixels is salient too. They come from a third random stream of the
+image, so the images and labels are the same as without them. ADE folders get none (SSUL uses no saliency
+on ADE).
+
 Command line::
 
     python -m datasets.synthetic --dataset voc --root data/synthetic_voc --n_train 300 --n_val 60 --size 160
 """
 import argparse
 import logging
-import multiprocessing
 import os
 import zlib
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from datasets import ade, voc
+from datasets import ade, saliency_path, voc
+from datasets.files import parallel_imap
 from utils.errors import UserError, exit_on_user_error
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("ciss")
 
 VOID_WIDTH = 2  # half-width in pixels of the 255 band along VOC object boundaries
 MAX_OBJECTS = 4
 SPLITS = ("train", "val")
 JPEG_QUALITY = 90
+SALIENCY_MISS = 0.1  # fraction of the object pixels that the synthetic saliency map misses
+SALIENCY_FALSE = 0.03  # fraction of the background pixels that it marks salient
+SALIENT, NOT_SALIENT = 255, 0
+STREAMS = {"layout": 0, "pixels": 1, "saliency": 2}  # independent random streams of one image
 
 
 def class_style(c):
@@ -92,8 +103,7 @@ def render(dataset, seed, split, i, size, with_image=True):
     labels are the same with or without the image.
     """
     num_classes = {"voc": voc.NUM_CLASSES, "ade": ade.NUM_CLASSES}[dataset]
-    key = [seed, zlib.crc32(f"{dataset}/{split}".encode()), i]
-    rng, pixel_rng = np.random.default_rng(key + [0]), np.random.default_rng(key + [1])
+    rng, pixel_rng = _stream(dataset, seed, split, i, "layout"), _stream(dataset, seed, split, i, "pixels")
     height = int(size * rng.uniform(0.75, 1.0))
     width = int(size * rng.uniform(1.0, 1.3))
     n_objects = int(rng.integers(1, MAX_OBJECTS + 1))
@@ -124,6 +134,24 @@ def render(dataset, seed, split, i, size, with_image=True):
     return np.clip(image, 0, 255).astype(np.uint8), label
 
 
+def _stream(dataset, seed, split, i, purpose):
+    """The random generator of one purpose (``STREAMS``) of image ``i`` of ``split``."""
+    return np.random.default_rng([seed, zlib.crc32(f"{dataset}/{split}".encode()), i, STREAMS[purpose]])
+
+
+def render_saliency(dataset, seed, split, i, label):
+    """The synthetic saliency map (uint8 array like ``label``: 255 salient, 0 not) of image ``i`` of a VOC
+    ``split`` whose label array is ``label``; None for ADE. Salient = labelled (value != 0, the void border
+    included), then each pixel is flipped at random: object pixels missed with probability
+    ``SALIENCY_MISS``, background pixels marked with probability ``SALIENCY_FALSE``."""
+    if dataset != "voc":
+        return None
+    draw = _stream(dataset, seed, split, i, "saliency").random(label.shape)
+    foreground = label != 0
+    salient = np.where(foreground, draw >= SALIENCY_MISS, draw < SALIENCY_FALSE)
+    return np.where(salient, SALIENT, NOT_SALIENT).astype(np.uint8)
+
+
 def _paths(dataset, root, split, i):
     if dataset == "voc":
         name = f"2012_{i:06d}" if split == "train" else f"2012_{900000 + i:06d}"
@@ -141,12 +169,16 @@ def _write_one(job):
     if image is not None:
         Image.fromarray(image).save(image_path, quality=JPEG_QUALITY)
     Image.fromarray(label, mode="L").save(label_path)
+    saliency = render_saliency(dataset, seed, split, i, label)
+    if saliency is not None:
+        Image.fromarray(saliency, mode="L").save(saliency_path(root, name))
     return name
 
 
 def generate(dataset, root, n_train=300, n_val=60, size=160, seed=0, workers=None, labels_only=False):
     """Write a synthetic ``dataset`` ("voc" or "ade") under ``root`` (the VOC2012 / ADEChallengeData2016
-    folder) and return ``{split: [ids]}``. ``labels_only`` skips the JPEGs (for class-index benchmarks)."""
+    folder) with ``workers`` threads (default: the usable CPUs) and return ``{split: [ids]}``. VOC folders
+    also get ``saliency_map/``. ``labels_only`` skips the JPEGs (for class-index benchmarks)."""
     if dataset not in ("voc", "ade"):
         raise UserError(f"unknown dataset '{dataset}': expected voc or ade")
     if n_train < 1 or n_val < 1 or size < 32:
@@ -156,13 +188,11 @@ def generate(dataset, root, n_train=300, n_val=60, size=160, seed=0, workers=Non
         _, image_path, label_path = _paths(dataset, root, split, 0)
         os.makedirs(os.path.dirname(image_path), exist_ok=True)
         os.makedirs(os.path.dirname(label_path), exist_ok=True)
+    if dataset == "voc":
+        os.makedirs(os.path.dirname(saliency_path(root, "x")), exist_ok=True)
     jobs = [(dataset, root, split, i, size, seed, labels_only) for split in SPLITS for i in range(counts[split])]
-    workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
-    if workers == 1:
-        names = [_write_one(job) for job in jobs]
-    else:
-        with multiprocessing.get_context("spawn").Pool(workers) as pool:
-            names = pool.map(_write_one, jobs, chunksize=max(1, len(jobs) // (workers * 8)))
+    # threads, not processes: a process pool would re-run an unguarded calling script (see datasets.files)
+    names = list(parallel_imap(_write_one, jobs, workers, chunksize=max(1, len(jobs) // (8 * (workers or 1)))))
     ids = {"train": names[:n_train], "val": names[n_train:]}
     if dataset == "voc":
         split_dir = os.path.join(root, voc.SPLIT_DIR)
@@ -184,7 +214,7 @@ def main(argv=None):
     parser.add_argument("--n_val", type=int, default=60, help="validation (= test) images")
     parser.add_argument("--size", type=int, default=160, help="nominal image size in pixels")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    parser.add_argument("--workers", type=int, default=None, help="threads (default: the usable CPUs)")
     parser.add_argument("--labels_only", action="store_true", help="write the label PNGs only")
     args = parser.parse_args(argv)
     ids = generate(args.dataset, args.root, args.n_train, args.n_val, args.size, args.seed, args.workers,

@@ -1,14 +1,24 @@
-"""Joint image/label transforms with the semantics of BARM's ``ext_transforms`` (spec barm-ssul-kproba §5.4).
+"""Joint image/label transforms with the semantics of BARM's ``ext_transforms`` (spec barm-ssul-kproba §5.4),
+and MiB's training transform (methods spec §3.1).
 
-Training: random scale 0.5-2.0 (image bilinear, label nearest) → pad to the crop size with 0 on both image
-and label (padded label pixels are background, not ignore: spec §10.7) → random crop → horizontal flip.
-Evaluation: with ``crop_val``, resize the shorter side to the crop size then centre-crop; otherwise the full
-image. All randomness comes from Python's ``random`` module, as in the reference.
+Every transform is called as ``transform(image, label, *extras)`` and returns ``(image, label, *extras)``:
+``extras`` are per-sample 8-bit maps (SSUL's saliency, spec barm-ssul-kproba §12.2) that are transformed
+exactly like the label (nearest resize, the same crop, padding 0, the same flip). Without extras a transform
+returns ``(image, label)``; the extras never draw random numbers, so image and label are the same with or
+without them for the same state of Python's ``random``.
 
-The transforms end with uint8 tensors: the image (3, H, W) and the label (H, W). Normalisation with the
-ImageNet mean and std happens on the device, batched, with :func:`normalize` (the same arithmetic as
-``to_tensor`` + ``Normalize`` on the CPU, at a quarter of the host-to-device traffic).
+BARM training: random scale 0.5-2.0 (image bilinear, label nearest) → pad to the crop size with 0 on both
+image and label (padded label pixels are background, not ignore: spec §10.7) → random crop → horizontal
+flip. MiB/PLOP/RCIL/DKD training (:func:`mib_train_transform`): RandomResizedCrop (torchvision's algorithm,
+scale 0.5-2.0, aspect 3/4-4/3) → horizontal flip. Evaluation: with ``crop_val``, resize the shorter side to
+the crop size then centre-crop (both families); otherwise the full image. All randomness comes from Python's
+``random`` module, as in the references.
+
+The transforms end with uint8 tensors: the image (3, H, W), the label and every extra map (H, W).
+Normalisation with the ImageNet mean and std happens on the device, batched, with :func:`normalize` (the same
+arithmetic as ``to_tensor`` + ``Normalize`` on the CPU, at a quarter of the host-to-device traffic).
 """
+import math
 import random
 
 import numpy as np
@@ -20,97 +30,160 @@ MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 SCALE_RANGE = (0.5, 2.0)
 FLIP_PROBABILITY = 0.5
+# MiB-family RandomResizedCrop (methods spec §3.1)
+RESIZED_CROP_SCALE = (0.5, 2.0)  # crop area as a fraction of the image area
+RESIZED_CROP_RATIO = (3 / 4, 4 / 3)  # crop aspect (width / height), drawn log-uniformly
+RESIZED_CROP_ATTEMPTS = 10
+
+
+def _maps(transform, label, extras):
+    """``transform`` applied to the label and every extra map (label-like, 8-bit)."""
+    return (transform(label), *(transform(extra) for extra in extras))
 
 
 class Compose:
     def __init__(self, transforms):
         self.transforms = list(transforms)
 
-    def __call__(self, image, label):
+    def __call__(self, image, label, *extras):
         for transform in self.transforms:
-            image, label = transform(image, label)
-        return image, label
+            image, label, *extras = transform(image, label, *extras)
+        return (image, label, *extras)
 
 
 class RandomScale:
-    """Scale both by ``s ~ U(lo, hi)`` to ``(int(H·s), int(W·s))``."""
+    """Scale all by ``s ~ U(lo, hi)`` to ``(int(H·s), int(W·s))`` (image bilinear, label/extras nearest)."""
 
     def __init__(self, scale_range=SCALE_RANGE):
         self.scale_range = scale_range
 
-    def __call__(self, image, label):
+    def __call__(self, image, label, *extras):
         scale = random.uniform(*self.scale_range)
         size = (int(image.size[1] * scale), int(image.size[0] * scale))
         return (TF.resize(image, size, InterpolationMode.BILINEAR),
-                TF.resize(label, size, InterpolationMode.NEAREST))
+                *_maps(lambda m: TF.resize(m, size, InterpolationMode.NEAREST), label, extras))
 
 
 class RandomCrop:
     """Pad (if smaller) then crop ``size``×``size`` at a uniformly random position.
 
     As BARM: when the width is short, all four sides are padded by ``int((1 + size - w) / 2)``; then the same
-    for the height; padding is 0 for image and label. The crop corner is ``randint(0, h - size)``,
+    for the height; padding is 0 for image, label and extras. The crop corner is ``randint(0, h - size)``,
     ``randint(0, w - size)`` (inclusive), drawn only when the padded image is larger than the crop.
     """
 
     def __init__(self, size):
         self.size = size
 
-    def __call__(self, image, label):
+    def __call__(self, image, label, *extras):
+        maps = (label, *extras)
         if image.size[0] < self.size:
             pad = int((1 + self.size - image.size[0]) / 2)
-            image, label = TF.pad(image, pad, fill=0), TF.pad(label, pad, fill=0)
+            image, maps = TF.pad(image, pad, fill=0), tuple(TF.pad(m, pad, fill=0) for m in maps)
         if image.size[1] < self.size:
             pad = int((1 + self.size - image.size[1]) / 2)
-            image, label = TF.pad(image, pad, fill=0), TF.pad(label, pad, fill=0)
+            image, maps = TF.pad(image, pad, fill=0), tuple(TF.pad(m, pad, fill=0) for m in maps)
         width, height = image.size
         if width == self.size and height == self.size:
-            return image, label
+            return (image, *maps)
         top = random.randint(0, height - self.size)
         left = random.randint(0, width - self.size)
-        return (TF.crop(image, top, left, self.size, self.size),
-                TF.crop(label, top, left, self.size, self.size))
+        return tuple(TF.crop(x, top, left, self.size, self.size) for x in (image, *maps))
 
 
 class RandomHorizontalFlip:
     def __init__(self, p=FLIP_PROBABILITY):
         self.p = p
 
-    def __call__(self, image, label):
+    def __call__(self, image, label, *extras):
         if random.random() < self.p:
-            return TF.hflip(image), TF.hflip(label)
-        return image, label
+            return tuple(TF.hflip(x) for x in (image, label, *extras))
+        return (image, label, *extras)
+
+
+def resized_crop_box(width, height, scale=RESIZED_CROP_SCALE, ratio=RESIZED_CROP_RATIO,
+                     attempts=RESIZED_CROP_ATTEMPTS):
+    """``(top, left, h, w)`` of torchvision's RandomResizedCrop box in a ``width``×``height`` image, drawn
+    with Python's ``random`` (methods spec §3.1, MiB dataset/transform.py).
+
+    Up to ``attempts`` times: area ``A = W·H·U(scale)``, aspect ``r = exp(U(log ratio))``,
+    ``w = round(√(A·r))``, ``h = round(√(A/r))``; the first box with ``0 < w <= W`` and ``0 < h <= H`` is
+    taken at ``top = randint(0, H - h)``, ``left = randint(0, W - w)`` (inclusive). So area fractions above 1
+    are always rejected. Fallback (no attempt fits): a centred box, the whole image if ``W/H`` lies within
+    ``ratio``, else the largest box of the clamped aspect: ``w = W, h = round(W / min(ratio))`` when the
+    image is too tall, ``h = H, w = round(H · max(ratio))`` when too wide; ``top = (H - h) // 2``,
+    ``left = (W - w) // 2``.
+    """
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(attempts):
+        target_area = area * random.uniform(*scale)
+        aspect = math.exp(random.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return random.randint(0, height - h), random.randint(0, width - w), h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+class RandomResizedCrop:
+    """MiB-family crop (methods spec §3.1): the box of :func:`resized_crop_box`, resized to ``size``×``size``
+    (image bilinear, label and extras nearest)."""
+
+    def __init__(self, size, scale=RESIZED_CROP_SCALE, ratio=RESIZED_CROP_RATIO):
+        self.size, self.scale, self.ratio = size, scale, ratio
+
+    def __call__(self, image, label, *extras):
+        top, left, h, w = resized_crop_box(image.size[0], image.size[1], self.scale, self.ratio)
+        size = [self.size, self.size]
+        return (TF.resized_crop(image, top, left, h, w, size, InterpolationMode.BILINEAR),
+                *_maps(lambda m: TF.resized_crop(m, top, left, h, w, size, InterpolationMode.NEAREST),
+                       label, extras))
 
 
 class Resize:
-    """Shorter side to ``size``, the longer one to ``int(size · long / short)``."""
+    """Shorter side to ``size``, the longer one to ``int(size · long / short)`` (label/extras nearest)."""
 
     def __init__(self, size):
         self.size = size
 
-    def __call__(self, image, label):
+    def __call__(self, image, label, *extras):
         return (TF.resize(image, self.size, InterpolationMode.BILINEAR),
-                TF.resize(label, self.size, InterpolationMode.NEAREST))
+                *_maps(lambda m: TF.resize(m, self.size, InterpolationMode.NEAREST), label, extras))
 
 
 class CenterCrop:
     def __init__(self, size):
         self.size = size
 
-    def __call__(self, image, label):
-        return TF.center_crop(image, self.size), TF.center_crop(label, self.size)
+    def __call__(self, image, label, *extras):
+        return tuple(TF.center_crop(x, self.size) for x in (image, label, *extras))
 
 
 class ToUint8Tensor:
-    """PIL image → uint8 (3, H, W) tensor; PIL label → uint8 (H, W) tensor."""
+    """PIL image → uint8 (3, H, W) tensor; PIL label and extras → uint8 (H, W) tensors."""
 
-    def __call__(self, image, label):
+    def __call__(self, image, label, *extras):
         image = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
-        return image, torch.from_numpy(np.array(label, dtype=np.uint8))
+        return (image, *(torch.from_numpy(np.array(m, dtype=np.uint8)) for m in (label, *extras)))
 
 
 def train_transform(crop_size):
+    """BARM/SSUL/KProBA training transform (spec barm-ssul-kproba §5.4)."""
     return Compose([RandomScale(), RandomCrop(crop_size), RandomHorizontalFlip(), ToUint8Tensor()])
+
+
+def mib_train_transform(size):
+    """MiB/PLOP/RCIL/DKD training transform (methods spec §3.1): RandomResizedCrop(size, scale 0.5-2.0,
+    aspect 3/4-4/3) → horizontal flip 0.5. Their evaluation transform is ``eval_transform(size, True)``."""
+    return Compose([RandomResizedCrop(size), RandomHorizontalFlip(), ToUint8Tensor()])
 
 
 def eval_transform(crop_size, crop_val):

@@ -1,5 +1,10 @@
 """Class index: contents against np.unique, caching, invalidation, BARM's cls files, bad labels."""
+import logging
 import os
+import struct
+import subprocess
+import sys
+import zipfile
 
 import numpy as np
 import pytest
@@ -126,3 +131,120 @@ def test_rgb_label_is_refused(tmp_path):
     Image.new("RGB", (4, 4)).save(path)
     with pytest.raises(UserError, match="single-channel"):
         label_presence(str(path))
+
+
+# ---- issue 8: unguarded scripts, damaged caches, no empty cache folder --------------------------------
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+UNGUARDED_SCRIPT = """\
+import datasets
+print(datasets.step_image_ids("voc", {root!r}, "15-1", 1, True, cache_dir={cache!r}))
+# the multi-worker path explicitly, whatever the number of CPUs of the test machine
+samples, index = datasets.split_class_index("voc", {root!r}, "val", cache_dir={cache!r}, workers=3)
+print(len(samples))
+"""
+
+
+def test_unguarded_script_finishes(synthetic_voc, tmp_path):
+    # the README's example in a plain script without `if __name__ == "__main__":` and with a fresh cache:
+    # a process pool started with spawn/forkserver re-runs such a script in every worker, without end
+    script = tmp_path / "unguarded.py"
+    cache = str(tmp_path / "fresh_cache")
+    script.write_text(UNGUARDED_SCRIPT.format(root=synthetic_voc, cache=cache))
+    env = {**os.environ, "PYTHONPATH": REPO}
+    result = subprocess.run([sys.executable, str(script)], cwd=str(tmp_path), env=env, capture_output=True,
+                            text=True, timeout=90)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    expected = [s[0] for s in voc.list_split(synthetic_voc, "train") if 16 in unique_values(s[2])]
+    printed = result.stdout.strip().splitlines()
+    assert printed == [repr(expected), str(len(voc.list_split(synthetic_voc, "val")))]
+    assert expected  # the synthetic fixture has step-1 images, so the comparison means something
+
+
+def _member_data_span(path, member):
+    """Byte offsets ``(start, end)`` of ``member``'s stored data inside the zip (npz) file at ``path``."""
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo(member)
+    with open(path, "rb") as handle:
+        handle.seek(info.header_offset + 26)
+        name_length, extra_length = struct.unpack("<HH", handle.read(4))
+    start = info.header_offset + 30 + name_length + extra_length
+    return start, start + info.compress_size
+
+
+def damage_truncate(path):
+    data = open(path, "rb").read()
+    with open(path, "wb") as handle:
+        handle.write(data[:len(data) // 2])
+
+
+def damage_flip(path):
+    # flip bits of the last byte of the presence array: the file stays a zip, the member's CRC-32 fails
+    _, end = _member_data_span(path, "presence.npy")
+    data = bytearray(open(path, "rb").read())
+    data[end - 1] ^= 0x5A
+    with open(path, "wb") as handle:
+        handle.write(bytes(data))
+
+
+def damage_header(path):
+    # a few bytes of the array header changed (the .npy magic string): not a valid array any more
+    start, _ = _member_data_span(path, "presence.npy")
+    data = bytearray(open(path, "rb").read())
+    data[start + 1:start + 4] = b"XYZ"
+    with open(path, "wb") as handle:
+        handle.write(bytes(data))
+
+
+@pytest.mark.parametrize("damage", [damage_truncate, damage_flip, damage_header])
+def test_damaged_cache_is_rebuilt_with_one_log_line(voc_copy, tmp_path, caplog, damage):
+    cache_dir = str(tmp_path / "cache")
+    _, first = split_class_index("voc", voc_copy, "train", cache_dir=cache_dir, workers=1)
+    path = os.path.join(cache_dir, "voc_train_class_index.npz")
+    damage(path)
+    with pytest.raises(Exception):  # the damage is real: the file no longer loads as it was written
+        with np.load(path) as data:
+            np.unpackbits(data["presence"], axis=1)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        _, again = split_class_index("voc", voc_copy, "train", cache_dir=cache_dir, workers=1)
+    assert np.array_equal(again.presence, first.presence) and again.ids == first.ids
+    records = [r for r in caplog.records if "class index" in r.getMessage() or "class-index" in r.getMessage()]
+    assert len(records) == 1, [r.getMessage() for r in records]
+    assert records[0].levelno == logging.WARNING and path in records[0].getMessage()
+    assert "cannot be read" in records[0].getMessage()
+    # the rebuilt cache is whole again: the next run reads it without building or logging
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        _, third = split_class_index("voc", voc_copy, "train", cache_dir=cache_dir, workers=1)
+    assert np.array_equal(third.presence, first.presence) and not caplog.records
+
+
+@pytest.mark.parametrize("problem", ["corrupt", "out_of_range"])
+@pytest.mark.parametrize("explicit_dir", [True, False])
+def test_label_error_leaves_no_empty_cache_folder(voc_copy, tmp_path, problem, explicit_dir):
+    path = voc.list_split(voc_copy, "train")[4][2]
+    if problem == "corrupt":
+        with open(path, "wb") as handle:
+            handle.write(b"\x89PNG\r\n\x1a\n garbage")
+    else:
+        label = np.asarray(Image.open(path)).copy()
+        label[1, 1] = 30
+        Image.fromarray(label, mode="L").save(path)
+    cache_dir = str(tmp_path / "cache" / "nested") if explicit_dir else None
+    folder = cache_dir or os.path.join(voc_copy, ".ciss_cache")
+    with pytest.raises(UserError, match=os.path.basename(path) if problem == "corrupt" else "30"):
+        split_class_index("voc", voc_copy, "train", cache_dir=cache_dir, workers=2)
+    assert not os.path.exists(folder)
+
+
+def test_label_error_keeps_an_existing_cache_folder(voc_copy, tmp_path):
+    # a folder that was there before (with the val index in it) is not touched
+    cache_dir = str(tmp_path / "cache")
+    split_class_index("voc", voc_copy, "val", cache_dir=cache_dir, workers=1)
+    path = voc.list_split(voc_copy, "train")[0][2]
+    with open(path, "wb") as handle:
+        handle.write(b"not a png")
+    with pytest.raises(UserError):
+        split_class_index("voc", voc_copy, "train", cache_dir=cache_dir, workers=1)
+    assert os.listdir(cache_dir) == ["voc_val_class_index.npz"]

@@ -105,3 +105,36 @@ def test_unreadable_task_file(synthetic_voc, tmp_path):
 ])
 def test_synthetic_bad_arguments(tmp_path, args, fragment):
     assert_user_error(run("-m", "datasets.synthetic", "--root", str(tmp_path / "x"), *args), fragment)
+
+
+# ---- the --num_workers default (issue 8 item 16) -------------------------------------------------------
+
+@pytest.mark.parametrize("cpus, processes, expected", [
+    (1, 1, 0),    # one CPU: load in the training process
+    (2, 1, 1),    # not 4 on 2 cores (the DataLoader would warn on every loader)
+    (3, 1, 2),
+    (5, 1, 4),
+    (64, 1, 4),   # never more than BARM's 4
+    (16, 8, 1),   # 8 processes share 16 CPUs: 2 each, one of them for the training process
+    (16, 4, 3),
+    (4, 8, 0),    # fewer CPUs than processes
+])
+def test_default_num_workers(monkeypatch, cpus, processes, expected):
+    from datasets import default_num_workers
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)), raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: cpus)
+    assert default_num_workers(processes) == expected
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(processes))  # torchrun's count, used by default
+    assert default_num_workers() == expected
+
+
+def test_default_num_workers_does_not_make_the_loader_warn(recwarn):
+    import torch
+    from torch.utils.data import DataLoader
+
+    from datasets import default_num_workers
+    workers = default_num_workers(1)
+    loader = DataLoader(torch.zeros(4), num_workers=workers)
+    loader.check_worker_number_rationality()
+    assert not [w for w in recwarn if "worker" in str(w.message)]
+    assert workers <= max(0, len(os.sched_getaffinity(0)) - 1)

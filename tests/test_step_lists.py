@@ -1,11 +1,12 @@
-"""Overlap / disjoint image lists and the label lookup tables (spec §5.2, §5.3; methods §3.2)."""
+"""Overlap / disjoint image lists, the test lists, and the label lookup tables (spec §5.2, §5.3, §12.4;
+methods §3.2)."""
 import numpy as np
 import pytest
 from PIL import Image
 
 from datasets import step_image_ids, voc
 from datasets.class_index import ClassIndex
-from datasets.incremental import channel_order, label_lut, step_mask
+from datasets.incremental import barm_lut, channel_order, label_lut, register_label_policy, step_mask
 from utils.errors import UserError
 from utils.tasks import get_task, list_tasks
 
@@ -145,3 +146,99 @@ def test_lut_rejects_unknown_split_and_policy():
         label_lut(steps, 0, "validation")
     with pytest.raises(UserError, match="barm"):
         label_lut(steps, 0, "train", policy="nonsense")
+
+
+# ---- MiB/PLOP/RCIL/DKD test list: validation images with a seen class (methods spec §3.2) -------------
+
+@pytest.mark.parametrize("task", ["15-1", "15-1_b", "10-1"])
+def test_test_seen_split(synthetic_voc, tmp_path, task):
+    steps = get_task("voc", task)
+    samples = voc.list_split(synthetic_voc, "val")
+    val_sets = [(s[0], classes_of(s[2])) for s in samples]
+    sizes = []
+    for t in range(len(steps)):
+        seen = {c for s in steps[:t + 1] for c in s} - {0}
+        expected = [i for i, cs in val_sets if cs & seen]
+        for overlap in (True, False):  # the setting does not change the test list
+            ids = step_image_ids("voc", synthetic_voc, task, t, overlap, split="test_seen", cache_dir=str(tmp_path))
+            assert ids == expected
+        sizes.append(len(expected))
+    assert sizes == sorted(sizes)  # nested, growing lists
+    if task != "15-1_b":  # natural orders: the step-0 list is a strict subset (15-1_b's base holds 20)
+        assert sizes[0] < len(samples)
+    # at the last step every class is seen: the images with any foreground class (here: all of them)
+    assert sizes[-1] == sum(bool(cs - {0, 255}) for _, cs in val_sets)
+
+
+def test_test_seen_on_a_hand_made_index(monkeypatch):
+    import datasets
+    steps = get_task("voc", "15-1")
+    index = hand_index([{0, 255}, {0, 3}, {0, 16, 255}, {0, 17}, {0, 20}, {0, 18, 2}])
+    samples = [(i, f"{i}.jpg", f"{i}.png") for i in index.ids]
+    monkeypatch.setattr(datasets, "split_class_index", lambda *a, **k: (samples, index))
+    keep = lambda step: [s[0] for s in datasets.step_samples("voc", "x", steps, step, True, "test_seen")]  # noqa: E731
+    assert keep(0) == ["img1", "img5"]  # background / void alone is not a seen class
+    assert keep(1) == ["img1", "img2", "img5"]
+    assert keep(2) == ["img1", "img2", "img3", "img5"]
+    assert keep(5) == ["img1", "img2", "img3", "img4", "img5"]
+
+
+def test_split_names_and_files():
+    from datasets import SPLITS, file_split
+    assert SPLITS == ("train", "val", "test", "test_seen")
+    assert [file_split(s) for s in SPLITS] == ["train", "val", "val", "val"]
+    with pytest.raises(UserError, match="test_seen"):
+        file_split("testseen")
+
+
+# ---- label policies: registry, callables, SSUL-M memory labels ----------------------------------------
+
+def test_lut_memory_keeps_current_and_previous_classes():
+    # spec barm-ssul-kproba §12.4 step 4: current and all previous classes kept, future → 0, 255 stays
+    steps = get_task("voc", "15-1")  # step 2 adds 17
+    lut = label_lut(steps, 2, "memory")
+    assert lut[:18].tolist() == list(range(18))
+    assert lut[18:21].tolist() == [0, 0, 0] and lut[255] == 255 and lut[21] == 0 and lut[100] == 0
+    shuffled = get_task("voc", "15-1_b")  # step 0: [0, 12, 9, 20, 7, ...], step 1: [17], step 2: [3]
+    lut = label_lut(shuffled, 1, "memory")
+    assert lut[12] == 1 and lut[9] == 2 and lut[20] == 3 and lut[17] == 16  # channel order
+    assert lut[3] == 0 and lut[10] == 0 and lut[255] == 255  # future classes of steps 2.. → background
+    assert lut[0] == 0
+    # step 0: the memory table is the training table
+    assert np.array_equal(label_lut(steps, 0, "memory"), label_lut(steps, 0, "train"))
+
+
+def test_lut_accepts_a_callable_policy():
+    steps = get_task("voc", "15-1")
+    calls = []
+
+    def everything_ignored(policy_steps, step, split):
+        calls.append((step, split))
+        table = np.full(256, 255, dtype=np.int64)
+        table[0] = 0
+        return table
+
+    lut = label_lut(steps, 3, "val", everything_ignored)
+    assert calls == [(3, "val")] and lut.dtype == np.uint8
+    assert lut[0] == 0 and (lut[1:] == 255).all()
+    with pytest.raises(ValueError, match="256"):
+        label_lut(steps, 0, "train", lambda *a: np.zeros(10, dtype=np.uint8))
+
+
+def test_register_label_policy():
+    import datasets.incremental as inc
+
+    @register_label_policy("test_identity_policy")
+    def identity(policy_steps, step, split):
+        return np.arange(256)
+
+    try:
+        assert identity(None, 0, "train").tolist() == list(range(256))  # the decorator returns the function
+        assert label_lut(get_task("voc", "15-1"), 1, "test", "test_identity_policy").tolist() == list(range(256))
+        with pytest.raises(UserError, match="test_identity_policy"):  # listed among the known policies
+            label_lut(get_task("voc", "15-1"), 0, "train", policy="nonsense")
+        with pytest.raises(ValueError, match="already registered"):
+            register_label_policy("test_identity_policy")(lambda *a: np.arange(256))
+        assert inc.LABEL_POLICIES["barm"] is barm_lut
+    finally:
+        inc.LABEL_POLICIES.pop("test_identity_policy", None)
