@@ -1,34 +1,86 @@
-"""DeepLabV3 models for class-incremental segmentation (spec barm-ssul-kproba §2, §3, §12.1).
+"""Segmentation networks for class-incremental segmentation (spec barm-ssul-kproba §2, §3, §12.1).
 
-``build_model(name, classes_per_step, ...)`` builds a :class:`DeepLabV3` whose state dict uses the
-BARM/SSUL key layout. Model names: ``deeplabv3bga`` (BARM head), ``deeplabv3`` (SSUL head),
-``deeplabv3inc`` (plain incremental head), each optionally suffixed with a backbone, e.g.
-``deeplabv3bga_resnet101``.
+``build_model(name, classes_per_step, ...)`` builds a model of a registered *family* whose state dict uses
+that family's reference key layout. A model name is a family, optionally suffixed with a backbone, e.g.
+``deeplabv3bga_resnet101``. Families:
+
+* ``deeplabv3bga``: BARM's background-adaptation head on the dilated torchvision ResNet;
+* ``deeplabv3``: SSUL's per-step heads (``unknown=True`` adds SSUL's unknown channel);
+* ``deeplabv3inc``: a plain incremental head (``head_pre`` + one 1x1 classifier per step);
+* ``mib``: MiB/PLOP's DeepLab-v3 (``mod1..mod5`` ResNet, InPlace-ABN computed with standard layers, methods
+  spec §1; :mod:`network.mib`);
+* ``dkd``: DKD's head (torchvision ASPP with ``last_conv``, auxiliary classifier, no background channel,
+  methods spec §4.11; :mod:`network.dkd`).
+
+A family is a builder ``(classes_per_step, backbone, output_stride, pretrained, **options) -> nn.Module``
+registered in :data:`FAMILIES` (:func:`register_family`); every model it builds returns ``(logits,
+features)`` with logits at feature resolution, and has ``classes_per_step``, ``num_classes``,
+``num_outputs`` and ``add_step(n_new)``.
 """
 from network.aspp import ATROUS_RATES
 from network.backbone import ARCHITECTURES, ResNetBackbone, check_backbone_args
 from network.deeplab import DeepLabV3
+from network.dkd import build_dkd_model
 from network.heads import BackgroundAdaptationHead, IncrementalHead, SSULHead, check_classes_per_step
+from network.mib import build_mib_model
 from network.pretrained import load_pretrained_backbone
 from utils.errors import UserError
-
-HEADS = {"deeplabv3bga": BackgroundAdaptationHead, "deeplabv3": SSULHead, "deeplabv3inc": IncrementalHead}
 
 DEFAULT_BACKBONE = "resnet101"
 
 __all__ = [
     "BackgroundAdaptationHead", "DeepLabV3", "IncrementalHead", "ResNetBackbone", "SSULHead",
-    "build_model", "list_models",
+    "build_model", "list_models", "register_family", "split_model_name",
 ]
 
 
+def _torchvision_deeplab(head_cls):
+    """Builder of a DeepLabV3 made of the dilated torchvision ResNet and ``head_cls``."""
+
+    def build(classes_per_step, backbone, output_stride, pretrained, **head_kwargs):
+        net = ResNetBackbone(backbone, output_stride)
+        if pretrained is not None:
+            load_pretrained_backbone(net, pretrained)
+        classifier = head_cls(net.out_channels, classes_per_step, ATROUS_RATES[output_stride], **head_kwargs)
+        return DeepLabV3(net, classifier)
+
+    build.__doc__ = f"DeepLabV3 with the dilated torchvision ResNet and :class:`{head_cls.__name__}`."
+    return build
+
+
+#: Model families: name -> builder(classes_per_step, backbone, output_stride, pretrained, **options).
+FAMILIES = {
+    "deeplabv3bga": _torchvision_deeplab(BackgroundAdaptationHead),
+    "deeplabv3": _torchvision_deeplab(SSULHead),
+    "deeplabv3inc": _torchvision_deeplab(IncrementalHead),
+    "mib": build_mib_model,
+    "dkd": build_dkd_model,
+}
+
+
+def register_family(name, builder):
+    """Register a model family (used by the network modules of other methods)."""
+    if "_" in name:
+        raise ValueError(f"a family name cannot contain '_' (it separates the backbone): {name!r}")
+    FAMILIES[name] = builder
+    return builder
+
+
 def list_models():
-    """All accepted model names: each head alone and suffixed with each backbone."""
-    return [head for head in HEADS] + [f"{head}_{arch}" for head in HEADS for arch in ARCHITECTURES]
+    """All accepted model names: each family alone and suffixed with each backbone."""
+    return list(FAMILIES) + [f"{family}_{arch}" for family in FAMILIES for arch in ARCHITECTURES]
 
 
-def build_model(name, classes_per_step, backbone=None, output_stride=16, pretrained=None, **head_kwargs):
-    """Build a DeepLabV3 model for the classes of steps 0..t.
+def split_model_name(name, backbone=None):
+    """``(family, backbone)`` of a model name; ``backbone`` overrides the name's suffix (default resnet101)."""
+    family, _, suffix = name.partition("_")
+    if family not in FAMILIES or (suffix and suffix not in ARCHITECTURES):
+        raise UserError(f"unknown model {name!r}: expected one of {', '.join(list_models())}")
+    return family, backbone or suffix or DEFAULT_BACKBONE
+
+
+def build_model(name, classes_per_step, backbone=None, output_stride=16, pretrained=None, **options):
+    """Build a model for the classes of steps 0..t.
 
     Args:
         name: a name from :func:`list_models`; the backbone suffix may be left out.
@@ -37,21 +89,14 @@ def build_model(name, classes_per_step, backbone=None, output_stride=16, pretrai
         backbone: ``"resnet18"``, ``"resnet50"`` or ``"resnet101"``; overrides the name's suffix.
             Default: the suffix, else resnet101.
         output_stride: 16 (ASPP rates 6/12/18) or 8 (12/24/36).
-        pretrained: None (random backbone), ``"imagenet"`` (torchvision ImageNet weights, spec §3)
+        pretrained: None (random backbone), ``"imagenet"`` (the family's ImageNet weights, spec §3)
             or the path of a local weights file (see :mod:`network.pretrained`).
-        **head_kwargs: passed to the head, e.g. ``unknown=True`` for the SSUL head.
+        **options: passed to the family's builder, e.g. ``unknown=True`` for the SSUL head.
 
     Raises:
         UserError: unknown name, backbone or output stride, bad class counts, or unusable weights.
     """
-    head_name, _, suffix = name.partition("_")
-    if head_name not in HEADS or (suffix and suffix not in ARCHITECTURES):
-        raise UserError(f"unknown model {name!r}: expected one of {', '.join(list_models())}")
-    arch = backbone or suffix or DEFAULT_BACKBONE
+    family, arch = split_model_name(name, backbone)
     check_backbone_args(arch, output_stride)
     classes_per_step = check_classes_per_step(classes_per_step)
-    net = ResNetBackbone(arch, output_stride)
-    if pretrained is not None:
-        load_pretrained_backbone(net, pretrained)
-    classifier = HEADS[head_name](net.out_channels, classes_per_step, ATROUS_RATES[output_stride], **head_kwargs)
-    return DeepLabV3(net, classifier)
+    return FAMILIES[family](classes_per_step, arch, output_stride, pretrained, **options)

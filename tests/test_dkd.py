@@ -1,0 +1,341 @@
+"""DKD's network head and loss terms (methods spec §4.11) against hand computations and explicit loops."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from torchvision import models
+
+from methods import dkd
+from network.aspp import ATROUS_RATES
+from network.dkd import DKDHead, build_dkd_model, convert_reference_state_dict, init_novel_classifier
+from utils.errors import UserError
+
+BN_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+def sigmoid(x):
+    return 1 / (1 + math.exp(-x))
+
+
+def bce(x, t, w=1.0):
+    """−[w·t·log σ(x) + (1 − t)·log(1 − σ(x))], straight from the formula."""
+    return -(w * t * math.log(sigmoid(x)) + (1 - t) * math.log(1 - sigmoid(x)))
+
+
+def per_class_mean_sum(x, target_of, w_of=lambda c: 1.0):
+    """Σ_c (1/(B·H·W)) Σ_{b,y,x} bce(x[b,c,y,x], target_of(b, c, y, x), w_c) as explicit loops."""
+    batch, channels, height, width = x.shape
+    total = 0.0
+    for c in range(channels):
+        acc = 0.0
+        for b in range(batch):
+            for y in range(height):
+                for x_ in range(width):
+                    acc += bce(float(x[b, c, y, x_]), target_of(b, c, y, x_), w_of(c))
+        total += acc / (batch * height * width)
+    return total
+
+
+@pytest.fixture(scope="module")
+def voc_15_1():
+    """VOC 15-1 at step 1 (16 + 1 classes) on ResNet-18, in eval mode."""
+    torch.manual_seed(0)
+    return build_dkd_model([16, 1], backbone="resnet18").eval()
+
+
+def expected_head_keys(n_cls):
+    keys = [f"aspp.convs.{i}.0.weight" for i in range(4)]
+    keys += [f"aspp.convs.{i}.1.{k}" for i in range(4) for k in BN_KEYS]
+    keys += ["aspp.convs.4.1.weight"] + [f"aspp.convs.4.2.{k}" for k in BN_KEYS]
+    keys += ["aspp.project.0.weight"] + [f"aspp.project.1.{k}" for k in BN_KEYS]
+    keys += ["last_conv.0.weight"] + [f"last_conv.1.{k}" for k in BN_KEYS]
+    keys += [f"cls.{i}.{k}" for i in range(n_cls) for k in ("weight", "bias")]
+    return {"classifier." + k for k in keys}
+
+
+# ---------------------------------------------------------------- network
+
+
+def test_head_channels_and_keys_voc_15_1():
+    torch.manual_seed(0)
+    model = build_dkd_model([16], backbone="resnet18").eval()
+    state = model.state_dict()
+    backbone_keys = {"backbone." + k for k in models.resnet18().state_dict() if not k.startswith("fc.")}
+    assert set(state) == expected_head_keys(2) | backbone_keys
+    assert state["classifier.cls.0.weight"].shape == (1, 256, 1, 1)
+    assert state["classifier.cls.1.weight"].shape == (15, 256, 1, 1)  # step 0 without the background
+    assert state["classifier.last_conv.0.weight"].shape == (256, 256, 3, 3)
+    assert (model.classes_per_step, model.num_classes, model.classifier.num_outputs) == ([16], 16, 16)
+    x = torch.randn(1, 3, 32, 32)
+    logits, features = model(x)
+    assert logits.shape == (1, 16, 2, 2)  # aux + 15 classes, output stride 16
+    assert features["pre_logits"].shape == (1, 256, 2, 2)
+    assert features["pos_logits"].shape == features["neg_logits"].shape == (1, 15, 2, 2)
+
+    model.add_step(1)  # step 1 of 15-1
+    state = model.state_dict()
+    assert set(state) == expected_head_keys(3) | backbone_keys
+    assert state["classifier.cls.2.weight"].shape == (1, 256, 1, 1)
+    assert (model.classes_per_step, model.num_classes, model.classifier.num_outputs) == ([16, 1], 17, 17)
+    logits, features = model(x)
+    assert logits.shape == (1, 17, 2, 2)
+    assert features["pos_logits"].shape == (1, 16, 2, 2)
+    # a model built directly for step 1 has the same layout
+    assert set(build_dkd_model([16, 1], backbone="resnet18").state_dict()) == set(state)
+
+
+def test_head_rejects_a_step_0_without_real_classes():
+    with pytest.raises(UserError, match="classes_per_step"):
+        DKDHead(512, [1], ATROUS_RATES[16])
+    with pytest.raises(UserError):
+        DKDHead(512, [16, 0], ATROUS_RATES[16])
+
+
+def test_initialisation():
+    torch.manual_seed(0)
+    head = DKDHead(512, [16, 5], ATROUS_RATES[16])
+    for m in head.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            assert torch.all(m.weight == 1) and torch.all(m.bias == 0)
+    # kaiming_normal_ (fan_in, gain sqrt 2): std sqrt(2 / fan_in)
+    w = torch.cat([c.weight.flatten() for c in head.cls])
+    assert w.std().item() == pytest.approx(math.sqrt(2 / 256), rel=0.1)
+    assert head.last_conv[0].weight.std().item() == pytest.approx(math.sqrt(2 / (256 * 9)), rel=0.05)
+    # biases keep PyTorch's default U(−1/sqrt(fan_in), 1/sqrt(fan_in)) = U(−1/16, 1/16)
+    b = torch.cat([c.bias for c in head.cls])
+    assert b.abs().max().item() <= 1 / 16 and b.abs().max().item() > 1 / 32
+    assert head.last_conv[0].bias is None
+
+
+def test_aux_classifier_gives_no_gradient_to_the_features(voc_15_1):
+    model = voc_15_1
+    model.zero_grad(set_to_none=True)
+    logits, _ = model(torch.randn(1, 3, 32, 32))
+    logits[:, 0].sum().backward()
+    head = model.classifier
+    assert head.cls[0].weight.grad is not None and head.cls[0].weight.grad.abs().sum() > 0
+    # the other channels get zero gradients through the concatenation: nothing reaches the features
+    for param in (head.last_conv[0].weight, head.aspp.project[0].weight, model.backbone.conv1.weight):
+        assert param.grad is None or not param.grad.any()
+    model.zero_grad(set_to_none=True)
+    logits, _ = model(torch.randn(1, 3, 32, 32))
+    logits[:, 1].sum().backward()
+    assert head.last_conv[0].weight.grad.any() and not head.cls[0].weight.grad.any()
+    model.zero_grad(set_to_none=True)
+
+
+def test_positive_and_negative_parts(voc_15_1):
+    model = voc_15_1
+    with torch.no_grad():
+        logits, features = model(torch.randn(2, 3, 32, 32))
+    pos, neg = features["pos_logits"], features["neg_logits"]
+    bias = torch.cat([c.bias for c in model.classifier.cls[1:]]).view(1, -1, 1, 1)
+    torch.testing.assert_close(pos + neg + bias, logits[:, 1:], rtol=1e-5, atol=1e-5)
+    # explicit sums at a few positions
+    x_pl = features["pre_logits"].double().numpy()
+    weights = torch.cat([c.weight[:, :, 0, 0] for c in model.classifier.cls[1:]]).detach().double().numpy()
+    for b, c, y, x in [(0, 0, 0, 0), (1, 7, 1, 0), (0, 15, 1, 1)]:
+        p = sum(x_pl[b, k, y, x] * max(weights[c, k], 0.0) for k in range(256))
+        n = sum(x_pl[b, k, y, x] * min(weights[c, k], 0.0) for k in range(256))
+        assert pos[b, c, y, x].item() == pytest.approx(p, rel=1e-5, abs=1e-6)
+        assert neg[b, c, y, x].item() == pytest.approx(n, rel=1e-5, abs=1e-6)
+    assert (pos >= 0).all() and (neg <= 0).all()  # x_pl is post-ReLU
+
+
+def test_part_gradient_reaches_only_the_weights_of_its_sign():
+    torch.manual_seed(0)
+    head = DKDHead(8, [3], ATROUS_RATES[16]).eval()
+    with torch.no_grad():
+        head.cls[1].weight[0, :4] = 0.0  # w == 0 belongs to neither part
+    _, features = head(torch.randn(1, 8, 3, 3))
+    features["pos_logits"].sum().backward()
+    w = head.cls[1].weight[:, :, 0, 0].detach()
+    x_sum = features["pre_logits"].detach().sum(dim=(0, 2, 3))  # Σ_{b,y,x} x_pl,k
+    expected = torch.where(w > 0, x_sum.expand_as(w), torch.zeros_like(w))
+    torch.testing.assert_close(head.cls[1].weight.grad[:, :, 0, 0], expected)
+
+
+def test_parts_can_be_switched_off():
+    head = DKDHead(8, [3], ATROUS_RATES[16], return_parts=False).eval()
+    _, features = head(torch.randn(1, 8, 3, 3))
+    assert set(features) == {"pre_logits"}
+
+
+def test_init_novel_classifier():
+    torch.manual_seed(0)
+    model = build_dkd_model([16], backbone="resnet18")
+    with pytest.raises(ValueError):
+        init_novel_classifier(model)
+    model.add_step(3)
+    head = model.classifier
+    old = head.cls[1].weight.clone(), head.cls[1].bias.clone()
+    init_novel_classifier(model)
+    for row in range(3):
+        assert torch.equal(head.cls[2].weight[row], head.cls[0].weight[0])
+        assert head.cls[2].bias[row].item() == head.cls[0].bias[0].item()
+    assert torch.equal(head.cls[1].weight, old[0]) and torch.equal(head.cls[1].bias, old[1])
+    init_novel_classifier(head)  # the head itself is accepted too
+    with pytest.raises(TypeError):
+        init_novel_classifier(torch.nn.Conv2d(1, 1, 1))
+
+
+def test_builder_loads_a_local_backbone_file(tmp_path):
+    torch.manual_seed(1)
+    reference = models.resnet18().state_dict()
+    path = tmp_path / "r18.pth"
+    torch.save(reference, path)
+    model = build_dkd_model([6, 2], backbone="resnet18", pretrained=str(path))
+    assert torch.equal(model.backbone.layer4[1].conv2.weight, reference["layer4.1.conv2.weight"])
+    with pytest.raises(UserError):
+        build_dkd_model([6], backbone="resnet34")
+
+
+def test_convert_reference_state_dict():
+    model = build_dkd_model([4, 1], backbone="resnet18")
+    ours = model.state_dict()
+
+    def reference_name(key):  # DKD keeps last_conv inside its ASPP and has no "classifier." level
+        key = key.replace("classifier.last_conv.", "aspp.last_conv.").replace("classifier.", "")
+        return "module." + key
+
+    reference = {reference_name(k): v for k, v in ours.items()}
+    assert "module.aspp.last_conv.1.running_var" in reference and "module.cls.2.bias" in reference
+    converted = convert_reference_state_dict(reference)
+    assert set(converted) == set(ours)
+    model.load_state_dict(converted, strict=True)
+    assert convert_reference_state_dict({"cls.0.weight": 1})["classifier.cls.0.weight"] == 1
+    with pytest.raises(UserError, match="decoder.x"):
+        convert_reference_state_dict({"decoder.x": torch.zeros(1)})
+
+
+# ---------------------------------------------------------------- losses
+
+
+def test_mbce_counts_void_old_and_background_as_negatives():
+    rng = np.random.default_rng(0)
+    logits = torch.tensor(rng.normal(size=(2, 2, 3, 3)), dtype=torch.float32)
+    labels = torch.tensor([[[0, 5, 255], [6, 6, 3], [255, 0, 5]],
+                           [[5, 5, 5], [1, 255, 6], [0, 0, 0]]])
+    ids = [5, 6]
+
+    def target(b, c, y, x):
+        return 1.0 if int(labels[b, y, x]) == ids[c] else 0.0
+
+    for pos_weight, w_of in [(1.0, lambda c: 1.0), (2.5, lambda c: 2.5),
+                             (torch.tensor([2.0, 0.5]), lambda c: [2.0, 0.5][c])]:
+        expected = per_class_mean_sum(logits, target, w_of)
+        got = dkd.mbce_loss(logits, labels, ids, pos_weight)
+        assert got.dtype == torch.float32
+        assert got.item() == pytest.approx(expected, rel=1e-5)
+    # void pixels are not skipped: leaving them out would change the value
+    valid = labels != 255
+    masked = sum(
+        (torch.nn.functional.binary_cross_entropy_with_logits(
+            logits[:, c], (labels == ids[c]).float(), reduction="none") * valid).sum() / valid.sum()
+        for c in range(2))
+    assert abs(dkd.mbce_loss(logits, labels, ids, 1.0).item() - masked.item()) > 1e-3
+
+
+def test_mbce_by_hand_single_pixel():
+    logits = torch.tensor([[[[0.3]], [[-1.2]]]])
+    labels = torch.tensor([[[7]]])
+    # class 7 positive with weight 3, class 8 negative
+    expected = 3 * math.log1p(math.exp(-0.3)) + math.log1p(math.exp(-1.2))
+    assert dkd.mbce_loss(logits, labels, range(7, 9), 3.0).item() == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError):
+        dkd.mbce_loss(logits, labels, [7], 1.0)
+
+
+def test_kd_and_dkd_losses_against_loops():
+    rng = np.random.default_rng(1)
+    student = torch.tensor(rng.normal(size=(2, 3, 2, 3)) * 2, dtype=torch.float32)
+    teacher = torch.tensor(rng.normal(size=(2, 3, 2, 3)) * 2, dtype=torch.float32)
+    expected = per_class_mean_sum(student, lambda b, c, y, x: sigmoid(float(teacher[b, c, y, x])))
+    assert dkd.kd_loss(student, teacher).item() == pytest.approx(expected, rel=1e-5)
+    assert dkd.dkd_loss(student, teacher).item() == pytest.approx(expected, rel=1e-5)
+    assert dkd.kd_loss(student.half(), teacher.half()).dtype == torch.float32
+    with pytest.raises(ValueError):
+        dkd.dkd_loss(student, teacher[:, :2])
+
+
+def test_ac_loss_by_hand():
+    aux = torch.tensor([[[[0.0, 2.0]], ], [[[-1.0, 0.5]], ]])  # (2, 1, 1, 2)
+    values = [-math.log(1 - sigmoid(v)) for v in (0.0, 2.0, -1.0, 0.5)]
+    assert dkd.ac_loss(aux).item() == pytest.approx(sum(values) / 4, rel=1e-6)
+
+
+def test_loss_terms_step_0_and_step_1():
+    rng = np.random.default_rng(2)
+    # spatially constant logits (h = w = 1): upsampling to the 2×3 labels keeps the values
+    logits = torch.tensor(rng.normal(size=(2, 5, 1, 1)), dtype=torch.float32)
+    labels = torch.tensor([[[0, 3, 4], [255, 1, 3]], [[4, 4, 0], [2, 255, 0]]])
+
+    def z(b, c):
+        return float(logits[b, c, 0, 0])
+
+    # step 0 of a 5-class model: classes 1..4 current, aux channel 0
+    terms = dkd.dkd_loss_terms(logits, {}, labels, 1, pos_weight=2.0)
+    mbce = sum(sum(bce(z(b, c), float(labels[b, y, x] == c), 2.0) for b in range(2) for y in range(2)
+                   for x in range(3)) / 12 for c in range(1, 5))
+    ac = sum(bce(z(b, 0), 0.0) for b in range(2)) / 2
+    assert set(terms) == {"mbce", "ac", "total"}
+    assert terms["mbce"].item() == pytest.approx(mbce, rel=1e-5)
+    assert terms["ac"].item() == pytest.approx(ac, rel=1e-5)
+    assert terms["total"].item() == pytest.approx(mbce + ac, rel=1e-5)
+
+    # step 1: K_old = 3 (aux + classes 1, 2), new classes 3, 4
+    old = torch.tensor(rng.normal(size=(2, 3, 1, 1)), dtype=torch.float32)
+    parts = {k: torch.tensor(rng.normal(size=(2, 4, 2, 2)), dtype=torch.float32)
+             for k in ("pos_logits", "neg_logits")}
+    parts_old = {k: torch.tensor(rng.normal(size=(2, 2, 2, 2)), dtype=torch.float32)
+                 for k in ("pos_logits", "neg_logits")}
+    terms = dkd.dkd_loss_terms(logits, parts, labels, 3, old, parts_old, pos_weight=1.0)
+    mbce = sum(sum(bce(z(b, c), float(labels[b, y, x] == c)) for b in range(2) for y in range(2)
+                   for x in range(3)) / 12 for c in (3, 4))
+    kd = sum(sum(bce(z(b, c), sigmoid(float(old[b, c, 0, 0]))) for b in range(2)) / 2 for c in (1, 2))
+    dkd_pos = per_class_mean_sum(parts["pos_logits"][:, :2],
+                                 lambda b, c, y, x: sigmoid(float(parts_old["pos_logits"][b, c, y, x])))
+    dkd_neg = per_class_mean_sum(parts["neg_logits"][:, :2],
+                                 lambda b, c, y, x: sigmoid(float(parts_old["neg_logits"][b, c, y, x])))
+    for name, value in [("mbce", mbce), ("ac", ac), ("kd", kd), ("dkd_pos", dkd_pos), ("dkd_neg", dkd_neg)]:
+        assert terms[name].item() == pytest.approx(value, rel=1e-5), name
+    total = mbce + 5 * kd + 5 * dkd_pos + 5 * dkd_neg + ac
+    assert terms["total"].item() == pytest.approx(total, rel=1e-5)
+    with pytest.raises(ValueError):
+        dkd.dkd_loss_terms(logits, parts, labels, 3)  # a step ≥ 1 without a teacher
+
+
+def test_reference_constants():
+    assert (dkd.W_MBCE, dkd.W_KD, dkd.W_DKD_POS, dkd.W_DKD_NEG, dkd.W_AC) == (1, 5, 5, 5, 1)
+    assert [dkd.default_pos_weight("voc", s) for s in (0, 1, 2)] == [2, 1, 1]
+    assert [dkd.default_pos_weight("ade", s) for s in (0, 1)] == [35, 35]
+    assert [dkd.backbone_lr("voc", s) for s in (0, 3)] == [1e-3, 1e-4]
+    assert [dkd.backbone_lr("ade", s) for s in (0, 1)] == [2.5e-3, 2.5e-4]
+    assert dkd.HEAD_LR_FACTOR == 10 and dkd.WARMUP_FRACTION["ade"] == 0.2
+    assert dkd.MEMORY_SIZE == {"voc": 100, "ade": 300} and dkd.MEMORY_PSEUDO_THRESHOLD == 0.9
+
+
+# ---------------------------------------------------------------- prediction
+
+
+def test_prediction_rule_by_hand():
+    #                 pixel:   0      1     2     3     4
+    logits = torch.tensor([[[10.0, 10.0, -1.0, -9.0, 99.0],   # aux: ignored even when largest
+                            [-1.0, 1.0, 2.0, -3.0, -3.0],     # class 1
+                            [0.0, 3.0, -5.0, 20.0, -3.0],     # class 2
+                            [-0.5, -2.0, 2.0, 40.0, 0.1]]])   # class 3
+    logits = logits.view(1, 4, 1, 5)
+    # 0: no s > 0.5 (σ(0) = 0.5 is not > 0.5) -> background; 1: class 2; 2: tie 1/3 -> 1;
+    # 3: σ(20) and σ(40) both round to 1.0 in float32 -> tie -> 2 (argmax of the logits would say 3);
+    # 4: only class 3 above 0.5
+    assert dkd.dkd_predict(logits).tolist() == [[[0, 2, 1, 2, 3]]]
+
+
+def test_prediction_upsamples_logits_before_the_sigmoid():
+    logits = torch.tensor([[[[-10.0, -10.0]], [[-10.0, 2.0]]]])  # (1, 2, 1, 2): aux, class 1
+    # bilinear ×2 (align_corners=False) of class 1 along x: -10, -7, -1, 2 -> only the last one is > 0;
+    # upsampling σ instead would give σ(-10)/4 + 3σ(2)/4 ≈ 0.66 > 0.5 at the third position
+    pred = dkd.dkd_predict(logits, size=(1, 4))
+    assert pred.shape == (1, 1, 4) and pred.dtype == torch.int64
+    assert pred.tolist() == [[[0, 0, 0, 1]]]

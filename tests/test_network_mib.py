@@ -1,0 +1,641 @@
+"""MiB/PLOP network without InPlace-ABN (methods spec §1, §1.4, §4.9, §7): ABN numerics, key layout,
+shapes, eval pooling, add_step, PLOP taps, InPlace-ABN weight files and step checkpoints."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn import functional as F
+from torchvision import models
+
+from network.abn import ABN, SyncABN, convert_sync_abn, effective_weight, sync_batch_norm
+from network.mib import IABN_IMAGENET_URL, build_mib_model, image_pooling, load_mib_checkpoint
+from utils.errors import UserError
+
+EPS = 1e-5
+SLOPE = 0.01
+
+
+def reference_abn(x, gamma, beta, mean, var, slope):
+    """InPlace-ABN's forward written from the spec (§1.4), float64, per channel."""
+    x, gamma, beta, mean, var = (np.asarray(t, dtype=np.float64) for t in (x, gamma, beta, mean, var))
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    y = (x - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + EPS) * (np.abs(gamma) + EPS).reshape(shape)
+    y = y + beta.reshape(shape)
+    return np.where(y >= 0, y, slope * y)
+
+
+def abn_layer(channels=3, activation="leaky_relu", slope=SLOPE):
+    torch.manual_seed(0)
+    layer = ABN(channels, activation, slope)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([1.5, -0.7, 0.0])[:channels])  # negative and zero gamma
+        layer.bias.copy_(torch.tensor([0.2, -0.3, 0.5])[:channels])
+        layer.running_mean.copy_(torch.tensor([0.1, -1.0, 2.0])[:channels])
+        layer.running_var.copy_(torch.tensor([0.5, 2.0, 1.5])[:channels])
+    return layer
+
+
+def batch(channels=3):
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(4, channels, 5, 6, generator=generator) * 2 + torch.tensor([1.0, -2.0, 0.5]).view(1, 3, 1, 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# ABN layer (spec §1.4)
+# ------------------------------------------------------------------------------------------------
+
+def test_abn_train_mode_matches_formula_and_updates_running_stats():
+    layer, x = abn_layer().train(), batch()
+    old_mean, old_var = layer.running_mean.numpy().copy(), layer.running_var.numpy().copy()
+    y = layer(x)
+    xs = x.double().numpy()
+    n = xs.shape[0] * xs.shape[2] * xs.shape[3]  # 120 values per channel
+    mu = xs.mean(axis=(0, 2, 3))
+    biased = ((xs - mu.reshape(1, 3, 1, 1)) ** 2).sum(axis=(0, 2, 3)) / n
+    expected = reference_abn(xs, [1.5, -0.7, 0.0], [0.2, -0.3, 0.5], mu, biased, SLOPE)
+    np.testing.assert_allclose(y.detach().numpy(), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(layer.running_mean.numpy(), 0.9 * old_mean + 0.1 * mu, rtol=1e-6)
+    unbiased = biased * n / (n - 1)
+    np.testing.assert_allclose(layer.running_var.numpy(), 0.9 * old_var + 0.1 * unbiased, rtol=1e-6)
+    assert int(layer.num_batches_tracked) == 1
+
+
+def test_abn_eval_mode_uses_running_stats():
+    layer, x = abn_layer().eval(), batch()
+    y = layer(x)
+    expected = reference_abn(x.numpy(), [1.5, -0.7, 0.0], [0.2, -0.3, 0.5], [0.1, -1.0, 2.0], [0.5, 2.0, 1.5], SLOPE)
+    np.testing.assert_allclose(y.detach().numpy(), expected, rtol=1e-5, atol=1e-6)
+    assert layer.running_mean.tolist() == pytest.approx([0.1, -1.0, 2.0])
+    assert int(layer.num_batches_tracked) == 0
+
+
+@pytest.mark.parametrize("activation, slope, effective_slope", [
+    ("leaky_relu", SLOPE, SLOPE),
+    ("leaky_relu", 1.0, 1.0),     # RCIL: slope 1 = identity (spec §4.10)
+    ("identity", SLOPE, 1.0),     # bn3 / proj_bn: no activation whatever the slope
+])
+def test_abn_activations(activation, slope, effective_slope):
+    layer, x = abn_layer(activation=activation, slope=slope).eval(), batch()
+    y = layer(x)
+    expected = reference_abn(x.numpy(), [1.5, -0.7, 0.0], [0.2, -0.3, 0.5], [0.1, -1.0, 2.0], [0.5, 2.0, 1.5],
+                             effective_slope)
+    assert (expected < 0).any()
+    np.testing.assert_allclose(y.detach().numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_abn_gradients_follow_sign_of_gamma():
+    """dL/dgamma_c = s_c * sum(g * xhat) with s = sign(gamma), sign(0) = +1 (the extension's backward)."""
+    layer, x = abn_layer(activation="identity").eval(), batch()
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
+    (layer(x) * g).sum().backward()
+    xhat = (x.double() - torch.tensor([0.1, -1.0, 2.0]).double().view(1, 3, 1, 1)) \
+        / torch.sqrt(torch.tensor([0.5, 2.0, 1.5]).double().view(1, 3, 1, 1) + EPS)
+    base = (g.double() * xhat).sum(dim=(0, 2, 3))
+    expected = base * torch.tensor([1.0, -1.0, 1.0]).double()
+    torch.testing.assert_close(layer.weight.grad.double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer.bias.grad.double(), g.double().sum(dim=(0, 2, 3)), rtol=1e-5, atol=1e-6)
+
+
+def test_abn_state_dict_names_and_loading_with_or_without_counter():
+    layer = abn_layer()
+    assert list(layer.state_dict()) == ["weight", "bias", "running_mean", "running_var", "num_batches_tracked"]
+    legacy = {k: torch.full((3,), 0.25) for k in ("weight", "bias", "running_mean", "running_var")}
+    fresh = ABN(3)
+    fresh.num_batches_tracked.fill_(5)
+    fresh.load_state_dict(legacy, strict=True)  # the 2018 ImageNet files have no num_batches_tracked
+    assert int(fresh.num_batches_tracked) == 0 and fresh.running_var.tolist() == [0.25] * 3
+    fresh.load_state_dict({**legacy, "num_batches_tracked": torch.tensor(7)}, strict=True)
+    assert int(fresh.num_batches_tracked) == 7
+
+
+def test_torch_sync_converter_cannot_drop_the_abn_affine():
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), abn_layer()).eval()
+    x = batch()
+    before = model(x)
+    converted = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    assert type(converted[1]) is ABN and not isinstance(converted[1], nn.modules.batchnorm._BatchNorm)
+    torch.testing.assert_close(converted(x), before, rtol=0, atol=0)
+
+
+def randomise_norm_layers(model, seed=3):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, ABN):
+                n = module.num_features
+                module.weight.copy_(torch.randn(n, generator=generator))
+                module.bias.copy_(torch.randn(n, generator=generator) * 0.1)
+                module.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
+                module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+
+
+def test_convert_sync_abn_keeps_state_dict_and_function():
+    torch.manual_seed(0)
+    model = build_mib_model([3, 2], "resnet18").eval()
+    randomise_norm_layers(model)
+    x = torch.randn(2, 3, 33, 33)
+    expected, _ = model(x)
+    state = model.state_dict()
+    n_abn = sum(isinstance(m, ABN) for m in model.modules())
+    converted = convert_sync_abn(model)
+    layers = [m for m in converted.modules() if isinstance(m, ABN)]
+    assert len(layers) == n_abn and all(type(m) is SyncABN for m in layers)
+    assert converted.body.mod1.bn1.activation_param == SLOPE
+    assert converted.body.mod2.block1.convs.bn2.activation == "identity"
+    new_state = converted.state_dict()
+    assert list(new_state) == list(state)
+    assert all(new_state[k].data_ptr() == v.data_ptr() for k, v in state.items())  # same tensors
+    assert not converted.training
+    logits, _ = converted(x)
+    torch.testing.assert_close(logits, expected, rtol=0, atol=0)
+    single = convert_sync_abn(ABN(4).train())
+    assert type(single) is SyncABN and single.training
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="synchronised batch statistics need CUDA (nccl)")
+def test_sync_batch_norm_on_cuda_matches_formula(tmp_path):
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        layer, x = abn_layer(), batch()
+        device = torch.device("cuda")
+        gamma = layer.weight.detach().to(device).requires_grad_(True)
+        beta = layer.bias.detach().to(device).requires_grad_(True)
+        running_mean, running_var = layer.running_mean.to(device), layer.running_var.to(device)
+        xs = x.clone().to(device).requires_grad_(True)
+        y = sync_batch_norm(xs, effective_weight(gamma), beta, running_mean, running_var, 0.1, EPS,
+                            dist.group.WORLD, 1)
+        xd = x.double().numpy()
+        mu, var = xd.mean(axis=(0, 2, 3)), xd.var(axis=(0, 2, 3))
+        expected = reference_abn(xd, [1.5, -0.7, 0.0], [0.2, -0.3, 0.5], mu, var, 1.0)
+        np.testing.assert_allclose(y.detach().cpu().numpy(), expected, rtol=1e-5, atol=1e-5)
+        n = xd.size // 3
+        np.testing.assert_allclose(running_var.cpu().numpy(), 0.9 * np.array([0.5, 2.0, 1.5]) + 0.1 * var * n / (n - 1),
+                                   rtol=1e-5)
+        g = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))  # a plain sum has ~0 gradients
+        (y * g.to(device)).sum().backward()
+        layer.train()
+        layer.activation = "identity"
+        x_cpu = x.clone().requires_grad_(True)
+        (layer(x_cpu) * g).sum().backward()
+        torch.testing.assert_close(gamma.grad.cpu(), layer.weight.grad, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(xs.grad.cpu(), x_cpu.grad, rtol=1e-4, atol=1e-5)
+    finally:
+        dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------------------
+# Key layout (spec §1.1-§1.3, §7)
+# ------------------------------------------------------------------------------------------------
+
+# Written from spec §1.1-§1.3 for ResNet-101 and VOC 15-1 (16 classes at step 0, 1 at step 1).
+KEY_TABLE = {
+    "body.mod1.conv1.weight": (64, 3, 7, 7),
+    "body.mod1.bn1.running_var": (64,),
+    "body.mod2.block1.convs.conv1.weight": (64, 64, 1, 1),
+    "body.mod2.block1.convs.bn1.weight": (64,),
+    "body.mod2.block1.proj_conv.weight": (256, 64, 1, 1),
+    "body.mod2.block1.proj_bn.bias": (256,),
+    "body.mod3.block1.convs.conv2.weight": (128, 128, 3, 3),
+    "body.mod3.block1.proj_conv.weight": (512, 256, 1, 1),
+    "body.mod4.block23.convs.conv3.weight": (1024, 256, 1, 1),
+    "body.mod5.block1.proj_conv.weight": (2048, 1024, 1, 1),
+    "body.mod5.block3.convs.bn3.running_mean": (2048,),
+    "head.map_convs.0.weight": (256, 2048, 1, 1),
+    "head.map_convs.3.weight": (256, 2048, 3, 3),
+    "head.map_bn.weight": (1024,),
+    "head.global_pooling_conv.weight": (256, 2048, 1, 1),
+    "head.global_pooling_bn.running_var": (256,),
+    "head.red_conv.weight": (256, 1024, 1, 1),
+    "head.pool_red_conv.weight": (256, 256, 1, 1),
+    "head.red_bn.bias": (256,),
+    "cls.0.weight": (16, 256, 1, 1),
+    "cls.0.bias": (16,),
+}
+ABSENT = ("body.mod4.block24.convs.conv1.weight", "body.mod2.block2.proj_conv.weight", "body.mod1.pool1.weight",
+          "head.red_conv.bias", "body.mod2.block1.convs.conv1.bias")
+# Counts by hand: a bottleneck block has 3 convs + 3 norms, the first block of a module also proj_conv +
+# proj_bn; a norm has 4 tensors (+ num_batches_tracked). ResNet-101: 33 blocks, 4 with a projection,
+# stem conv + norm; head: 7 convs + 3 norms; one weight + bias per classifier.
+N_NORMS = 1 + 33 * 3 + 4 + 3
+N_TENSORS_WITHOUT_COUNTERS = 1 + 33 * 3 + 4 + 7 + 4 * N_NORMS + 2  # 541 with cls.0.{weight,bias}
+# torchvision's resnet101 has 44,549,160 parameters, of which fc = 2048 * 1000 + 1000.
+RESNET101_BODY_PARAMETERS = 44_549_160 - 2048 * 1000 - 1000
+
+
+def to_torchvision_key(key):
+    """Spec §7's renaming of the InPlace-ABN ResNet keys to torchvision's."""
+    parts = key.split(".")
+    if parts[0] == "mod1":
+        return ".".join(parts[1:])
+    stage, block = int(parts[0][3:]) - 1, int(parts[1][5:]) - 1
+    rest = parts[2:]
+    if rest[0] == "convs":
+        rest = rest[1:]
+    elif rest[0] == "proj_conv":
+        rest = ["downsample", "0"] + rest[1:]
+    elif rest[0] == "proj_bn":
+        rest = ["downsample", "1"] + rest[1:]
+    return ".".join([f"layer{stage}", str(block)] + rest)
+
+
+def test_resnet101_voc15_1_key_table_and_counts():
+    torch.manual_seed(0)
+    model = build_mib_model([16], "resnet101")
+    state = model.state_dict()
+    assert model.arch == "resnet101"
+    for key, shape in KEY_TABLE.items():
+        assert tuple(state[key].shape) == shape, key
+    for key in ABSENT:
+        assert key not in state
+    without_counters = [k for k in state if not k.endswith("num_batches_tracked")]
+    assert len(without_counters) == N_TENSORS_WITHOUT_COUNTERS == 541
+    assert len(state) == N_TENSORS_WITHOUT_COUNTERS + N_NORMS == 648
+    assert sum(p.numel() for p in model.body.parameters()) == RESNET101_BODY_PARAMETERS
+    model.add_step(1)
+    state = model.state_dict()
+    assert tuple(state["cls.1.weight"].shape) == (1, 256, 1, 1) and tuple(state["cls.1.bias"].shape) == (1,)
+    assert len(state) == 650
+    # Spec §7: the body maps one-to-one onto torchvision's ResNet-101 (without fc), shapes equal.
+    torchvision = {k: v.shape for k, v in models.resnet101(weights=None).state_dict().items()
+                   if not k.startswith("fc.")}
+    body = model.body.state_dict()
+    renamed = {to_torchvision_key(k): v.shape for k, v in body.items()}
+    assert renamed == torchvision
+
+
+# ------------------------------------------------------------------------------------------------
+# Shapes, dilations, head, classifiers
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("output_stride, sizes", [
+    # 65 -> stem conv 33 -> pool 17 (mod2) -> mod3 9 -> mod4 5 (OS16) or 9 (OS8) -> mod5 same as mod4
+    (16, [17, 9, 5, 5]),
+    (8, [17, 9, 9, 9]),
+])
+def test_output_shapes(output_stride, sizes):
+    torch.manual_seed(0)
+    model = build_mib_model([16, 1], "resnet18", output_stride=output_stride).eval()
+    model.return_attentions = True
+    logits, features = model(torch.randn(2, 3, 65, 65))
+    assert logits.shape == (2, 17, sizes[-1], sizes[-1])
+    assert [tuple(a.shape) for a in features["attentions"]] == [
+        (2, c, s, s) for c, s in zip((64, 128, 256, 512, 256), sizes + [sizes[-1]])]
+    assert features["body"].shape == (2, 512, sizes[-1], sizes[-1])
+    assert features["pre_logits"].shape == (2, 256, sizes[-1], sizes[-1])
+    assert features["sem_logits_small"] is logits
+    assert features["attentions"][-1] is features["pre_logits"]
+
+
+@pytest.mark.parametrize("output_stride, dilations, strides, head", [
+    (16, {"mod3": 1, "mod4": 1, "mod5": 2}, {"mod3": 2, "mod4": 2, "mod5": 1}, (6, 12, 18)),
+    (8, {"mod3": 1, "mod4": 2, "mod5": 4}, {"mod3": 2, "mod4": 1, "mod5": 1}, (12, 24, 32)),  # not 36 (§9 MiB 7)
+])
+def test_dilations_and_strides(output_stride, dilations, strides, head):
+    torch.manual_seed(0)
+    body = build_mib_model([2], "resnet50", output_stride=output_stride)
+    for name, module in body.body.named_children():
+        if name == "mod1":
+            continue
+        for index, block in enumerate(module.children()):
+            conv2 = block.convs.conv2  # the 3x3 conv carries stride and dilation
+            d = dilations.get(name, 1)
+            assert conv2.dilation == (d, d) and conv2.padding == (d, d), (name, index)
+            assert conv2.stride == ((strides.get(name, 1),) * 2 if index == 0 else (1, 1)), (name, index)
+            assert block.convs.conv1.stride == (1, 1)
+    assert [c.dilation[0] for c in body.head.map_convs[1:]] == list(head)
+    assert [c.padding[0] for c in body.head.map_convs[1:]] == list(head)
+
+
+def test_identity_norm_act_is_linear_in_the_norm_layers():
+    torch.manual_seed(0)
+    model = build_mib_model([2], "resnet18", norm_act="identity")
+    slopes = {m.activation_param for m in model.modules() if isinstance(m, ABN) and m.activation == "leaky_relu"}
+    assert slopes == {1.0}
+    std = model.head.map_convs[1].weight.std().item()
+    fan_in, fan_out = 512 * 9, 256 * 9
+    assert std == pytest.approx(1.0 * math.sqrt(2 / (fan_in + fan_out)), rel=0.02)  # RCIL gain 1 (§9 RCIL 1)
+
+
+def test_head_and_classifier_initialisation():
+    torch.manual_seed(0)
+    model = build_mib_model([16, 1], "resnet18")
+    gain = math.sqrt(2 / (1 + SLOPE ** 2))  # calculate_gain('leaky_relu', 0.01) = 1.41414
+    fan_in, fan_out = 512 * 9, 256 * 9
+    assert model.head.map_convs[1].weight.std().item() == pytest.approx(gain * math.sqrt(2 / (fan_in + fan_out)),
+                                                                       rel=0.02)
+    assert model.head.red_conv.weight.std().item() == pytest.approx(gain * math.sqrt(2 / (1024 + 256)), rel=0.02)
+    for norm in (model.head.map_bn, model.head.global_pooling_bn, model.head.red_bn):
+        assert torch.equal(norm.weight, torch.ones_like(norm.weight)) and not norm.bias.any()
+    bound = 1 / 16  # PyTorch default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = 256
+    for conv in model.cls:
+        assert conv.weight.abs().max() <= bound and conv.bias.abs().max() <= bound
+    assert model.cls[0].weight.abs().max() > 0.9 * bound
+
+
+def windowed_mean_with_replicate_padding(x, k_h, k_w):
+    """Spec §1.2 written as a loop: the pooled map (h-k+1)x(w-k+1) is replicate-padded by (k-1)//2
+    before and the rest after, so output pixel (i, j) is the mean of the k_h x k_w window starting at
+    (clamp(i - (k_h-1)//2), clamp(j - (k_w-1)//2))."""
+    b, c, h, w = x.shape
+    out = torch.empty_like(x)
+    for i in range(h):
+        for j in range(w):
+            r = min(max(i - (k_h - 1) // 2, 0), h - k_h)
+            s = min(max(j - (k_w - 1) // 2, 0), w - k_w)
+            out[:, :, i, j] = x[:, :, r:r + k_h, s:s + k_w].mean(dim=(2, 3))
+    return out
+
+
+def test_eval_pooling_on_small_maps_is_the_global_mean():
+    x = torch.randn(2, 3, 5, 7, generator=torch.Generator().manual_seed(4))
+    mean = x.mean(dim=(2, 3), keepdim=True).expand_as(x)
+    torch.testing.assert_close(image_pooling(x, 32, training=False), mean)
+    torch.testing.assert_close(image_pooling(x, (5, 7), training=False), mean)  # equal to the map size
+    assert image_pooling(x, 32, training=True).shape == (2, 3, 1, 1)
+    torch.testing.assert_close(image_pooling(x, 2, training=True), x.mean(dim=(2, 3), keepdim=True))
+
+
+@pytest.mark.parametrize("pooling_size, k_h, k_w", [(4, 4, 4), (3, 3, 3), ((4, 3), 4, 3), (6, 6, 6)])
+def test_eval_pooling_on_large_maps_is_windowed_with_replicate_padding(pooling_size, k_h, k_w):
+    x = torch.randn(2, 3, 6, 9, generator=torch.Generator().manual_seed(5))
+    expected = windowed_mean_with_replicate_padding(x, k_h, k_w)
+    torch.testing.assert_close(image_pooling(x, pooling_size, training=False), expected)
+
+
+def test_head_eval_pooling_window_matters_only_beyond_its_size():
+    torch.manual_seed(0)
+    model = build_mib_model([3], "resnet18").eval()
+    randomise_norm_layers(model)
+    x = torch.randn(1, 512, 6, 6)
+    full = model.head(x)
+    model.head.pooling_size = None  # global mean
+    torch.testing.assert_close(model.head(x), full)
+    model.head.pooling_size = 3
+    assert not torch.allclose(model.head(x), full)
+
+
+def test_add_step_appends_a_classifier_like_the_model():
+    torch.manual_seed(0)
+    model = build_mib_model([4], "resnet18").double().eval()
+    x = torch.randn(1, 3, 33, 33, dtype=torch.float64)
+    before, _ = model(x)
+    model.add_step(2)
+    assert model.classes_per_step == [4, 2] and model.num_classes == model.num_outputs == 6
+    new = model.cls[1]
+    assert new.weight.dtype == torch.float64 and not new.training and new.bias.shape == (2,)
+    after, _ = model(x)
+    assert after.shape[1] == 6 and torch.equal(after[:, :4], before)
+    model.train()
+    model.add_step(1)
+    assert model.cls[2].training and model.num_classes == 7
+    with pytest.raises(UserError, match="number of new classes"):
+        model.add_step(0)
+
+
+def test_add_step_keeps_channels_last():
+    torch.manual_seed(0)
+    model = build_mib_model([4], "resnet18").to(memory_format=torch.channels_last)
+    model.add_step(2)
+    logits, _ = model(torch.randn(2, 3, 33, 33).contiguous(memory_format=torch.channels_last))
+    assert logits.shape == (2, 6, 3, 3)
+
+
+# ------------------------------------------------------------------------------------------------
+# PLOP pre-activation taps (spec §4.9)
+# ------------------------------------------------------------------------------------------------
+
+def test_attentions_are_last_block_sums_before_the_activation():
+    torch.manual_seed(0)
+    model = build_mib_model([3], "resnet18").eval()
+    randomise_norm_layers(model)
+    x = torch.randn(2, 3, 33, 33)
+    plain, features = model(x)
+    assert "attentions" not in features
+    inputs = {}
+    hooks = [getattr(model.body, f"mod{m}").block1.register_forward_hook(  # block1's output = block2's input
+        lambda module, args, out, m=m: inputs.__setitem__(m, out.clone())) for m in range(2, 6)]
+    model.return_attentions = True
+    logits, features = model(x)
+    for hook in hooks:
+        hook.remove()
+    torch.testing.assert_close(logits, plain, rtol=0, atol=0)
+    assert len(features["attentions"]) == 5
+    for m, tap in zip(range(2, 6), features["attentions"]):
+        block = getattr(model.body, f"mod{m}").block2  # identity shortcut: sum = bn2(conv2(...)) + input
+        u = block.convs.bn1(block.convs.conv1(inputs[m]))
+        expected = block.convs.bn2(block.convs.conv2(u)) + inputs[m]
+        torch.testing.assert_close(tap, expected)
+        assert (tap < 0).any()  # before the activation
+    torch.testing.assert_close(F.leaky_relu(features["attentions"][3], SLOPE), features["body"])
+
+
+def test_attentions_backward_in_training_mode():
+    torch.manual_seed(0)
+    model = build_mib_model([3], "resnet18").train()
+    model.return_attentions = True
+    logits, features = model(torch.randn(2, 3, 33, 33))
+    (logits.sum() + sum(a.square().mean() for a in features["attentions"])).backward()
+    assert model.body.mod2.block1.convs.conv1.weight.grad is not None
+
+
+def test_swap_blocks_visits_every_block_with_its_geometry():
+    torch.manual_seed(0)
+    model = build_mib_model([3], "resnet18").eval()
+    x = torch.randn(1, 3, 33, 33)
+    expected, _ = model(x)
+    seen = []
+
+    class Wrapped(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x)
+
+        def forward_preact(self, x):
+            return self.inner.forward_preact(x)
+
+    def factory(mod_index, block_index, old):
+        seen.append((mod_index, block_index, old.stride, old.dilation, old.channels))
+        return Wrapped(old)
+
+    model.body.swap_blocks(factory)
+    assert seen == [(2, 1, 1, 1, (64, 64)), (2, 2, 1, 1, (64, 64)), (3, 1, 2, 1, (128, 128)), (3, 2, 1, 1, (128, 128)),
+                    (4, 1, 2, 1, (256, 256)), (4, 2, 1, 1, (256, 256)), (5, 1, 1, 2, (512, 512)),
+                    (5, 2, 1, 2, (512, 512))]
+    assert "body.mod3.block1.inner.proj_conv.weight" in model.state_dict()
+    model.return_attentions = True
+    logits, _ = model(x)
+    torch.testing.assert_close(logits, expected, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# InPlace-ABN ImageNet weights (spec §7)
+# ------------------------------------------------------------------------------------------------
+
+def reference_resnet18_shapes():
+    """The InPlace-ABN ResNet-18 file's keys and shapes, written from spec §1.1/§7 (no counters)."""
+    shapes = {"mod1.conv1.weight": (64, 3, 7, 7)}
+
+    def norm(prefix, n):
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            shapes[f"{prefix}.{name}"] = (n,)
+
+    norm("mod1.bn1", 64)
+    in_channels = 64
+    for mod, channels in zip(range(2, 6), (64, 128, 256, 512)):
+        for block in (1, 2):
+            prefix, cin = f"mod{mod}.block{block}", in_channels if block == 1 else channels
+            shapes[f"{prefix}.convs.conv1.weight"] = (channels, cin, 3, 3)
+            norm(f"{prefix}.convs.bn1", channels)
+            shapes[f"{prefix}.convs.conv2.weight"] = (channels, channels, 3, 3)
+            norm(f"{prefix}.convs.bn2", channels)
+            if block == 1 and mod > 2:
+                shapes[f"{prefix}.proj_conv.weight"] = (channels, cin, 1, 1)
+                norm(f"{prefix}.proj_bn", channels)
+        in_channels = channels
+    shapes["classifier.fc.weight"] = (1000, 512)
+    shapes["classifier.fc.bias"] = (1000,)
+    return shapes
+
+
+def random_reference_state():
+    generator = torch.Generator().manual_seed(6)
+    state = {}
+    for key, shape in reference_resnet18_shapes().items():
+        if key.endswith("running_var"):
+            value = torch.rand(shape, generator=generator) + 0.5
+        elif key.endswith(("bn1.weight", "bn2.weight", "proj_bn.weight")):
+            value = torch.randn(shape, generator=generator)  # negative gammas included
+        else:
+            value = torch.randn(shape, generator=generator) * 0.1
+        state[key] = value
+    return state
+
+
+def save_reference(tmp_path, state, prefix="module.", legacy=False):
+    """Write the file like mapillary's (a dict with ``state_dict``); ``legacy``: torch < 1.6's non-zip format."""
+    path = tmp_path / "resnet18_iabn_sync.pth.tar"
+    torch.save({"state_dict": {prefix + k: v for k, v in state.items()}, "epoch": 90}, path,
+               _use_new_zipfile_serialization=not legacy)
+    return str(path)
+
+
+def by_hand_norm(x, state, prefix, slope):
+    """Eval-mode InPlace-ABN from torch primitives: scale |gamma| + eps (spec §1.4)."""
+    y = F.batch_norm(x, state[f"{prefix}.running_mean"], state[f"{prefix}.running_var"],
+                     state[f"{prefix}.weight"].abs() + EPS, state[f"{prefix}.bias"], False, 0.0, EPS)
+    return F.leaky_relu(y, slope) if slope is not None else y
+
+
+def by_hand_basic_block(x, state, prefix, stride):
+    """MiB basic block, pre-activation sum (spec §1.1; basic-block variant of MiB's ResidualBlock)."""
+    u = by_hand_norm(F.conv2d(x, state[f"{prefix}.convs.conv1.weight"], stride=stride, padding=1), state,
+                     f"{prefix}.convs.bn1", SLOPE)
+    v = by_hand_norm(F.conv2d(u, state[f"{prefix}.convs.conv2.weight"], padding=1), state, f"{prefix}.convs.bn2", None)
+    if f"{prefix}.proj_conv.weight" in state:
+        shortcut = by_hand_norm(F.conv2d(x, state[f"{prefix}.proj_conv.weight"], stride=stride), state,
+                                f"{prefix}.proj_bn", None)
+    else:
+        shortcut = x
+    return v + shortcut
+
+
+@pytest.mark.parametrize("prefix, legacy", [("module.", True), ("", False)], ids=["prefixed-legacy", "stripped"])
+def test_reference_weights_load_and_compute_the_reference_function(tmp_path, prefix, legacy):
+    state = random_reference_state()
+    path = save_reference(tmp_path, state, prefix, legacy)
+    model = build_mib_model([3], "resnet18", pretrained=path).eval()
+    model.return_attentions = True
+    x = torch.randn(2, 3, 33, 33, generator=torch.Generator().manual_seed(7))
+    _, features = model(x)
+    stem = F.max_pool2d(by_hand_norm(F.conv2d(x, state["mod1.conv1.weight"], stride=2, padding=3), state, "mod1.bn1",
+                                     SLOPE), 3, stride=2, padding=1)
+    h = F.leaky_relu(by_hand_basic_block(stem, state, "mod2.block1", 1), SLOPE)
+    mod2_pre = by_hand_basic_block(h, state, "mod2.block2", 1)
+    torch.testing.assert_close(features["attentions"][0], mod2_pre, rtol=1e-5, atol=1e-5)
+    h = F.leaky_relu(by_hand_basic_block(F.leaky_relu(mod2_pre, SLOPE), state, "mod3.block1", 2), SLOPE)
+    mod3_pre = by_hand_basic_block(h, state, "mod3.block2", 1)
+    torch.testing.assert_close(features["attentions"][1], mod3_pre, rtol=1e-5, atol=1e-5)
+    body = model.body.state_dict()
+    assert torch.equal(body["mod3.block1.proj_bn.running_var"], state["mod3.block1.proj_bn.running_var"])
+    assert int(body["mod1.bn1.num_batches_tracked"]) == 0
+
+
+def test_imagenet_weights_are_read_from_the_hub_cache(tmp_path, monkeypatch):
+    state = random_reference_state()
+    (tmp_path / "checkpoints").mkdir()
+    torch.save({"state_dict": {"module." + k: v for k, v in state.items()}},
+               tmp_path / "checkpoints" / "resnet18_iabn_sync.pth.tar")
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    model = build_mib_model([3], "resnet18", pretrained="imagenet")
+    assert torch.equal(model.body.mod5.block2.convs.conv2.weight, state["mod5.block2.convs.conv2.weight"])
+
+
+def test_missing_imagenet_file_says_where_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    with pytest.raises(UserError) as err:
+        build_mib_model([3], "resnet101", pretrained="imagenet")
+    message = str(err.value)
+    assert IABN_IMAGENET_URL in message and "resnet101_iabn_sync.pth.tar" in message and "\n" not in message
+    with pytest.raises(UserError, match="does not exist"):
+        build_mib_model([3], "resnet18", pretrained=str(tmp_path / "nope.pth.tar"))
+
+
+def test_mismatched_reference_weights_name_the_keys(tmp_path):
+    state = random_reference_state()
+    del state["mod3.block1.proj_bn.running_mean"]
+    state["mod4.block2.convs.conv1.weight"] = torch.zeros(256, 256, 1, 1)
+    state["mod6.block1.convs.conv1.weight"] = torch.zeros(1)
+    path = save_reference(tmp_path, state)
+    with pytest.raises(UserError) as err:
+        build_mib_model([3], "resnet18", pretrained=path)
+    message = str(err.value)
+    assert path in message and "\n" not in message
+    assert "missing: mod3.block1.proj_bn.running_mean" in message
+    assert "unexpected: mod6.block1.convs.conv1.weight" in message
+    assert "mod4.block2.convs.conv1.weight [256, 256, 1, 1] (expected [256, 256, 3, 3])" in message
+
+
+# ------------------------------------------------------------------------------------------------
+# Step checkpoints and builder arguments
+# ------------------------------------------------------------------------------------------------
+
+def test_mib_step_checkpoint_loads_strictly(tmp_path):
+    torch.manual_seed(0)
+    source = build_mib_model([3, 2], "resnet18")
+    randomise_norm_layers(source)
+    state = {k: v for k, v in source.state_dict().items() if not k.endswith("num_batches_tracked")}
+    path = tmp_path / "step1.pth"
+    torch.save({"epoch": 30, "model_state": {"module." + k: v for k, v in state.items()}, "best_score": 0.5}, path)
+    torch.manual_seed(1)
+    target = build_mib_model([3, 2], "resnet18").eval()
+    load_mib_checkpoint(target, str(path))
+    x = torch.randn(1, 3, 33, 33)
+    torch.testing.assert_close(target(x)[0], source.eval()(x)[0], rtol=0, atol=0)
+
+    smaller = build_mib_model([3], "resnet18")
+    with pytest.raises(UserError) as err:
+        load_mib_checkpoint(smaller, str(path))
+    message = str(err.value)
+    assert str(path) in message and "unexpected: cls.1.bias, cls.1.weight" in message and "[3]" in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"backbone": "resnet34"}, "unknown backbone"),
+    ({"output_stride": 32}, "output stride"),
+    ({"norm_act": "relu"}, "norm_act"),
+    ({"classes_per_step": []}, "classes_per_step"),
+    ({"classes_per_step": [16, 0]}, r"classes_per_step\[1\]"),
+])
+def test_builder_arguments_are_checked(kwargs, match):
+    arguments = {"classes_per_step": [16], "backbone": "resnet18", **kwargs}
+    with pytest.raises(UserError, match=match):
+        build_mib_model(**arguments)
