@@ -2,7 +2,8 @@
 
 Shapes: logits ``(B, C, H, W)``; labels ``(B, H, W)`` integer class indices with 255 = ignore. Every
 function computes in float32 whatever the input dtype (AMP-safe). Spec references are to
-``barm-ssul-kproba.md``.
+``barm-ssul-kproba.md``, except in the "MiB family" section, which cites ``methods-mib-plop-rcil-dkd.md``
+as "methods spec".
 """
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,8 @@ BARM_W_BGA_CE = 1.0
 BARM_PSEUDO_THRESH = 0.7
 BGA_CE_EPS = 1e-8  # the reference's denominator epsilon of the background-adaptation CE
 TRI_EPS = 1e-8  # added here: the reference divides by the background-pixel count without one (spec §10.16)
+FOCAL_ALPHA = 1.0  # BARM's build_criterion: FocalLoss(alpha=1, gamma=0) (spec §4.4)
+FOCAL_GAMMA = 0.0
 
 
 def bce_with_ignore(logits, labels, ignore_index=IGNORE_INDEX):
@@ -30,12 +33,30 @@ def bce_with_ignore(logits, labels, ignore_index=IGNORE_INDEX):
 
 
 def ce_with_ignore(logits, labels, ignore_index=IGNORE_INDEX):
-    """Softmax cross-entropy averaged over the non-ignored pixels (``ce_loss``; BARM's ``focal_loss`` has
-    gamma 0 and equals it)."""
+    """BARM's ``ce_loss`` (spec §4.4): softmax cross-entropy averaged over the non-ignored pixels only.
+
+    Not the same as ``focal_loss`` (:func:`focal_with_ignore`), which divides by all pixels."""
     return F.cross_entropy(logits.float(), labels.long(), ignore_index=ignore_index)
 
 
-CRITERIA = {"bce_loss": bce_with_ignore, "ce_loss": ce_with_ignore, "focal_loss": ce_with_ignore}
+def focal_with_ignore(logits, labels, gamma=FOCAL_GAMMA, alpha=FOCAL_ALPHA, ignore_index=IGNORE_INDEX):
+    """BARM's ``focal_loss`` criterion (``FocalLoss(alpha=1, gamma=0, size_average=True)``, spec §4.4).
+
+    Per pixel p, with ``CE(p)`` the softmax cross-entropy (0 at ``ignore_index`` pixels) and
+    ``p_t = exp(−CE(p))``::
+
+        focal = mean over ALL B·H·W pixels of  alpha · (1 − p_t)^gamma · CE(p)
+
+    Ignored pixels count in the denominator with a loss of 0, so with the defaults (gamma 0) this is
+    ``ce_with_ignore × (valid-pixel fraction)``, not ``ce_with_ignore`` (the spec's "≡ CE" holds only
+    without ignored pixels). Shapes: logits (B, C, H, W), labels (B, H, W)."""
+    ce = F.cross_entropy(logits.float(), labels.long(), ignore_index=ignore_index, reduction="none")
+    p_t = torch.exp(-ce)
+    # reference quirk (spec §4.4, FocalLoss with size_average): .mean() over all pixels, ignored ones as 0
+    return (alpha * (1 - p_t) ** gamma * ce).mean()
+
+
+CRITERIA = {"bce_loss": bce_with_ignore, "ce_loss": ce_with_ignore, "focal_loss": focal_with_ignore}
 
 
 def activation(loss_type):
@@ -126,3 +147,148 @@ def barm_loss(logits, features, prev_logits, prev_features, labels, num_new, pse
     terms["total"] = (terms["std"] + w_tri * terms["tri_bg"] + w_fd * terms["fd"] + w_gkd * terms["gkd"]
                       + w_bga_ce * terms["bga_ce"])
     return terms, pseudo
+
+
+# ======================================================================================================
+# MiB family: FT, LwF, LwF-MC, ILT, EWC, PI, RW, MiB (methods spec §4.1-§4.8, §5, §10)
+#
+# Notation (methods spec §0): logits z (B, K_t, H, W) already upsampled to the label size, K_old = the
+# teacher's channel count, N_new = K_t − K_old. "mean_Ω" is the mean over ALL B·H·W pixels, ignored
+# (255) pixels included with a loss of 0: the reference builds every classification loss with
+# reduction='none' and then calls .mean() (MiB:train.py::Trainer.train).
+# ======================================================================================================
+
+# Default loss weights at steps t ≥ 1 (methods spec §5 "Loss weights", §10), from MiB's argparser.
+LWF_W_KD = 100.0  # LwF: CE + 100·KD (§4.2)
+ILT_W_KD = 100.0  # ILT: CE + 100·KD + 100·MSE(mod5) (§4.4)
+ILT_W_DE = 100.0
+LWFMC_W_ICARL = 10.0  # LwF-MC: BCE + 10·icarl_distillation, itself already ×K_old (§4.3)
+MIB_W_KD = 10.0  # MiB: UNCE + 10·UNKD (§4.8)
+KD_ALPHA = 1.0  # --alpha: teacher logits are multiplied by it before the softmax (§0, §4.2, §4.8)
+
+# Parameter regularisers (methods spec §4.5-§4.7): L = L_task + λ·R. λ (reg_importance) is MiB's value;
+# the PLOP/RCIL argparsers use 100 for all three.
+EWC_IMPORTANCE = 500.0
+EWC_ALPHA = 0.9  # EMA factor of the "Fisher" update F ← α·g² + (1 − α)·F
+PI_IMPORTANCE = 500.0
+RW_IMPORTANCE = 100.0
+RW_ALPHA = 0.9
+RW_ITERATIONS = 10  # the RW score is updated every reg_iterations iterations
+
+
+def _check_old_channels(n_old, n_channels, what):
+    if not 0 <= n_old <= n_channels:
+        raise ValueError(f"{what}: the old class count must be within 0..{n_channels}, got {n_old}")
+
+
+def ce_all_pixels(logits, labels, ignore_index=IGNORE_INDEX):
+    """Softmax cross-entropy over all K_t channels, averaged over ALL pixels (methods spec §0, §4.1).
+
+    ``L = mean_Ω CE(z, y)``, ignored pixels contributing 0 but counted in the B·H·W normaliser (unlike
+    :func:`ce_with_ignore`, which divides by the valid pixels). Shapes: logits (B, C, H, W), labels
+    (B, H, W). Used by FT, LwF, ILT, EWC, PI, RW and at step 0 of MiB."""
+    # reference normaliser (methods spec §0): reduction='none' then .mean(), ignored pixels included
+    return F.cross_entropy(logits.float(), labels.long(), ignore_index=ignore_index, reduction="none").mean()
+
+
+def unbiased_ce(logits, labels, n_old, ignore_index=IGNORE_INDEX):
+    """MiB's unbiased cross-entropy (``UnbiasedCrossEntropy``, methods spec §4.8).
+
+    With D = logsumexp over all K_t channels of z::
+
+        log P̂_0 = logsumexp_{c < n_old} z_c − D      (background = background or any old class)
+        log P̂_c = z_c − D                            for new classes c ≥ n_old
+        L = mean_Ω −log P̂_{y'}, y' = 0 where y < n_old, else y; 0 at ignored pixels
+
+    ``n_old`` = K_old (old channels, background included). At ``n_old == 0`` (step 0) this is
+    :func:`ce_all_pixels`. Shapes: logits (B, K_t, H, W), labels (B, H, W). The caller's labels are not
+    modified (the reference's "Fix UnbiasedCE" commit, spec §9.2)."""
+    logits = logits.float()
+    _check_old_channels(n_old, logits.shape[1], "unbiased_ce")
+    if n_old == 0:
+        return ce_all_pixels(logits, labels, ignore_index)
+    log_d = torch.logsumexp(logits, dim=1, keepdim=True)
+    log_bg = torch.logsumexp(logits[:, :n_old], dim=1, keepdim=True) - log_d
+    # compact channels: 0 = background-or-old, 1 + k = new class n_old + k
+    log_p = torch.cat([log_bg, logits[:, n_old:] - log_d], dim=1)
+    labels = labels.long()
+    target = torch.where(labels == ignore_index, labels,
+                         torch.where(labels < n_old, torch.zeros_like(labels), labels - n_old + 1))
+    return F.nll_loss(log_p, target, ignore_index=ignore_index, reduction="none").mean()
+
+
+def unbiased_kd(logits, old_logits, alpha=KD_ALPHA):
+    """MiB's unbiased knowledge distillation (``UnbiasedKnowledgeDistillationLoss``, methods spec §4.8).
+
+    K_old = ``old_logits.shape[1]``, q = softmax(alpha·z^old) over the K_old channels, D = logsumexp over
+    all K_t student channels::
+
+        log P̃_0 = logsumexp_{c ∈ {0} ∪ new} z_c − D     (student background absorbs the new classes)
+        log P̃_c = z_c − D                               for 1 ≤ c < K_old
+        L = − mean_Ω (1/K_old) [ q_0 log P̃_0 + Σ_{c=1}^{K_old−1} q_c log P̃_c ]
+
+    All pixels (no mask). Shapes: logits (B, K_t, H, W), old_logits (B, K_old, H, W), K_old ≤ K_t."""
+    logits = logits.float()
+    n_old = old_logits.shape[1]
+    _check_old_channels(n_old, logits.shape[1], "unbiased_kd")
+    q = torch.softmax(old_logits.float() * alpha, dim=1)
+    log_d = torch.logsumexp(logits, dim=1)
+    bg_and_new = torch.cat([logits[:, :1], logits[:, n_old:]], dim=1)
+    log_bg = torch.logsumexp(bg_and_new, dim=1) - log_d
+    log_old = logits[:, 1:n_old] - log_d[:, None]
+    per_pixel = (q[:, 0] * log_bg + (q[:, 1:] * log_old).sum(dim=1)) / n_old
+    return -per_pixel.mean()
+
+
+def kd_old_channels(logits, old_logits, alpha=KD_ALPHA):
+    """LwF's / ILT's distillation (``KnowledgeDistillationLoss``, methods spec §4.2, §4.4).
+
+    The first K_old = ``old_logits.shape[1]`` student channels are renormalised by a log-softmax over
+    those channels only (log p̃), q = softmax(alpha·z^old)::
+
+        L = − mean_Ω (1/K_old) Σ_{c<K_old} q_c log p̃_c
+
+    The 1/K_old class mean is why LwF's weight is 100. Shapes: logits (B, K_t, H, W), old_logits
+    (B, K_old, H, W)."""
+    logits = logits.float()
+    n_old = old_logits.shape[1]
+    _check_old_channels(n_old, logits.shape[1], "kd_old_channels")
+    log_p = torch.log_softmax(logits[:, :n_old], dim=1)
+    q = torch.softmax(old_logits.float() * alpha, dim=1)
+    return -(q * log_p).mean(dim=1).mean()
+
+
+def bce_all_pixels(logits, labels, ignore_index=IGNORE_INDEX):
+    """LwF-MC's classification loss (MiB's ``BCEWithLogitsLossWithIgnoreIndex`` with reduction 'none'
+    then .mean(), methods spec §4.3), used at every step including step 0.
+
+    One-hot target over all K_t channels (background channel 0 a normal class)::
+
+        ℓ(p) = Σ_{c<K_t} BCEwl(z_c(p), [y(p) = c]),  ℓ(p) = 0 where y(p) = 255;   L = mean_Ω ℓ
+
+    Unlike BARM's :func:`bce_with_ignore` the mean is over ALL pixels. Shapes: logits (B, K_t, H, W),
+    labels (B, H, W)."""
+    logits = logits.float()
+    valid = labels != ignore_index
+    target = F.one_hot(torch.where(valid, labels, 0).long(), logits.shape[1]).permute(0, 3, 1, 2).float()
+    per_pixel = F.binary_cross_entropy_with_logits(logits, target, reduction="none").sum(dim=1)
+    return (per_pixel * valid).mean()
+
+
+def icarl_distillation(logits, old_logits):
+    """LwF-MC's distillation before its weight (methods spec §4.3)::
+
+        L = K_old · mean_{b, c<K_old, h, w} BCEwl(z_c, σ(z^old_c))
+
+    (a BCE mean over B·K_old·H·W turned into a class sum by the factor K_old). The caller multiplies by
+    ``LWFMC_W_ICARL`` (10). Shapes: logits (B, K_t, H, W), old_logits (B, K_old, H, W)."""
+    n_old = old_logits.shape[1]
+    _check_old_channels(n_old, logits.shape[1], "icarl_distillation")
+    loss = F.binary_cross_entropy_with_logits(logits.float()[:, :n_old], torch.sigmoid(old_logits.float()))
+    return n_old * loss
+
+
+def feature_mse(features, old_features):
+    """ILT's feature distillation (methods spec §4.4): ``nn.MSELoss()`` between the student's and the
+    teacher's ``body`` (mod5 output, (B, 2048, h, w)), a mean over all elements."""
+    return F.mse_loss(features.float(), old_features.float())

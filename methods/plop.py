@@ -1,0 +1,226 @@
+"""PLOP: pseudo-labels from the old model's entropy and Local POD distillation (methods spec §4.9).
+
+At step t ≥ 1 the old model (teacher) relabels the ground-truth background pixels: a pixel whose teacher
+prediction ŷ has a normalised entropy below the per-class threshold τ_ŷ gets the label ŷ, the others are
+ignored; each image's cross-entropy is scaled by the fraction of its background pixels that were kept.
+The thresholds are approximate medians of an entropy histogram gathered over the training set before the
+first epoch, computed with the reference's loop, bugs included (spec §4.9(a), §9 PLOP 1). Local POD
+distils width/height pooled statistics of squared intermediate maps at several scales (§4.9(c)).
+
+This module holds the loss terms as pure functions of tensors (methods spec §4.9, §5); shapes use the
+notation of spec §0: B images, K_old teacher channels, K_t student channels, N_new = K_t − K_old.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = 255
+
+# loss weights (methods spec §4.9, §5): λ of the five feature maps and of the collapsed small logits
+POD_FACTOR_VOC = 0.01
+POD_LOGITS_FACTOR_VOC = 0.0005
+POD_FACTOR_ADE = 0.001
+POD_LOGITS_FACTOR_ADE = 1e-5
+POD_FACTORS = {"voc": (POD_FACTOR_VOC, POD_LOGITS_FACTOR_VOC), "ade": (POD_FACTOR_ADE, POD_LOGITS_FACTOR_ADE)}
+POD_SCALES = (1, 2, 4)  # spp_scales of Local POD (§4.9(c))
+
+# entropy pseudo-labelling (methods spec §4.9(a), (b))
+ENTROPY_BINS = 100  # histogram bins of the per-class entropy medians
+ENTROPY_THRESHOLD_MIN = 0.001  # τ_min: lower bound of every class threshold (`--threshold`)
+ENTROPY_EPS = 1e-8  # inside the log of the entropy, as the reference
+ADAPTIVE_FACTOR_EPS = 1e-6  # denominator ε of the per-image factor a_b (reference commit b70fb8f, §9 PLOP 2)
+
+
+def layer_factors(n_maps, factor, last_factor):
+    """The per-map weights λ_1..λ_n: ``factor`` for every map but the last, ``last_factor`` for the last one.
+
+    PLOP's Local POD (methods spec §4.9(c)): λ_1..λ_5 = pod factor, λ_6 (collapsed small logits) = the
+    "after" factor. RCIL's pooled-cube KD uses the same layout (§4.10).
+    """
+    return [float(factor)] * (n_maps - 1) + [float(last_factor)]
+
+
+def normalized_entropy(probs):
+    """Normalised entropy ē of a probability map (methods spec §4.9(a)).
+
+    ``probs``: (B, K, H, W) class probabilities (K = the teacher's K_old channels in PLOP). Returns (B, H, W)::
+
+        ē(P) = −(1 / log K) · (1 / K) · Σ_c P_c · log(P_c + 1e-8)
+
+    Note the *mean* over the K channels (not the sum), so ē ≤ 1/K; K ≥ 2 is required.
+    """
+    probs = probs.float()
+    n_channels = probs.shape[1]
+    if n_channels < 2:
+        raise ValueError(f"normalized_entropy: probs must have at least 2 channels, got shape {tuple(probs.shape)}")
+    return -(probs * torch.log(probs + ENTROPY_EPS)).mean(dim=1) / math.log(n_channels)
+
+
+def entropy_histogram(probs, labels, n_classes_total, bins=ENTROPY_BINS):
+    """One batch's contribution to PLOP's per-class entropy histogram (methods spec §4.9(a)).
+
+    ``probs``: (B, K_old, H, W) teacher softmax (upsampled logits); ``labels``: (B, H, W) masked ground truth;
+    ``n_classes_total``: K_t, the current number of classes. Only pixels with label 0 count: with
+    ŷ = argmax_c P_c and v = ē(P) / log(K_t) (entropy normalised a second time, by the *current* class count),
+    ``H[ŷ, min(⌊bins·v⌋, bins − 1)] += 1``. Returns an int64 (K_t, bins) tensor on ``probs``' device; the
+    caller sums the batches (per rank, no all-reduce in the reference). ⌊·⌋ truncates toward zero, as the
+    reference's ``.long()`` (the same as floor since v ≥ 0).
+    """
+    probs = probs.float()
+    entropy = normalized_entropy(probs) / math.log(n_classes_total)
+    predicted = probs.argmax(dim=1)
+    background = labels == 0
+    rows = predicted[background]
+    columns = (entropy[background] * bins).long().clamp(max=bins - 1)
+    flat = torch.bincount(rows * bins + columns, minlength=n_classes_total * bins)
+    return flat.view(n_classes_total, bins).to(torch.int64)
+
+
+def median_thresholds(histogram, min_threshold=ENTROPY_THRESHOLD_MIN):
+    """Per-class entropy thresholds τ from the histogram, with the reference's loop (methods spec §4.9(a)).
+
+    ``histogram``: (K_t, n_bins) int64 counts (n_bins = 100 in PLOP). Returns (K_t,) float32 τ on the
+    histogram's device. For each class c with n_c = Σ H[c] > 0, half = n_c / 2 and r = 0; for k = 0 … n_bins − 1:
+    ℓ = k / n_bins, b = int(ℓ·n_bins); stop if half ≥ r and half ≤ r + H[c, b]; otherwise r += ℓ·n_bins. Then
+    median_c = ℓ + (half − r) / H[c, b] · (1 / n_bins) with the ℓ, b, r at the stop (if it never stops: ℓ and b
+    of k = n_bins − 1 and r after its last increment, i.e. Σ_k k = 4950 for 100 bins); τ_c = max(median_c, min_threshold) with Python's
+    ``max(tensor, float)`` semantics; a class with n_c = 0 gets min_threshold.
+
+    This is *not* a median: every quirk below is reproduced on purpose, because the thresholds decide which
+    pixels are pseudo-labelled. Arithmetic is float32 like the reference's tensors (half is a float32 tensor,
+    r a Python float), so a zero count at the chosen bin gives ±inf or nan rather than an exception.
+    """
+    counts = histogram.detach().to("cpu", torch.int64)
+    n_classes, n_bins = counts.shape
+    medians = torch.zeros(n_classes, dtype=torch.float32)
+    for c in range(n_classes):
+        n_c = counts[c].sum()
+        if n_c <= 0:
+            continue  # stays 0, raised to min_threshold below
+        half = n_c / 2  # float32 tensor, as the reference's `total / 2`
+        running = 0.0
+        for k in range(n_bins):
+            lower = k / n_bins
+            # quirk (methods spec §4.9a): float bin index, int(k / 100 * 100) is 28, 56, 57 at k = 29, 57, 58
+            b = int(lower * n_bins)
+            count = counts[c, b].float()
+            if half >= running and half <= running + count:
+                break
+            # quirk (methods spec §4.9a): the running sum adds the bin index, not the bin's count
+            running += lower * n_bins
+        # quirk (methods spec §4.9a): without a stop this uses k = n_bins − 1 (usually an empty bin), and an empty
+        # bin at the stop divides by zero: ±inf or nan, kept as in the reference
+        medians[c] = lower + ((half - running) / count) * (1 / n_bins)
+    # quirk (methods spec §4.9a): Python max(median, τ_min) returns median unless τ_min > median, so −inf and
+    # 0 (empty class) become τ_min, +inf stays inf and nan stays nan
+    thresholds = torch.where(min_threshold > medians, torch.full_like(medians, min_threshold), medians)
+    return thresholds.to(histogram.device)
+
+
+def entropy_pseudo_labels(old_logits_up, labels, thresholds, n_old):
+    """PLOP's entropy pseudo-labels and per-image classification factor (methods spec §4.9(b)).
+
+    ``old_logits_up``: (B, K_old, H, W) teacher logits upsampled to the labels' size; ``labels``: (B, H, W) with
+    255 = ignore; ``thresholds``: (K_t,) τ from :func:`median_thresholds` (its length gives K_t); ``n_old``:
+    K_old. With P = softmax(z^old), ŷ = argmax P, m_bg = (y < K_old), valid = ē(P) / log(K_t) < τ_ŷ::
+
+        y' = y;  y'[m_bg ∧ ¬valid] = 255;  y'[m_bg ∧ valid] = ŷ   (ŷ may be 0)
+        a_b = |m_bg ∧ valid|_b / (|m_bg|_b + 1e-6)
+
+    Returns ``(new_labels, factor)``: new labels (B, H, W) with the labels' dtype (the input is not modified)
+    and the float32 factor a (B,), which is 0 for an image without background pixels (the ε avoids the 0/0
+    of reference versions before commit b70fb8f, spec §9 PLOP 2).
+    """
+    with torch.no_grad():
+        probs = torch.softmax(old_logits_up.float(), dim=1)
+        predicted = probs.argmax(dim=1)
+        thresholds = thresholds.to(device=probs.device, dtype=torch.float32)
+        n_classes_total = thresholds.numel()
+        valid = normalized_entropy(probs) / math.log(n_classes_total) < thresholds[predicted]
+        background = labels < n_old
+        new_labels = labels.clone()
+        new_labels[background & ~valid] = IGNORE_INDEX
+        kept = background & valid
+        new_labels[kept] = predicted[kept].to(labels.dtype)
+        factor = kept.float().sum(dim=(1, 2)) / (background.float().sum(dim=(1, 2)) + ADAPTIVE_FACTOR_EPS)
+    return new_labels, factor
+
+
+def weighted_ce_all_pixels(logits, labels, factor):
+    """PLOP's classification loss (methods spec §4.9(b)): mean over all B·H·W pixels of a_b · CE(z, y').
+
+    ``logits``: (B, K_t, H, W) student logits (upsampled); ``labels``: (B, H, W) pseudo-labels y' with 255 = ignore
+    (per-pixel loss 0, still counted in the mean, spec §0 "mean_Ω"); ``factor``: (B,) a_b, multiplying every
+    pixel of image b, new-class pixels included. Returns a float32 scalar.
+    """
+    per_pixel = F.cross_entropy(logits.float(), labels.long(), ignore_index=IGNORE_INDEX, reduction="none")
+    return (per_pixel * factor.float().view(-1, 1, 1)).mean()
+
+
+def collapse_logits(new_small_logits, n_old):
+    """The student's small logits collapsed to the teacher's K_old channels (methods spec §4.9(c)).
+
+    ``new_small_logits``: (B, K_t, h, w) raw logits z'. Returns (B, K_old, h, w)::
+
+        [z'_0 + Σ_{c ≥ K_old} z'_c, z'_1, …, z'_{K_old−1}]      (raw logits summed, "extra_channels: sum")
+    """
+    z = new_small_logits.float()
+    background = z[:, :1] + z[:, n_old:].sum(dim=1, keepdim=True)
+    return torch.cat([background, z[:, 1:n_old]], dim=1)
+
+
+def _local_pod_embedding(x, scales):
+    """Φ(X) of Local POD for squared maps ``x`` (B, C, H, W): per scale s (k = W // s) and region (i, j) in
+    row-major order, the means over the width axis then over the height axis, concatenated per sample."""
+    batch = x.shape[0]
+    width = x.shape[-1]
+    pieces = []
+    for scale in scales:
+        k = width // scale  # as the reference, the region size comes from the last axis (maps are square)
+        for i in range(scale):
+            for j in range(scale):
+                region = x[:, :, i * k:(i + 1) * k, j * k:(j + 1) * k]
+                pieces.append(region.mean(dim=3).reshape(batch, -1))  # mean over the width axis
+                pieces.append(region.mean(dim=2).reshape(batch, -1))  # mean over the height axis
+    return torch.cat(pieces, dim=1)
+
+
+def check_map_pairs(name, old_maps, new_maps, factors, n_new):
+    """Raise ValueError unless the teacher maps, student maps and factors of a distillation term ``name`` pair
+    up (same count, at least one, equal shapes) and ``n_new`` ≥ 1 (the √(K_t/N_new) factor)."""
+    if not len(old_maps) == len(new_maps) == len(factors) or not old_maps:
+        raise ValueError(f"{name}: expected as many old maps, new maps and factors (at least one), got"
+                         f" {len(old_maps)}, {len(new_maps)}, {len(factors)}")
+    for index, (old, new) in enumerate(zip(old_maps, new_maps)):
+        if old.shape != new.shape:
+            raise ValueError(f"{name}: map {index} has teacher shape {tuple(old.shape)} but student shape"
+                             f" {tuple(new.shape)} (collapse the student's logits first)")
+    if n_new < 1:
+        raise ValueError(f"{name}: n_new must be at least 1 (distillation runs at steps >= 1), got {n_new}")
+
+
+def local_pod(old_maps, new_maps, factors, n_classes_total, n_new, scales=POD_SCALES):
+    """PLOP's Local POD distillation (methods spec §4.9(c)).
+
+    ``old_maps`` / ``new_maps``: lists of L teacher / student maps A_ℓ, A'_ℓ of equal shapes (B, C_ℓ, W_ℓ, W_ℓ)
+    (PLOP: the four pre-activation stage outputs, x_pl, and the small logits with the student collapsed by
+    :func:`collapse_logits`); ``factors``: the L weights λ_ℓ (see :func:`layer_factors`); ``n_classes_total``:
+    K_t; ``n_new``: N_new. Each map is squared elementwise, then Φ (:func:`_local_pod_embedding`) gives per
+    sample the width- and height-means of every region of every scale (no L2 normalisation)::
+
+        d_ℓ = mean_b ‖Φ(A_ℓ²)_b − Φ(A'_ℓ²)_b‖₂
+        L_POD = (1/L) Σ_ℓ λ_ℓ · √(K_t / N_new) · d_ℓ
+
+    Returns a float32 scalar (differentiable with respect to the student maps).
+    """
+    check_map_pairs("local_pod", old_maps, new_maps, factors, n_new)
+    schedule = math.sqrt(n_classes_total / n_new)
+    total = old_maps[0].new_zeros((), dtype=torch.float32)
+    for old, new, factor in zip(old_maps, new_maps, factors):
+        old_emb = _local_pod_embedding(old.float().pow(2), scales)
+        new_emb = _local_pod_embedding(new.float().pow(2), scales)
+        # torch.frobenius_norm(·, dim=-1) of the reference = vector 2-norm over the last axis (spec §9 PLOP 6)
+        distance = torch.linalg.vector_norm(old_emb - new_emb, ord=2, dim=-1).mean()
+        total = total + factor * schedule * distance
+    return total / len(old_maps)

@@ -1,0 +1,364 @@
+"""Parameter regularisers of the MiB family: EWC, PI (path integral) and RW (Riemannian Walk).
+
+Methods spec §4.5-§4.7 (MiB:utils/regularizer.py), loop placement §2. Plain classes working on
+name → tensor dicts; they know nothing about models, optimizers or the trainer. Life cycle of one step t::
+
+    reg = EWC(params, reference=theta_star, previous=carry)   # start of step t (previous: None at step 0)
+    # every iteration, after the task-loss backward, with the unscaled gradients:
+    reg.update(params, grads)
+    penalty = reg.penalty(params)           # None, or a scalar; the caller backpropagates λ·penalty
+    # end of the step:
+    carry = reg.end_step(params)            # CPU tensors: give it to step t+1's constructor as `previous`
+
+* ``params``: the student's parameters, name → tensor (``dict(model.named_parameters())``); tensors with
+  ``requires_grad=False`` are frozen: no statistics (EWC/RW) and no penalty, as in the reference.
+* ``reference``: θ*, the step t−1 weights of the parameters that existed before (the teacher's parameters),
+  name → tensor; None at step 0. The tensors are kept by reference (not copied): they must not change.
+* ``previous``: what ``end_step`` returned at step t−1 (the carried statistics), or None.
+* ``grads``: name → gradient of the task loss (unscaled, after the all-reduce), or None. Parameters whose
+  gradient is None (or missing) are skipped. The reference crashes on them in EWC (``p.grad ** 2``) and
+  skips them in PI/RW, where they also drop out of the stored θ_prev / θ_tmp; a parameter without a stored
+  θ_prev / θ_tmp is skipped for that one iteration here (the reference would raise a KeyError).
+
+Two kinds of state:
+
+* ``end_step(params)`` → the **carry** to the next step (EWC: Fisher; PI: summed importance; RW: Fisher
+  and score), passed as ``previous`` to the next step's constructor.
+* ``state_dict()`` → the complete **running** state mid-step (``--resume``), CPU tensors; a fresh object
+  built with the same ``reference`` (any ``params``/``previous``) and given ``load_state_dict(state)``
+  continues exactly as the saved one would (same updates, penalties and carry).
+
+State tensors are float32 and live on the device of the parameters they belong to (moved lazily when a
+parameter or gradient on another device shows up). Penalties are computed in float32 and are
+differentiable with respect to ``params``. In the reference only rank 0 updates the statistics; the
+penalty uses only the carried statistics, identical on every rank.
+"""
+import logging
+
+import torch
+
+from methods.losses import EWC_ALPHA, RW_ALPHA, RW_ITERATIONS
+from utils.errors import UserError
+
+log = logging.getLogger("ciss")
+
+NORMALIZE_EPS = 1e-8  # MiB:utils/regularizer.py::normalize_fn (methods spec §4.5)
+PI_EPS = 1e-20  # denominator of the PI importance (methods spec §4.6)
+RW_EPS = 1e-8  # denominator of the RW score (methods spec §4.7)
+
+
+def min_max_normalize(x):
+    """Per-tensor min-max normalisation of the reference (methods spec §4.5)::
+
+        x̂ = (x − min x) / (max x − min x + 1e-8)
+    """
+    x = x.float()
+    low = x.min()
+    return (x - low) / (x.max() - low + NORMALIZE_EPS)
+
+
+def _positive_part(x):
+    # the reference keeps x where x > 0 (PI) / x >= 0 (RW) and writes 0 elsewhere: NaN becomes 0, unlike clamp
+    return torch.where(x > 0, x, torch.zeros_like(x))
+
+
+def _f32(t):
+    return t.detach().float()
+
+
+def _cpu(store):
+    """A CPU float32 copy of a name → tensor dict (None stays None)."""
+    if store is None:
+        return None
+    return {name: t.detach().to("cpu", torch.float32, copy=True) for name, t in store.items()}
+
+
+def _on(store, name, device):
+    """``store[name]`` on ``device``, moving (and keeping) it there when it lives elsewhere."""
+    t = store[name]
+    if t.device != device:
+        t = t.to(device)
+        store[name] = t
+    return t
+
+
+def _snapshot(params, grads):
+    """θ of the parameters that have a gradient this iteration (the reference's model_temp)."""
+    return {name: _f32(p).clone() for name, p in params.items() if grads.get(name) is not None}
+
+
+class _Regularizer:
+    """Shared bookkeeping; subclasses define ``kind``, the statistics and ``_importance_from``."""
+
+    kind = None
+    carry_keys = ()  # the statistics ``end_step`` returns and ``previous`` must hold
+
+    def __init__(self, params, reference=None, previous=None, normalize=True):
+        self.normalize = normalize
+        self.reference = None if reference is None else {n: _f32(t) for n, t in reference.items()}
+        self._set_previous(previous)
+        if self.reference is not None and self.previous is None:
+            log.warning("%s: no statistics carried from the previous step (was it trained with the same "
+                        "regulariser?): the penalty is disabled for this step (methods spec §4.5)", self.kind)
+
+    # ---- carried statistics ---------------------------------------------------------------------------
+    def _set_previous(self, previous):
+        """Keep the previous step's carry (CPU) and derive the importance used by the penalty."""
+        if not previous:
+            previous = None  # nothing carried (step 0, or a previous step trained without a regulariser)
+        if previous is not None and previous.get("kind") != self.kind:
+            raise UserError(f"the statistics carried from the previous step belong to regulariser "
+                            f"'{previous.get('kind')}', expected '{self.kind}': run every step with the same method")
+        if previous is not None and not all(previous.get(key) for key in self.carry_keys):
+            previous = None  # nothing stored: no penalty (the reference's penalize=False)
+        self.previous = None if previous is None else {
+            "kind": self.kind, **{key: _cpu(previous[key]) for key in self.carry_keys}}
+        self.importance = None if self.previous is None else self._importance_from(self.previous)
+
+    def _normalized(self, t):
+        return min_max_normalize(t) if self.normalize else t.float()
+
+    @property
+    def penalizes(self):
+        """Whether :meth:`penalty` can return a value: reference weights and carried statistics exist."""
+        return self.reference is not None and self.importance is not None
+
+    def _penalty_reference(self):
+        return self.reference
+
+    def penalty(self, params):
+        """R = Σ_n Σ importance_n ⊙ (θ_n − θ_ref,n)² over the trainable parameters that have both an
+        importance and a reference value (the caller multiplies by λ = ``reg_importance``). None when
+        nothing is penalised (step 0, or no carried statistics). Scalar float32 tensor, differentiable
+        with respect to ``params``."""
+        if not self.penalizes:
+            return None
+        reference = self._penalty_reference()
+        total = None
+        for name, p in params.items():
+            if not p.requires_grad or name not in self.importance or name not in reference:
+                continue
+            importance = _on(self.importance, name, p.device)
+            term = (importance * (p.float() - _on(reference, name, p.device)) ** 2).sum()
+            total = term if total is None else total + term
+        return total
+
+    # ---- running state ----------------------------------------------------------------------------------
+    def state_dict(self):
+        """The complete running state (CPU float32 tensors), for an exact mid-step ``--resume``."""
+        return {"kind": self.kind, "previous": self.previous, **self._running_state()}
+
+    def load_state_dict(self, state):
+        """Restore exactly what :meth:`state_dict` returned (the ``reference`` given to the constructor
+        is kept: pass the same θ*)."""
+        if state.get("kind") != self.kind:
+            raise UserError(f"the saved regulariser state is '{state.get('kind')}', expected '{self.kind}'")
+        self._set_previous(state["previous"])
+        self._load_running(state)
+
+
+class EWC(_Regularizer):
+    """Elastic weight consolidation as in MiB (methods spec §4.5).
+
+    * F starts from the carried (un-normalised) Fisher, with ones for trainable parameters it does not
+      contain yet (all of them at step 0, the new classifier later).
+    * ``update``: F_n ← α·g_n² + (1 − α)·F_n for every parameter with a gradient: an EMA dominated by the
+      last ~10 iterations, not an average Fisher (reproduced on purpose, spec §9.5).
+    * ``penalty``: R = Σ_{n ∈ θ*, trainable} Σ F̂_n ⊙ (θ_n − θ*_n)², F̂ = min-max normalised carried F.
+      New-classifier parameters are not penalised.
+    * carry: ``{"kind": "ewc", "fisher": F}``.
+    """
+
+    kind = "ewc"
+    carry_keys = ("fisher",)
+
+    def __init__(self, params, reference=None, previous=None, alpha=EWC_ALPHA, normalize=True):
+        super().__init__(params, reference, previous, normalize)
+        self.alpha = alpha
+        self.fisher = {} if self.previous is None else {n: t.clone() for n, t in self.previous["fisher"].items()}
+        for name, p in params.items():
+            if p.requires_grad and name not in self.fisher:
+                self.fisher[name] = torch.ones_like(p, dtype=torch.float32)
+
+    def _importance_from(self, previous):
+        return {name: self._normalized(f) for name, f in previous["fisher"].items()}
+
+    def update(self, params, grads):
+        """F_n ← α·g_n² + (1 − α)·F_n for every n with a gradient (``params`` unused, for a common call)."""
+        for name, g in grads.items():
+            if g is None:
+                continue
+            g = _f32(g)
+            if name not in self.fisher:
+                self.fisher[name] = torch.ones_like(g)
+            self.fisher[name] = self.alpha * g ** 2 + (1 - self.alpha) * _on(self.fisher, name, g.device)
+
+    def end_step(self, params=None):
+        """The carry for the next step: ``{"kind": "ewc", "fisher": F}`` (un-normalised, CPU)."""
+        return {"kind": self.kind, "fisher": _cpu(self.fisher)}
+
+    def _running_state(self):
+        return {"fisher": _cpu(self.fisher)}
+
+    def _load_running(self, state):
+        self.fisher = _cpu(state["fisher"])
+
+
+class PI(_Regularizer):
+    """Path integral (synaptic intelligence) as in MiB (methods spec §4.6).
+
+    * θ_ref,n = θ*_n for parameters that existed before, else the value of the parameter given to the
+      constructor (its initial value: the new classifier; every parameter at step 0).
+    * ``update``: if θ_prev exists, δ_n += g_n ⊙ (θ_prev,n − θ_n); then θ_prev ← θ (parameters with a
+      gradient only). δ starts at 0 every step.
+    * ``end_step``: ω_n = max(δ_n / ((θ_n − θ_ref,n)² + 1e-20), 0) + ω_prev,n (the carried importance, when
+      present: summed, although the reference's comment says "averaged", spec §9.5).
+    * ``penalty``: R = Σ_{n ∈ ω_prev, trainable} Σ ω̂_n ⊙ (θ_n − θ_ref,n)², ω̂ = min-max normalised
+      ω_prev.
+    * carry: ``{"kind": "pi", "score": ω}``.
+    """
+
+    kind = "pi"
+    carry_keys = ("score",)
+
+    def __init__(self, params, reference=None, previous=None, normalize=True):
+        super().__init__(params, reference, previous, normalize)
+        old = self.reference or {}
+        self.start_new = {name: _f32(p).clone() for name, p in params.items() if name not in old}
+        self.theta_ref = {**self.start_new, **old}
+        self.delta = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
+        self.theta_prev = None
+
+    def _importance_from(self, previous):
+        return {name: self._normalized(s) for name, s in previous["score"].items()}
+
+    def _penalty_reference(self):
+        return self.theta_ref
+
+    def update(self, params, grads):
+        """δ_n += g_n ⊙ (θ_prev,n − θ_n) (from the second call on), then θ_prev ← θ."""
+        if self.theta_prev is not None:
+            for name, p in params.items():
+                g = grads.get(name)
+                if g is None or name not in self.theta_prev:
+                    continue
+                g, theta = _f32(g), _f32(p)
+                if name not in self.delta:
+                    self.delta[name] = torch.zeros_like(theta)
+                step = g * (_on(self.theta_prev, name, theta.device) - theta)
+                self.delta[name] = _on(self.delta, name, theta.device) + step
+        self.theta_prev = _snapshot(params, grads)
+
+    def end_step(self, params):
+        """The carry for the next step: ``{"kind": "pi", "score": ω}`` (CPU), ω over the parameters in
+        ``params`` (the final weights) that were known at construction."""
+        theta_ref = self.theta_ref
+        previous = self.previous["score"] if self.previous is not None else {}
+        score = {}
+        for name, p in params.items():
+            if name not in theta_ref:
+                continue
+            theta = _f32(p)
+            delta = _on(self.delta, name, theta.device) if name in self.delta else torch.zeros_like(theta)
+            omega = _positive_part(delta / ((theta - _on(theta_ref, name, theta.device)) ** 2 + PI_EPS))
+            if name in previous:
+                omega = previous[name].to(theta.device) + omega
+            score[name] = omega
+        return {"kind": self.kind, "score": _cpu(score)}
+
+    def _running_state(self):
+        return {"delta": _cpu(self.delta), "theta_prev": _cpu(self.theta_prev), "start_new": _cpu(self.start_new)}
+
+    def _load_running(self, state):
+        self.delta = _cpu(state["delta"])
+        self.theta_prev = _cpu(state["theta_prev"])
+        self.start_new = _cpu(state["start_new"])
+        self.theta_ref = {**self.start_new, **(self.reference or {})}
+
+
+class RW(_Regularizer):
+    """Riemannian Walk as in MiB (methods spec §4.7).
+
+    * F starts from the carried Fisher (ones for trainable parameters it lacks); S starts at 0 every step
+      (trainable parameters).
+    * ``update`` (counter c, starting at 0): if c % ``iterations`` == 0: when θ_tmp exists,
+      S_n += g_n ⊙ (θ_tmp,n − θ_n) / (½·F_n ⊙ (θ_n − θ_tmp,n)² + 1e-8), then θ_tmp ← θ; c += 1;
+      then at every call F_n ← α·g_n² + (1 − α)·F_n. The score therefore uses the Fisher of the previous
+      iteration (reproduced on purpose).
+    * ``end_step``: S_save = ½·(max(S, 0) + S_old) where a carried score exists, else max(S, 0).
+    * ``penalty``: R = Σ_{n ∈ θ*, trainable} Σ (F̂_old,n + Ŝ_old,n) ⊙ (θ_n − θ*_n)², both carried tensors
+      min-max normalised separately.
+    * carry: ``{"kind": "rw", "fisher": F, "score": S_save}``; both must be present to penalise (the
+      reference discards a Fisher stored without a score, and vice versa).
+    """
+
+    kind = "rw"
+    carry_keys = ("fisher", "score")
+
+    def __init__(self, params, reference=None, previous=None, alpha=RW_ALPHA, iterations=RW_ITERATIONS,
+                 normalize=True):
+        super().__init__(params, reference, previous, normalize)
+        self.alpha = alpha
+        self.iterations = iterations
+        self.fisher = {} if self.previous is None else {n: t.clone() for n, t in self.previous["fisher"].items()}
+        for name, p in params.items():
+            if p.requires_grad and name not in self.fisher:
+                self.fisher[name] = torch.ones_like(p, dtype=torch.float32)
+        self.score = {name: torch.zeros_like(p, dtype=torch.float32)
+                      for name, p in params.items() if p.requires_grad}
+        self.theta_tmp = None
+        self.count = 0
+
+    def _importance_from(self, previous):
+        importance = {name: self._normalized(f) for name, f in previous["fisher"].items()}
+        for name, s in previous["score"].items():
+            # a score without a Fisher entry (the reference would raise a KeyError) counts alone
+            importance[name] = importance[name] + self._normalized(s) if name in importance else self._normalized(s)
+        return importance
+
+    def update(self, params, grads):
+        """The score step every ``iterations`` calls (with the Fisher before this call's update), then the
+        Fisher EMA for every parameter with a gradient."""
+        if self.count % self.iterations == 0:
+            if self.theta_tmp is not None:
+                for name, p in params.items():
+                    g = grads.get(name)
+                    if g is None or name not in self.theta_tmp:
+                        continue
+                    g, theta = _f32(g), _f32(p)
+                    theta_tmp = _on(self.theta_tmp, name, theta.device)
+                    fisher = _on(self.fisher, name, theta.device) if name in self.fisher else torch.ones_like(theta)
+                    gain = g * (theta_tmp - theta)
+                    den = 0.5 * fisher * (theta - theta_tmp) ** 2 + RW_EPS
+                    score = _on(self.score, name, theta.device) if name in self.score else torch.zeros_like(theta)
+                    self.score[name] = score + gain / den
+            self.theta_tmp = _snapshot(params, grads)
+        self.count += 1
+        for name, p in params.items():
+            g = grads.get(name)
+            if g is None:
+                continue
+            g = _f32(g)
+            fisher = _on(self.fisher, name, g.device) if name in self.fisher else torch.ones_like(g)
+            self.fisher[name] = self.alpha * g ** 2 + (1 - self.alpha) * fisher
+
+    def end_step(self, params=None):
+        """The carry for the next step: ``{"kind": "rw", "fisher": F, "score": S_save}`` (CPU)."""
+        previous = self.previous["score"] if self.previous is not None else {}
+        score = {}
+        for name, s in self.score.items():
+            s = _positive_part(s)
+            if name in previous:
+                s = 0.5 * (s + previous[name].to(s.device))
+            score[name] = s
+        return {"kind": self.kind, "fisher": _cpu(self.fisher), "score": _cpu(score)}
+
+    def _running_state(self):
+        return {"fisher": _cpu(self.fisher), "score": _cpu(self.score), "theta_tmp": _cpu(self.theta_tmp),
+                "count": self.count}
+
+    def _load_running(self, state):
+        self.fisher = _cpu(state["fisher"])
+        self.score = _cpu(state["score"])
+        self.theta_tmp = _cpu(state["theta_tmp"])
+        self.count = int(state["count"])

@@ -1,0 +1,206 @@
+"""KProBA's numerics (spec barm-ssul-kproba §11) against direct numpy computations."""
+import numpy as np
+import pytest
+import torch
+
+from methods import kproba
+
+
+def phi_np(x, rff):
+    """φ(x) = √(2/D)·cos(xΩ + b) in float64 from the member's Ω and b."""
+    omega, b = rff.omega.double().numpy(), rff.b.double().numpy()
+    return np.sqrt(2.0 / rff.D) * np.cos(np.asarray(x, dtype=np.float64) @ omega + b)
+
+
+# ---------------------------------------------------------------- random Fourier features (§11.1)
+
+@pytest.mark.parametrize("seed", [42, 44])
+def test_rff_equals_reference_draws_and_leaves_global_rng_alone(seed):
+    d, D, sigma = 6, 40, 1e-4
+    with torch.random.fork_rng():
+        torch.manual_seed(123)
+        before = torch.get_rng_state()
+        rff = kproba.RandomFourierFeatures(d, D, sigma, seed)
+        assert torch.equal(torch.get_rng_state(), before)
+        # the reference: torch.manual_seed(seed), then Ω ~ N(0, √(2σ)) (d, D), then b = U[0, 1)·2π
+        torch.manual_seed(seed)
+        omega = torch.normal(0, torch.sqrt(torch.tensor(2 * sigma, dtype=torch.float32)), (d, D))
+        b = torch.rand(D) * 2 * torch.pi
+    assert torch.equal(rff.omega, omega) and torch.equal(rff.b, b)
+    assert rff.omega.shape == (d, D) and rff.b.shape == (D,)
+    assert 0 <= float(rff.b.min()) and float(rff.b.max()) < 2 * np.pi
+
+
+def test_rff_features_formula():
+    rff = kproba.RandomFourierFeatures(3, 9, sigma=0.5, seed=7)
+    x = torch.tensor([[0.3, -1.2, 2.0], [0.0, 0.0, 0.0], [5.0, 1.0, -0.5]])
+    out = rff(x)
+    assert out.shape == (3, 9) and out.dtype == torch.float32
+    np.testing.assert_allclose(out.numpy(), phi_np(x.numpy(), rff), rtol=1e-5, atol=1e-6)
+    batched = rff(x.double()[None])  # any leading shape, computed in float32
+    assert batched.shape == (1, 3, 9) and batched.dtype == torch.float32
+
+
+# ---------------------------------------------------------------- prototypes (§11.1, §11.2)
+
+D_SMALL = 7
+
+
+def prototype_batches():
+    g = torch.Generator().manual_seed(0)
+    f1 = torch.randn(1, 3, 2, 2, generator=g)
+    # labels at 4x4 are nearest-resized to 2x2: only the even positions count; odd positions say 2 everywhere
+    l1 = torch.full((1, 4, 4), 2, dtype=torch.long)
+    l1[0, ::2, ::2] = torch.tensor([[0, 2], [1, 255]])
+    f2 = torch.randn(2, 3, 2, 2, generator=g)
+    l2 = torch.tensor([[[2, 2], [0, 1]], [[255, 0], [0, 0]]])
+    return [(f1, l1), (f2, l2)], [(f1, l1[:, ::2, ::2]), (f2, l2)]
+
+
+def test_prototypes_equal_direct_computation():
+    classes = [0, 2, 3, 4]
+    acc = kproba.PrototypeAccumulator(classes, d=3, D=D_SMALL, sigma=0.5)
+    batches, small_batches = prototype_batches()
+    for features, labels in batches:
+        acc.update(features, labels)
+    g = torch.Generator().manual_seed(1)
+    previous = {0: torch.randn(D_SMALL, generator=g), 3: torch.randn(D_SMALL, generator=g),
+                5: torch.randn(D_SMALL, generator=g)}
+    saved = {c: p.clone() for c, p in previous.items()}
+    out = acc.finalize(previous)
+
+    # direct: every pixel of class c over both batches, φ per member, mean, then mean over members
+    rows = {c: [] for c in classes}
+    for features, labels in small_batches:
+        for b in range(features.shape[0]):
+            for y in range(2):
+                for x in range(2):
+                    c = int(labels[b, y, x])
+                    if c in rows:
+                        rows[c].append(features[b, :, y, x].numpy())
+    assert [len(rows[c]) for c in classes] == [5, 3, 0, 0]
+    member_means = {c: np.mean([phi_np(np.array(rows[c]), m).mean(axis=0) if rows[c] else np.zeros(D_SMALL)
+                                for m in acc.members], axis=0) for c in classes}
+    expected = {
+        0: 0.9 * saved[0].double().numpy() + 0.1 * member_means[0],  # momentum with the stored prototype
+        2: member_means[2],  # new class
+        3: 0.9 * saved[3].double().numpy(),  # updated class without pixels: μ̄ = 0 (reference)
+        4: np.zeros(D_SMALL),  # new class without pixels
+        5: saved[5].double().numpy(),  # stored, not updated: unchanged
+    }
+    assert sorted(out) == sorted(expected)
+    for c, value in expected.items():
+        np.testing.assert_allclose(out[c].numpy(), value, rtol=1e-5, atol=1e-6, err_msg=f"class {c}")
+    assert all(torch.equal(previous[c], saved[c]) for c in saved)  # previous not modified
+    assert acc.counts == {0: 5, 2: 3, 3: 0, 4: 0}
+    assert [m.seed for m in acc.members] == list(kproba.KPROBA_SEEDS)
+
+
+def test_prototype_state_round_trip():
+    batches, _ = prototype_batches()
+    whole = kproba.PrototypeAccumulator([0, 2], d=3, D=D_SMALL, sigma=0.5)
+    for features, labels in batches:
+        whole.update(features, labels)
+    first = kproba.PrototypeAccumulator([0, 2], d=3, D=D_SMALL, sigma=0.5)
+    first.update(*batches[0])
+    state = first.state_dict()
+    assert all(t.device.type == "cpu" for means in state["means"] for t in means.values())
+    resumed = kproba.PrototypeAccumulator([0, 2], d=3, D=D_SMALL, sigma=0.5)
+    resumed.load_state_dict(state)
+    resumed.update(*batches[1])
+    a, b = whole.finalize(), resumed.finalize()
+    assert all(torch.allclose(a[c], b[c], rtol=1e-6, atol=1e-7) for c in (0, 2))
+    with pytest.raises(ValueError):
+        kproba.PrototypeAccumulator([0, 1], d=3, D=D_SMALL, sigma=0.5).load_state_dict(state)
+    assert kproba.prototypes_state(a)[0].device.type == "cpu"
+
+
+# ---------------------------------------------------------------- pseudo-labels (§11.3)
+
+def reference_pseudo(features, prototypes, rff, q, labels, n_old, tau):
+    """Per pixel: κ from φ(f), q given at label resolution; y > 0 kept, else argmax κ·q if its max > 0, else 0."""
+    out = []
+    for f, y, qp in zip(features, labels, q):
+        phi = phi_np(f[None], rff)[0]
+        w = np.zeros(n_old)
+        for c, p in prototypes.items():
+            if c < n_old:
+                w[c] = np.exp(-np.linalg.norm(phi - p.double().numpy()) / tau)
+        kappa = w / (w.sum() + 1e-8)
+        score = kappa * qp
+        out.append(int(y) if y > 0 else (int(np.argmax(score)) if score.max() > 0 else 0))
+    return out
+
+
+def softmax(z):
+    e = np.exp(z - z.max())
+    return e / e.sum()
+
+
+def test_kproba_pseudo_labels_by_hand():
+    rff = kproba.RandomFourierFeatures(2, 4, sigma=1.0, seed=42)
+    f = np.array([[0.5, -1.0], [1.0, 2.0], [-0.7, 0.3], [2.0, 0.1]], dtype=np.float32)  # 4 pixels
+    phi = phi_np(f, rff)
+    prototypes = {
+        0: torch.tensor(phi[3], dtype=torch.float32),  # close to pixel 3
+        1: torch.tensor(phi[2], dtype=torch.float32),  # exactly pixel 2's features
+        2: torch.tensor(phi[2] + 1.5, dtype=torch.float32),  # far from pixel 2
+        7: torch.zeros(4),  # not an old class: ignored
+    }
+    labels = torch.tensor([[[255, 3, 0, 0]]])
+    teacher = np.array([[0.0, 0.0, 0.0, 5.0], [0.0, 0.0, 1.0, 0.0], [3.0, 3.0, 1.1, -1.0]], dtype=np.float32)
+    features = torch.from_numpy(f.T.copy()).view(1, 2, 1, 4)
+    old_logits = torch.from_numpy(teacher).view(1, 3, 1, 4)
+    q = [softmax(teacher[:, i].astype(np.float64)) for i in range(4)]
+    expected = reference_pseudo(f, prototypes, rff, q, [255, 3, 0, 0], 3, 1.0)
+    # 255 kept, a foreground pixel kept, pixel 2 relabelled by κ (teacher alone says 2), pixel 3 stays 0
+    assert expected == [255, 3, 1, 0] and int(np.argmax(q[2])) == 2
+    out = kproba.kproba_pseudo_labels(features, prototypes, rff, old_logits, labels, n_old=3)
+    assert out.tolist() == [[expected]]
+
+    # far prototypes and a tiny τ: every weight underflows, max κ·q = 0, background stays 0
+    far = {c: torch.tensor(phi[0] + 5.0, dtype=torch.float32) for c in range(3)}
+    out = kproba.kproba_pseudo_labels(features, far, rff, old_logits, labels, n_old=3, tau=1e-3)
+    assert out.tolist() == [[[255, 3, 0, 0]]]
+    # an old class without a prototype gets κ = 0 and cannot be chosen
+    only_0_2 = {0: prototypes[0], 2: prototypes[2]}
+    expected = reference_pseudo(f, only_0_2, rff, q, [255, 3, 0, 0], 3, 1.0)
+    assert expected[2] != 1
+    assert kproba.kproba_pseudo_labels(features, only_0_2, rff, old_logits, labels, 3).tolist() == [[expected]]
+
+
+def test_kproba_pseudo_labels_upsample_kappa_and_softmax_teacher():
+    rff = kproba.RandomFourierFeatures(2, 4, sigma=1.0, seed=43)
+    f = np.array([[0.2, 1.0], [-1.5, 0.4]], dtype=np.float32)  # 2 feature pixels -> 4 label pixels
+    phi = phi_np(f, rff)
+    # at feature pixel 0: w_1 = 1 and w_0 = exp(-ln 5) = 0.2, so κ favours class 1 five to one
+    prototypes = {0: torch.tensor(phi[0] + [np.log(5.0), 0, 0, 0], dtype=torch.float32),
+                  1: torch.tensor(phi[0], dtype=torch.float32)}
+    teacher = np.array([[3.0, -2.0], [0.0, 2.0]])  # (channel, feature pixel)
+    weights = [(1.0, 0.0), (0.75, 0.25), (0.25, 0.75), (0.0, 1.0)]  # bilinear, align_corners False, 2 -> 4
+    kappas = []
+    for i in range(2):
+        w = np.array([np.exp(-np.linalg.norm(phi[i] - prototypes[c].double().numpy())) for c in range(2)])
+        kappas.append(w / (w.sum() + 1e-8))
+    expected, with_sigmoid = [], []
+    for a, b in weights:
+        kappa = a * kappas[0] + b * kappas[1]
+        z = a * teacher[:, 0] + b * teacher[:, 1]
+        expected.append(int(np.argmax(kappa * softmax(z))))
+        with_sigmoid.append(int(np.argmax(kappa / (1 + np.exp(-z)))))
+    assert expected[0] == 0 and with_sigmoid[0] == 1  # softmax (not the BCE sigmoid) matters here
+    features = torch.from_numpy(f.T.copy()).view(1, 2, 1, 2)
+    old_logits = torch.tensor(teacher, dtype=torch.float32).view(1, 2, 1, 2)
+    labels = torch.zeros(1, 1, 4, dtype=torch.long)
+    out = kproba.kproba_pseudo_labels(features, prototypes, rff, old_logits, labels, 2)
+    assert out.tolist() == [[expected]]
+    with pytest.raises(ValueError):
+        kproba.kproba_pseudo_labels(features, prototypes, rff, old_logits, labels, 3)
+
+
+def test_rff_runs_in_float32_under_autocast():
+    rff = kproba.RandomFourierFeatures(8, 16, sigma=0.5, seed=1)
+    x = torch.randn(5, 8, generator=torch.Generator().manual_seed(2))
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        out = rff(x)
+    assert out.dtype == torch.float32 and torch.equal(out, rff(x))
