@@ -9,14 +9,19 @@ method's hyper-parameters.
 import dataclasses
 import logging
 import os
+import shlex
+import signal
+import sys
 
 import torch
 
 from engine.evaluate import evaluate_state
-from engine.models import model_state, read_checkpoint
 from engine.data import class_names
+from engine.models import MODEL_KEYS, model_spec, model_state, read_checkpoint
 from engine.plan import make_plan, task_steps
-from engine.results import format_step, format_summary, step_results, write_step_results, write_summary
+from engine.results import (format_step, format_summary, read_results, step_results, summary_row,
+                            write_step_results, write_summary, write_summary_rows)
+from engine.run_folder import RunFolder
 from engine.step import run_step
 from methods import get_method_class
 from utils.args import method_hyper, parse_args
@@ -40,24 +45,36 @@ def step_range(args, steps):
     return first, last
 
 
-def train(args, dist_info):
+def finished(plan, step=None):
+    """Whether a step has its results and its checkpoint (or had it removed by ``--keep_checkpoints last``)."""
+    if os.path.exists(plan.final_path(step)):
+        return True
+    results = os.path.join(plan.step_dir(step), "results.json")
+    return os.path.exists(results) and read_results(results).get("checkpoint_removed", False)
+
+
+def train(args, dist_info, status):
     method_cls = get_method_class(args.method)
     first, last = step_range(args, task_steps(args))
-    if args.select_best and first <= 0 <= last:
-        log.info("--select_best: step 1 will start from step 0's best checkpoint on the validation split")
     if dist_info.distributed and dist_info.device.type == "cpu":
         log.info("SyncBatchNorm has no CPU implementation: BatchNorm layers that train keep per-process statistics")
+    run_folder = RunFolder(make_plan(args, first).root, dist_info.is_main)
     rows = []
-    for step in range(first, last + 1):
-        plan = make_plan(args, step)
-        if args.resume and os.path.exists(plan.final_path()):
-            log.info("step %d is finished (%s): skipped", step, plan.final_path())
-            continue
-        run_step(plan, args, method_cls(method_hyper(args, method_cls), dataset=args.dataset), dist_info, first)
-        if dist_info.is_main:
-            rows = write_summary(plan.root)
-    if rows:
-        log.info("\n%s", format_summary(rows))
+    try:
+        for step in range(first, last + 1):
+            plan = make_plan(args, step)
+            status["plan"] = plan
+            if args.resume and finished(plan):
+                log.info("step %d is finished (%s): skipped", step, plan.step_dir())
+                continue
+            run_step(plan, args, method_cls(method_hyper(args, method_cls), dataset=args.dataset), dist_info, first,
+                     run_folder)
+            if dist_info.is_main:
+                rows = write_summary(plan.root, step)
+        if rows:
+            log.info("\n%s", format_summary(rows))
+    finally:
+        run_folder.close()
 
 
 def steps_to_test(args, steps):
@@ -72,55 +89,108 @@ def steps_to_test(args, steps):
     return found
 
 
-def use_recorded_model(args, checkpoint, path):
-    """Evaluate with the model and hyper-parameters recorded in a ciss checkpoint."""
-    for key in ("model", "backbone", "output_stride"):
-        if key in checkpoint and checkpoint[key] != getattr(args, key) and getattr(args, key) is not None:
-            log.info("%s was trained with --%s %s; evaluating it as such", path, key, checkpoint[key])
-        if key in checkpoint:
-            setattr(args, key, checkpoint[key])
+#: Settings ``--test`` takes from the checkpoint unless given on the command line.
+RECORDED_EVAL_FLAGS = ("crop_size", "crop_val", "val_batch_size")
 
 
-def test(args, dist_info):
+def use_recorded_settings(args, checkpoint, path):
+    """Evaluate as the checkpoint was trained and tested: its model, backbone, output stride and evaluation
+    flags, unless a flag was given explicitly (then say that it differs)."""
+    recorded = {**checkpoint.get("args", {}), **{k: checkpoint[k] for k in MODEL_KEYS if k in checkpoint}}
+    for key in MODEL_KEYS + RECORDED_EVAL_FLAGS:
+        if key not in recorded or recorded[key] == getattr(args, key):
+            continue
+        if key in args.explicit:
+            log.info("%s was trained with --%s %s; evaluating with --%s %s as asked", path, key, recorded[key], key,
+                     getattr(args, key))
+        else:
+            setattr(args, key, recorded[key])
+
+
+def eval_name(args):
+    """The folder of ``--test`` results, named by the evaluation settings."""
+    return f"crop{args.crop_size}" if args.crop_val else "full"
+
+
+def test(args, dist_info, status):
     method_cls = get_method_class(args.method)
     rows = []
     for step in steps_to_test(args, task_steps(args)):
         plan = make_plan(args, step)
+        status["plan"] = plan
         path = plan.final_path()
         checkpoint = read_checkpoint(path, plan, step, f"checkpoint {path} does not exist: train step {step} first")
         if checkpoint.get("method", args.method) != args.method:
             raise UserError(f"checkpoint {path} was trained with --method {checkpoint['method']}, not {args.method}")
-        use_recorded_model(args, checkpoint, path)
+        use_recorded_settings(args, checkpoint, path)
         hyper = method_hyper(args, method_cls)
         if "hyper" in checkpoint:  # prediction follows the trained method's settings (e.g. sigmoid or softmax)
             known = {f.name for f in dataclasses.fields(method_cls.Hyper)}
-            hyper = dataclasses.replace(hyper, **{k: v for k, v in checkpoint["hyper"].items() if k in known})
+            given = {k: v for k, v in checkpoint["hyper"].items() if k in known and k not in args.explicit}
+            hyper = dataclasses.replace(hyper, **given)
         method = method_cls(hyper, dataset=args.dataset)
-        confusion = evaluate_state(plan, args, method, model_state(checkpoint), dist_info)
-        results = step_results(confusion, plan, method.name, class_names(plan), path)
+        confusion = evaluate_state(plan, args, method, model_spec(args, method_cls), model_state(checkpoint),
+                                   dist_info)
+        results = step_results(confusion, plan, method.name, class_names(plan), path, method.eval_convention())
+        results.update(run_id=checkpoint.get("run_id"), parent_id=checkpoint.get("parent_id"),
+                       evaluation={k: getattr(args, k) for k in RECORDED_EVAL_FLAGS})
+        folder = os.path.join(plan.root, "eval", eval_name(args))
         if dist_info.is_main:
-            write_step_results(results, plan.step_dir())
-            rows = write_summary(plan.root)
+            write_step_results(results, os.path.join(folder, f"step{step}"))
+            rows.append(summary_row(results))
             log.info(format_step(results))
+            log.info("results in %s", os.path.join(folder, f"step{step}"))
     if rows:
+        write_summary_rows(rows, os.path.join(plan.root, "eval", eval_name(args), "summary.csv"))
         log.info("\n%s", format_summary(rows))
 
 
-def run(args):
-    """Train or test as the parsed ``args`` say (set-up and tear-down of the process group included)."""
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM, turned into an exception so that the run ends as cleanly as on Ctrl-C."""
+
+
+def _on_sigterm(signum, frame):
+    raise Interrupted()
+
+
+def interruption_line(status, argv):
+    """The one line printed when a run is interrupted: what is saved and how to continue."""
+    plan = status.get("plan")
+    command = "python train.py " + shlex.join([a for a in argv if a != "--resume"] + ["--resume"])
+    if plan is None:
+        return f"interrupted before training started; run again with: {command}"
+    if status.get("test"):
+        return f"interrupted while testing step {plan.step}; nothing was written for it"
+    if os.path.exists(plan.last_path()):
+        saved = f"the last finished epoch of step {plan.step} is in {plan.last_path()}"
+    else:
+        saved = f"no epoch of step {plan.step} had finished"
+    return f"interrupted: {saved}; continue with: {command} (under torchrun, add --resume to the torchrun command)"
+
+
+def run(args, argv=None):
+    """Train or test as the parsed ``args`` say (set-up and tear-down of the process group included). Ctrl-C
+    and SIGTERM end the run with one line saying what was saved and how to resume (exit status 130 / 143)."""
     dist_info = setup(args.device)
     setup_logging(dist_info.is_main)
     if dist_info.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as the reference (spec §4.1): fastest kernels, not bitwise reproducible
+    status = {"test": args.test}
+    previous_handler = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        (test if args.test else train)(args, dist_info)
+        (test if args.test else train)(args, dist_info, status)
+    except KeyboardInterrupt as interrupt:
+        if dist_info.is_main:
+            print(interruption_line(status, sys.argv[1:] if argv is None else argv), file=sys.stderr, flush=True)
+        sys.exit(143 if isinstance(interrupt, Interrupted) else 130)
     finally:
+        signal.signal(signal.SIGTERM, previous_handler)
         cleanup()
 
 
 @exit_on_user_error
 def main(argv=None):
-    run(parse_args(argv))
+    run(parse_args(argv), argv)
 
 
 if __name__ == "__main__":

@@ -4,13 +4,14 @@
   ``Class IoU``, ``Class Acc``, and its ``"0 to 15 mIoU"``-style old/new keys), the step summary
   (``summary``: mIoU all/old/new, without background, hIoU), the classes, and the confusion matrix.
 * ``step{t}/per_class.csv``: one row per channel.
-* ``summary.csv`` (in the setting folder): one row per step that has a ``results.json``.
+* ``summary.csv`` (in the setting folder): one row per step of the run that produced the newest step (each
+  ``results.json`` names its run and the run of the checkpoint it started from: ``run_id``, ``parent_id``).
+
+Every file is written atomically (a temporary file beside it, then a rename).
 """
 import csv
-import glob
 import json
 import os
-import re
 
 import numpy as np
 
@@ -21,7 +22,11 @@ SUMMARY_COLUMNS = ("step", "n_classes", "mIoU", "mIoU_old", "mIoU_new", "hIoU", 
                    "hIoU_nobg", "overall_acc", "mean_acc")
 
 
-def step_results(confusion, plan, method_name, class_names, checkpoint):
+def step_results(confusion, plan, method_name, class_names, checkpoint, convention=None):
+    """The results dict of a step's test confusion matrix; ``convention`` is the method's evaluation
+    convention (``Method.eval_convention``: ``exclude_absent`` and how background and absent classes count),
+    recorded under ``convention`` and applied to ``summary``."""
+    convention = dict(convention or {"background_in_old": True, "exclude_absent": False})
     results = results_from_confusion(confusion)
     n_old, n = len(plan.steps[0]), plan.num_classes
     iou = [results["Class IoU"][c] for c in range(n)]
@@ -34,7 +39,8 @@ def step_results(confusion, plan, method_name, class_names, checkpoint):
         results.update({f"{n_old} to {n - 1} mIoU": float(np.mean(iou[n_old:])),
                         f"{n_old} to {n - 1} mAcc": float(np.mean(acc[n_old:]))})
     results.update({
-        "summary": step_summary(confusion, n_old),
+        "summary": step_summary(confusion, n_old, exclude_absent=convention.get("exclude_absent", False)),
+        "convention": convention,
         "dataset": plan.dataset, "task": plan.task, "setting": plan.setting, "step": plan.step,
         "method": method_name, "checkpoint": checkpoint,
         "classes": [list(s) for s in plan.steps[:plan.step + 1]],
@@ -44,42 +50,93 @@ def step_results(confusion, plan, method_name, class_names, checkpoint):
     return results
 
 
+def write_json(content, path):
+    """Write ``content`` as JSON to ``path`` atomically (a temporary file beside it, then a rename)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            json.dump(content, handle, indent=1)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def write_step_results(results, step_dir):
-    os.makedirs(step_dir, exist_ok=True)
-    with open(os.path.join(step_dir, "results.json"), "w", encoding="utf-8") as handle:
-        json.dump(results, handle, indent=1)
+    write_json(results, os.path.join(step_dir, "results.json"))
     confusion = np.asarray(results["confusion_matrix"])
     class_ids = [c for s in results["classes"] for c in s]
     introduced = [t for t, s in enumerate(results["classes"]) for _ in s]
-    with open(os.path.join(step_dir, "per_class.csv"), "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["channel", "class_id", "name", "step", "iou", "acc", "gt_pixels", "pred_pixels"])
-        for channel, (class_id, name) in enumerate(zip(class_ids, results["class_names"])):
-            writer.writerow([channel, class_id, name, introduced[channel],
-                             f"{results['Class IoU'][channel]:.6f}", f"{results['Class Acc'][channel]:.6f}",
-                             int(confusion[channel].sum()), int(confusion[:, channel].sum())])
+    path = os.path.join(step_dir, "per_class.csv")
+    tmp = os.path.join(step_dir, f".per_class.csv.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["channel", "class_id", "name", "step", "iou", "acc", "gt_pixels", "pred_pixels"])
+            for channel, (class_id, name) in enumerate(zip(class_ids, results["class_names"])):
+                writer.writerow([channel, class_id, name, introduced[channel],
+                                 f"{results['Class IoU'][channel]:.6f}", f"{results['Class Acc'][channel]:.6f}",
+                                 int(confusion[channel].sum()), int(confusion[:, channel].sum())])
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
-def write_summary(setting_dir):
-    """Rebuild ``summary.csv`` from every ``step*/results.json`` of the setting folder; returns the rows."""
-    rows = []
-    for path in glob.glob(os.path.join(setting_dir, "step*", "results.json")):
-        if not re.fullmatch(r"step\d+", os.path.basename(os.path.dirname(path))):
-            continue
-        with open(path, encoding="utf-8") as handle:
-            results = json.load(handle)
-        summary = results["summary"]
-        rows.append({"step": results["step"], "n_classes": len(results["Class IoU"]),
-                     **{k: summary[k] for k in SUMMARY_COLUMNS[2:9]},
-                     "overall_acc": results["Overall Acc"], "mean_acc": results["Mean Acc"]})
-    rows.sort(key=lambda row: row["step"])
-    with open(os.path.join(setting_dir, "summary.csv"), "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=SUMMARY_COLUMNS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: "" if row[k] is None else (f"{row[k]:.6f}" if isinstance(row[k], float) else row[k])
-                             for k in SUMMARY_COLUMNS})
+def read_results(path):
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def summary_row(results):
+    summary = results["summary"]
+    return {"step": results["step"], "n_classes": len(results["Class IoU"]),
+            **{k: summary[k] for k in SUMMARY_COLUMNS[2:9]},
+            "overall_acc": results["Overall Acc"], "mean_acc": results["Mean Acc"]}
+
+
+def chain_results(setting_dir, last_step):
+    """The results of steps 0..``last_step`` that belong to one run: from ``step{last_step}/results.json`` back
+    through each step's ``parent_id`` (results of other runs, e.g. of an older step 0, are left out)."""
+    chain = []
+    expected = None
+    for step in range(last_step, -1, -1):
+        path = os.path.join(setting_dir, f"step{step}", "results.json")
+        if not os.path.exists(path):
+            break
+        results = read_results(path)
+        if step < last_step and (expected is None or results.get("run_id") != expected):
+            break
+        chain.append(results)
+        expected = results.get("parent_id")
+    return chain[::-1]
+
+
+def write_summary_rows(rows, path):
+    """``summary.csv`` at ``path`` (atomically) from summary rows; returns the rows."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=SUMMARY_COLUMNS)
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({k: "" if row[k] is None else (f"{row[k]:.6f}" if isinstance(row[k], float) else row[k])
+                                 for k in SUMMARY_COLUMNS})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return rows
+
+
+def write_summary(setting_dir, last_step):
+    """Rebuild ``summary.csv`` in the setting folder from the steps of the run that ends at ``last_step``."""
+    rows = [summary_row(r) for r in chain_results(setting_dir, last_step)]
+    return write_summary_rows(rows, os.path.join(setting_dir, "summary.csv"))
 
 
 def _pct(value):

@@ -1,10 +1,18 @@
 """Training of one incremental step (spec barm-ssul-kproba §4), method-agnostic.
 
-Per iteration: teacher forward (no grad) and student forward (through DDP when distributed) under
-autocast with ``--amp``; the method's loss terms in fp32; backward; optimizer and scheduler step. A
-non-finite loss (agreed on by every rank) skips the optimizer step and is counted; too many in a row stop
-the run. ``last.pth`` is written after every epoch (``--resume`` continues from it, bit for bit on one
-process), ``final.pth`` at the end with the test metrics; both atomically, by rank 0.
+Set-up: the method builds the student (and the teacher at t > 0), freezes what it freezes, and gives the
+parameter groups; then either the method's before-step passes run (its results go into the method's state)
+or, with ``--resume``, the state of ``last.pth`` is restored; then the memory (if any) joins the data and the
+schedule is built for the resulting number of iterations.
+
+Per iteration: teacher forward (no grad) and student forward (through DDP when distributed) under autocast
+with ``--amp``; the method's loss terms in fp32; backward; for a method that ``uses_gradients``, the
+gradients are unscaled and the method's ``after_backward`` runs (statistics, then an optional penalty whose
+gradients are added unscaled); optimizer and scheduler step. A non-finite loss (agreed on by every rank)
+skips the optimizer step and is counted; too many in a row stop the run. The method decides when to
+validate and whether the step's result is its best-validated or its last weights. ``last.pth`` is written
+after every epoch (``--resume`` continues from it, bit for bit on one process), ``final.pth`` at the end with
+the test metrics; both atomically, by rank 0.
 """
 import hashlib
 import json
@@ -12,19 +20,20 @@ import logging
 import os
 import random
 import time
+import uuid
 import warnings
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from datasets.transforms import normalize
-from engine.data import TrainData, class_names, eval_loader
-from engine.evaluate import evaluate_state, validation_score
-from engine.models import build_step_models, load_exact, model_spec, to_device, use_channels_last
-from engine.results import format_step, step_results, write_step_results, write_summary
+from engine.data import TrainData, class_names, eval_loader, to_batch
+from engine.evaluate import evaluate, evaluate_state
+from engine.models import (adopt_recorded_model, build_step_models, load_exact, model_spec, read_previous,
+                           to_device, use_channels_last)
+from engine.passes import StepData, autocast
+from engine.results import format_step, step_results, write_json, write_step_results, write_summary
 from utils.checkpoint import CHECKPOINT_FORMAT, load_checkpoint_file, rng_state, save_atomic, set_rng_state
 from utils.distributed import all_gather_objects, all_true, barrier, main_first
 from utils.errors import UserError
@@ -35,8 +44,6 @@ log = logging.getLogger("ciss")
 
 MOMENTUM = 0.9  # SGD with Nesterov momentum, as every reference (spec §4.3)
 MAX_CONSECUTIVE_NONFINITE = 20
-BARM_VALIDATION_ITERATIONS = 100  # spec §4.7: validate after every epoch above this many iterations...
-BARM_VALIDATION_PERIOD = 5  # ...else after every 5th epoch
 
 
 def seed_everything(seed):
@@ -54,38 +61,87 @@ def grad_scaler(device, amp):
     return torch.cuda.amp.GradScaler(enabled=enabled)
 
 
-def autocast(device, enabled):
-    return torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16,
-                          enabled=enabled)
+def trainable(model):
+    return [p for p in model.parameters() if p.requires_grad]
 
 
-def train_iteration(model, teacher, method, ctx, images, labels, optimizer, scheduler, scaler, amp):
+def gradients_finite(parameters):
+    """Whether every gradient of ``parameters`` is finite (one host synchronisation)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    return bool(torch.stack([g.isfinite().all() for g in grads]).all()) if grads else True
+
+
+def add_gradients(loss, parameters):
+    """Add the gradients of ``loss`` to ``p.grad`` with ``torch.autograd.grad``: no DDP hook fires, so a
+    penalty that every rank computes identically needs no all-reduce and cannot desynchronise the ranks."""
+    parameters = list(parameters)
+    grads = torch.autograd.grad(loss, parameters, allow_unused=True)
+    for parameter, grad in zip(parameters, grads):
+        if grad is not None:
+            parameter.grad = grad if parameter.grad is None else parameter.grad.add_(grad)
+
+
+def train_iteration(model, student, teacher, method, ctx, batch, optimizer, scheduler, scaler, amp):
     """One optimisation step; returns ``(terms, finite)``. ``finite`` is the same on every rank, and the
-    backward always runs so that DDP's gradient all-reduce stays matched across ranks."""
+    backward always runs so that DDP's gradient all-reduce stays matched across ranks.
+
+    ``model`` is what the forward goes through (the DDP wrapper when distributed), ``student`` the bare
+    module (for the method's gradient hook)."""
     optimizer.zero_grad(set_to_none=True)
-    with autocast(images.device, amp):
+    with autocast(batch.images.device, amp):
         teacher_outputs = None
         if teacher is not None:
             with torch.no_grad():
-                teacher_outputs = teacher(images)
-        outputs = model(images)
-    terms = method.loss(outputs, teacher_outputs, labels, ctx)
-    finite = all_true(torch.isfinite(terms["total"].detach()), images.device)
+                teacher_outputs = teacher(batch.images)
+        outputs = model(batch.images)
+    terms = method.loss(outputs, teacher_outputs, batch, ctx)
+    finite = all_true(torch.isfinite(terms["total"].detach()), batch.images.device)
     scaler.scale(terms["total"]).backward()
+    unscaled = False
+    if method.uses_gradients:
+        scaler.unscale_(optimizer)  # the hook sees the task loss's true gradients
+        unscaled = scaler.is_enabled()
+        parameters = trainable(student)
+        grads_finite = finite and gradients_finite(parameters)
+        penalty = method.after_backward(student, ctx, grads_finite)
+        if penalty is not None:
+            if grads_finite:
+                add_gradients(penalty["total"], parameters)
+            terms = {**terms, **{k: v for k, v in penalty.items() if k != "total"},
+                     "total": terms["total"].detach() + penalty["total"].detach()}
     if finite:
-        scaler.step(optimizer)
+        scaler.step(optimizer)  # skipped by the scaler itself when fp16 gradients overflowed
         scaler.update()
+    elif unscaled:
+        scaler.update()  # unscale_ was recorded: close the scaler's iteration (it lowers the scale)
     with warnings.catch_warnings():  # the reference steps the schedule even when an update is skipped
         warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
         scheduler.step()
     return terms, finite
 
 
-def validate_now(args, epoch, iterations_per_epoch):
-    if args.val_interval is None:
-        return (iterations_per_epoch > BARM_VALIDATION_ITERATIONS
-                or epoch % BARM_VALIDATION_PERIOD == BARM_VALIDATION_PERIOD - 1)
-    return args.val_interval > 0 and (epoch + 1) % args.val_interval == 0
+#: Flags a resumed step must share with the run it continues (they shape the schedule, the data or the loss).
+RESUME_FLAGS = ("train_epoch", "batch_size", "lr", "lr_policy", "step_size", "weight_decay", "crop_size",
+                "random_seed", "amp", "loss_type")
+
+
+def check_same_run(checkpoint, args, method, world_size, path):
+    """Refuse to ``--resume`` from ``path`` with settings that would make a hybrid of two runs."""
+    saved = checkpoint.get("args", {})
+    for name in RESUME_FLAGS:
+        if name in saved and hasattr(args, name) and saved[name] != getattr(args, name):
+            raise UserError(f"--resume: {path} was trained with --{name} {saved[name]}, this run has --{name}"
+                            f" {getattr(args, name)}: resume with the same flags, or remove it to start the step"
+                            f" anew")
+    for name, value in checkpoint.get("hyper", {}).items():
+        ours = method.hyper_dict().get(name)
+        if ours != value:
+            raise UserError(f"--resume: {path} was trained with --{name} {value}, this run has --{name} {ours}:"
+                            f" resume with the same flags, or remove it to start the step anew")
+    saved_world = len(checkpoint.get("rng", [])) or world_size
+    if saved_world != world_size:
+        raise UserError(f"--resume: {path} was trained by {saved_world} processes, this run has {world_size}: the"
+                        f" batches would differ; resume with {saved_world}, or remove it to start the step anew")
 
 
 def check_writable(folder):
@@ -108,37 +164,71 @@ def parameter_digest(model):
 class StepRun:
     """Everything of one step's training: models, data, optimisation state, logging."""
 
-    def __init__(self, plan, args, method, dist_info, first_step):
+    def __init__(self, plan, args, method, dist_info, first_step, run_folder):
         self.plan, self.args, self.method, self.dist = plan, args, method, dist_info
         device = dist_info.device
         sync_bn = dist_info.distributed and device.type == "cuda" and method.bn_trains(plan)
         if method.bn_trains(plan) and args.batch_size * (dist_info.world_size if sync_bn else 1) < 2:
             raise UserError(f"step {plan.step} trains BatchNorm statistics, which needs at least 2 images per"
                             f" batch{' across the GPUs' if sync_bn else ''} (got --batch_size {args.batch_size})")
-        seed_everything(args.random_seed)
-        # rank 0 first: it downloads the ImageNet weights if needed and meets a bad checkpoint first
-        student, teacher, _ = main_first(lambda: build_step_models(plan, args, method, first_step), dist_info)
-        method.configure(student, self.plan)
-        self.data = TrainData(plan, args, dist_info, method.label_policy)
-        if dist_info.is_main:  # inputs are valid: make sure the outputs can be written before training
+        self.select_best = method.selects_best(plan, args.select_best)
+        # inputs first (the previous checkpoint, then the data), so that a bad input stops the run before it
+        # downloads weights or writes anything; rank 0 first (it builds the class index, meets errors first)
+        previous = main_first(lambda: read_previous(plan, args, first_step), dist_info) if plan.step > 0 else None
+        if previous is not None:
+            adopt_recorded_model(args, previous[1], previous[0])
+        self.spec = model_spec(args, type(method))
+        self.data = TrainData(plan, args, dist_info, method)
+        resume = self._read_last() if args.resume and os.path.exists(plan.last_path()) else None
+        run_folder.open()  # inputs are valid: lock the run folder, start its log file
+        if dist_info.is_main:
             check_writable(plan.step_dir())
+        run_folder.clean_step(plan.step_dir())
+        seed_everything(args.random_seed)
+        student, teacher = main_first(lambda: build_step_models(plan, args, method, self.spec, previous), dist_info)
+        method.configure(student, plan)
         self.student = to_device(student, args, device)
         self.teacher = to_device(teacher, args, device) if teacher is not None else None
         if sync_bn:
-            self.student = nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
-        self.optimizer = torch.optim.SGD(method.param_groups(self.student, self.plan, args.lr), lr=args.lr,
+            self.student = method.sync_batchnorm(self.student)
+        self.optimizer = torch.optim.SGD(method.param_groups(self.student, plan, args.lr), lr=args.lr,
                                          momentum=MOMENTUM, nesterov=True, weight_decay=args.weight_decay)
         self.model = self.student
         if dist_info.distributed:
             self.model = DistributedDataParallel(self.student, device_ids=[device] if device.type == "cuda" else None,
                                                  find_unused_parameters=method.find_unused_parameters)
-        self.total_iters = args.train_epoch * len(self.data)
-        self.scheduler = build_scheduler(args.lr_policy, self.optimizer, self.total_iters, args.step_size)
         self.scaler = grad_scaler(device, args.amp)
         self.channels_last = use_channels_last(args, device)
         self.start_epoch, self.iteration, self.best_score, self.skipped = 0, 0, None, 0
-        if args.resume and os.path.exists(plan.last_path()):
-            self._restore(plan.last_path())
+        # results of a step name the run that produced them and the run of the checkpoint it started from, so
+        # that the summary across steps follows one chain (never stale results of an older run)
+        self.run_id = resume["run_id"] if resume is not None else uuid.uuid4().hex
+        self.parent_id = previous[1].get("run_id") if previous is not None else None
+        if resume is not None:
+            load_exact(self.student, resume["model_state"], plan.last_path())
+            method.load_state_dict(resume["method_state"])
+        else:
+            self.method.set_train_mode(self.student, plan)
+            method.before_step(self.student, self.teacher,
+                               StepData(plan, args, dist_info, method, self.data, self.channels_last), plan)
+        self.data.set_memory(method.memory_ids())
+        self.total_iters = args.train_epoch * len(self.data)
+        self.scheduler = build_scheduler(args.lr_policy, self.optimizer, self.total_iters, args.step_size)
+        if self.select_best and not any(
+                method.validation_due(i, len(self.data), self.total_iters, args.val_interval)
+                for i in range(1, self.total_iters + 1)):
+            raise UserError(f"step {plan.step} selects its best-validated weights but never validates: set"
+                            f" --val_interval to 1 or more, or use --select_last")
+        if resume is not None:
+            self._restore(resume, plan.last_path())
+
+    def _read_last(self):
+        """``last.pth`` of an interrupted run of this step, checked to belong to this very run."""
+        path = self.plan.last_path()
+        checkpoint = load_checkpoint_file(path)
+        self._check_identity(checkpoint, path)
+        check_same_run(checkpoint, self.args, self.method, self.dist.world_size, path)
+        return checkpoint
 
     # ---- checkpoints ----------------------------------------------------------------------------------
     def _identity(self):
@@ -146,32 +236,35 @@ class StepRun:
         plan = self.plan
         return {"method": self.method.name, "dataset": plan.dataset, "task": plan.task, "setting": plan.setting,
                 "step": plan.step, "classes": [list(s) for s in plan.steps[:plan.step + 1]],
-                "model": model_spec(self.args, type(self.method))[0], "backbone": self.student.backbone.arch,
-                "output_stride": self.args.output_stride}
+                "model": self.spec.name, "backbone": self.spec.backbone, "output_stride": self.spec.output_stride}
 
-    def _checkpoint(self, epoch, **extra):
+    def _checkpoint(self, epoch, final=False, **extra):
+        """A checkpoint dict; ``final`` leaves out what only resuming the step needs (optimizer, scheduler and
+        scaler states): the next step builds its own."""
+        training = {} if final else {"optimizer_state": self.optimizer.state_dict(),
+                                     "scheduler_state": self.scheduler.state_dict(),
+                                     "scaler_state": self.scaler.state_dict()}
         return {
             "format": CHECKPOINT_FORMAT,
             "model_state": self.student.state_dict(),
-            "optimizer_state": self.optimizer.state_dict(),
-            "scheduler_state": self.scheduler.state_dict(),
-            "scaler_state": self.scaler.state_dict(),
+            **training,
             "epoch": epoch, "iteration": self.iteration, "skipped_iterations": self.skipped,
             "best_score": self.best_score if self.best_score is not None else -1,
             "hyper": self.method.hyper_dict(), "method_state": self.method.state_dict(),
+            "run_id": self.run_id, "parent_id": self.parent_id,
             **self._identity(),
             "args": vars(self.args),
             **extra,
         }
 
-    def _restore(self, path):
-        checkpoint = load_checkpoint_file(path)
+    def _check_identity(self, checkpoint, path):
         ours = self._identity()
         for key in ("method", "classes", "model", "backbone", "output_stride"):
             if checkpoint.get(key) != ours[key]:
                 raise UserError(f"{path} belongs to another run ({key} {checkpoint.get(key)}, this run {ours[key]}):"
                                 f" remove it or drop --resume")
-        load_exact(self.student, checkpoint["model_state"], path)
+
+    def _restore(self, checkpoint, path):
         self.optimizer.load_state_dict(checkpoint["optimizer_state"])
         self.scheduler.load_state_dict(checkpoint["scheduler_state"])
         if checkpoint["scaler_state"] and self.scaler.is_enabled():  # absent when the run had no CUDA AMP
@@ -179,11 +272,7 @@ class StepRun:
         self.start_epoch, self.iteration = checkpoint["epoch"], checkpoint["iteration"]
         self.skipped = checkpoint["skipped_iterations"]
         self.best_score = None if checkpoint["best_score"] == -1 else checkpoint["best_score"]
-        states = checkpoint["rng"]
-        if len(states) != self.dist.world_size:
-            log.warning("%s was written by %d processes, this run has %d: the data order changes",
-                        path, len(states), self.dist.world_size)
-        set_rng_state(states[self.dist.rank % len(states)])
+        set_rng_state(checkpoint["rng"][self.dist.rank])
         log.info("resuming step %d from %s after epoch %d", self.plan.step, path, self.start_epoch)
 
     def _save_last(self, epoch):
@@ -199,24 +288,27 @@ class StepRun:
         log.info("%s step %d/%d of %s %s (%s): %d new class(es) %s, %d channels",
                  self.method.name, plan.step, len(plan.steps) - 1, plan.dataset, plan.task, plan.setting,
                  len(new), list(new) if len(new) <= 10 else f"{new[0]}..{new[-1]}", plan.num_classes)
-        log.info("%d training images, batch %d per process x %d process(es) = global batch %d, %d iterations"
-                 " per epoch, %d epochs, %d iterations", len(self.data.dataset), args.batch_size,
-                 self.dist.world_size, args.batch_size * self.dist.world_size, len(self.data), args.train_epoch,
-                 self.total_iters)
+        memory = self.data.memory
+        log.info("%d training images%s, batch %d per process x %d process(es) = global batch %d, %d iterations"
+                 " per epoch, %d epochs, %d iterations", len(self.data.current),
+                 f" + {len(memory)} memory images ({self.method.memory_mode})" if memory is not None else "",
+                 args.batch_size, self.dist.world_size, args.batch_size * self.dist.world_size, len(self.data),
+                 args.train_epoch, self.total_iters)
         log.info("hyper-parameters: %s", json.dumps(self.method.hyper_dict()))
         groups = ", ".join(f"{sum(p.numel() for p in g['params'] if p.requires_grad)}@{g['initial_lr']:g}"
                            for g in self.optimizer.param_groups)
         log.info("trainable parameters per group @ base lr: %s; teacher: %s", groups,
                  "yes" if self.teacher is not None else "no")
 
-    def _write_config(self):
-        if self.dist.is_main:
-            os.makedirs(self.plan.step_dir(), exist_ok=True)
-            config = {"args": vars(self.args), "method": self.method.name, "hyper": self.method.hyper_dict(),
-                      "classes": [list(s) for s in self.plan.steps[:self.plan.step + 1]],
-                      "world_size": self.dist.world_size, "total_iterations": self.total_iters}
-            with open(os.path.join(self.plan.step_dir(), "config.json"), "w", encoding="utf-8") as handle:
-                json.dump(config, handle, indent=1)
+    def _config(self):
+        return {"args": vars(self.args), "method": self.method.name, "hyper": self.method.hyper_dict(),
+                "classes": [list(s) for s in self.plan.steps[:self.plan.step + 1]],
+                "model": self.spec.name, "backbone": self.spec.backbone, "output_stride": self.spec.output_stride,
+                "world_size": self.dist.world_size, "total_iterations": self.total_iters,
+                "param_groups": [{"lr": g["initial_lr"], "weight_decay": g["weight_decay"],
+                                  "parameters": sum(p.numel() for p in g["params"])}
+                                 for g in self.optimizer.param_groups],
+                "run_id": self.run_id, "parent_id": self.parent_id}
 
     def _report(self, writer, batches, sums, count, epoch, index):
         """Running means of the loss terms since the epoch began: tensorboard, and the progress bar on a
@@ -232,26 +324,41 @@ class StepRun:
             log.info("step %d epoch %d/%d iteration %d/%d: %s | lr %.2e", self.plan.step, epoch + 1,
                      self.args.train_epoch, index, len(self.data), text, lr)
 
+    def _validate(self, writer, val_loader, epoch):
+        """Score the validation split; keep the best weights when the step selects them."""
+        plan = self.plan
+        metrics = evaluate(self.student, self.method, val_loader, plan.num_classes, self.dist.device,
+                           self.channels_last, self.dist.is_main, desc="validation")
+        score = self.method.validation_score(metrics.get_results()["Class IoU"], plan)
+        writer.scalars({"val/mIoU_new": score}, self.iteration)
+        improved = self.best_score is None or score > self.best_score
+        log.info("step %d epoch %d iteration %d: validation score (mIoU of the step's classes) %.2f%%%s", plan.step,
+                 epoch + 1, self.iteration, 100 * score, " (best)" if improved else "")
+        if improved:
+            self.best_score = score
+            if self.select_best and self.dist.is_main:
+                save_atomic(self._checkpoint(self.iteration // len(self.data), best_iteration=self.iteration),
+                            plan.best_path())
+        self.method.set_train_mode(self.student, plan)
+
     def train(self):
         args, plan, device = self.args, self.plan, self.dist.device
-        self._write_config()
         self._log_header()
-        writer = ScalarWriter(plan.step_dir(), self.dist.is_main)
-        self.method.before_step(self.student, self.teacher, self.data, self.plan)
+        writer = ScalarWriter(plan.step_dir(), self.dist.is_main, purge_step=self.iteration or None)
         val_loader = None
         consecutive = 0
         for epoch in range(self.start_epoch, args.train_epoch):
             start = time.time()
-            self.method.set_train_mode(self.student, self.plan)
+            self.method.set_train_mode(self.student, plan)
             sums, count = {}, 0
+            memory = self.data.memory_batches(epoch)
             batches = progress(self.data.epoch(epoch), self.dist.is_main,
                                desc=f"step {plan.step} epoch {epoch + 1}/{args.train_epoch}")
-            for index, (images, labels, _) in enumerate(batches, 1):
-                images = normalize(images.to(device, non_blocking=True))
-                if self.channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                labels = labels.to(device, non_blocking=True).long()
-                terms, finite = train_iteration(self.model, self.teacher, self.method, self.plan, images, labels,
+            for index, raw in enumerate(batches, 1):
+                batch = to_batch(raw, device, self.channels_last)
+                if memory is not None:
+                    batch = self.data.replace_with_memory(batch, to_batch(next(memory), device, self.channels_last))
+                terms, finite = train_iteration(self.model, self.student, self.teacher, self.method, plan, batch,
                                                 self.optimizer, self.scheduler, self.scaler, args.amp)
                 self.iteration += 1
                 if not finite:
@@ -261,13 +368,19 @@ class StepRun:
                         raise UserError(
                             f"the loss was not finite in {consecutive} consecutive iterations (step {plan.step},"
                             f" epoch {epoch + 1}): lower --lr, try without --amp, or check the data")
-                    continue
-                consecutive = 0
-                count += 1
-                for name, value in terms.items():
-                    sums[name] = sums.get(name, 0.0) + value.detach().float()
-                if self.iteration % args.print_interval == 0:
-                    self._report(writer, batches, sums, count, epoch, index)
+                else:
+                    consecutive = 0
+                    count += 1
+                    for name, value in terms.items():
+                        sums[name] = sums.get(name, 0.0) + value.detach().float()
+                    if self.iteration % args.print_interval == 0:
+                        self._report(writer, batches, sums, count, epoch, index)
+                if self.method.validation_due(self.iteration, len(self.data), self.total_iters, args.val_interval):
+                    if index == len(self.data):
+                        self._sync_buffers()
+                    if val_loader is None:
+                        val_loader = eval_loader(plan, args, "val", self.dist, self.method)
+                    self._validate(writer, val_loader, epoch)
             means = {name: (v / max(count, 1)).item() for name, v in sums.items()}
             seconds = time.time() - start
             log.info("step %d epoch %d/%d: %s | lr %.2e | %d skipped | %.0f s, %.1f images/s", plan.step,
@@ -275,42 +388,51 @@ class StepRun:
                      self.optimizer.param_groups[0]["lr"], self.skipped, seconds,
                      len(self.data) * args.batch_size * self.dist.world_size / max(seconds, 1e-9))
             self._sync_buffers()
-            if validate_now(args, epoch, len(self.data)):
-                if val_loader is None:
-                    val_loader = eval_loader(plan, args, "val", self.dist, self.method.label_policy)
-                score = validation_score(self.student, self.method, plan, args, self.dist, val_loader)
-                writer.scalars({"val/mIoU_new": score}, self.iteration)
-                improved = self.best_score is None or score > self.best_score
-                log.info("step %d epoch %d: validation mIoU of the step's classes %.4f%s", plan.step, epoch + 1,
-                         score, " (best)" if improved else "")
-                if improved:
-                    self.best_score = score
-                    if args.select_best and plan.step == 0 and self.dist.is_main:
-                        save_atomic(self._checkpoint(epoch + 1), plan.best_path())
-                self.method.set_train_mode(self.student, self.plan)
             self._save_last(epoch + 1)
         return writer
 
     def _sync_buffers(self):
         """Without SyncBatchNorm (gloo on the CPU) every rank updates its own BN statistics: adopt rank 0's
-        at the end of each epoch, so that all ranks validate, test and save the same model."""
+        at the end of each epoch (and before a validation), so that all ranks validate, test and save the
+        same model."""
         if self.dist.distributed:
             for buffer in self.student.buffers():
                 dist.broadcast(buffer, src=0)
 
+    def _selected_weights(self):
+        """The step's result: its best-validated weights when the method selects them, else the last."""
+        if not self.select_best:
+            return self.student.state_dict(), {}
+        best = load_checkpoint_file(self.plan.best_path())
+        log.info("step %d: the result is the best-validated weights (iteration %d, score %.2f%%)", self.plan.step,
+                 best["best_iteration"], 100 * best["best_score"])
+        return best["model_state"], {"selected": {"iteration": best["best_iteration"], "score": best["best_score"]}}
+
     def finish(self, writer):
-        """Test the final weights, write ``final.pth`` and the results files; returns the results."""
+        """Test the step's result, write ``final.pth`` and the results files; returns the results."""
         plan = self.plan
-        state = self.student.state_dict()
-        confusion = evaluate_state(plan, self.args, self.method, state, self.dist)
-        results = step_results(confusion, plan, self.method.name, class_names(plan), plan.final_path())
+        self.method.end_of_step(self.student, plan)
+        barrier()  # best.pth is written by rank 0
+        state, selected = self._selected_weights()
+        if selected:
+            load_exact(self.student, state, self.plan.best_path())
+        confusion = evaluate_state(plan, self.args, self.method, self.spec, state, self.dist)
+        results = step_results(confusion, plan, self.method.name, class_names(plan), plan.final_path(),
+                               self.method.eval_convention())
+        results.update(run_id=self.run_id, parent_id=self.parent_id)
         self._check_replicas()
         if self.dist.is_main:
-            save_atomic(self._checkpoint(self.args.train_epoch, metrics=results), plan.final_path())
+            save_atomic(self._checkpoint(self.args.train_epoch, final=True, metrics=results, **selected),
+                        plan.final_path())
             write_step_results(results, plan.step_dir())
-            write_summary(plan.root)
-            if os.path.exists(plan.last_path()):
-                os.remove(plan.last_path())
+            write_json(self._config(), os.path.join(plan.step_dir(), "config.json"))
+            for name, content in self.method.step_files().items():
+                write_json(content, os.path.join(plan.step_dir(), name))
+            for leftover in (plan.last_path(), plan.best_path()):
+                if os.path.exists(leftover):
+                    os.remove(leftover)
+            if self.args.keep_checkpoints == "last":
+                prune_earlier_checkpoints(plan, self.parent_id)
             log.info(format_step(results))
         writer.scalars({k: v for k, v in results["summary"].items() if isinstance(v, float)}, self.iteration, "test/")
         writer.close()
@@ -328,7 +450,26 @@ class StepRun:
             log.warning("weights differ between ranks at the end of step %d: %s", self.plan.step, digests)
 
 
-def run_step(plan, args, method, dist_info, first_step):
-    run = StepRun(plan, args, method, dist_info, first_step)
+def prune_earlier_checkpoints(plan, parent_id):
+    """``--keep_checkpoints last``: remove the ``final.pth`` of the earlier steps of this run's chain (their
+    results files stay); the newest step's checkpoint is all the next step needs."""
+    for step in range(plan.step - 1, -1, -1):
+        path = plan.final_path(step)
+        results = os.path.join(plan.step_dir(step), "results.json")
+        if parent_id is None or not os.path.exists(results):
+            return
+        with open(results, encoding="utf-8") as handle:
+            recorded = json.load(handle)
+        if recorded.get("run_id") != parent_id:
+            return
+        if os.path.exists(path):
+            os.remove(path)
+            write_json({**recorded, "checkpoint_removed": True}, results)
+            log.info("--keep_checkpoints last: removed %s", path)
+        parent_id = recorded.get("parent_id")
+
+
+def run_step(plan, args, method, dist_info, first_step, run_folder):
+    run = StepRun(plan, args, method, dist_info, first_step, run_folder)
     writer = run.train()
     return run.finish(writer)

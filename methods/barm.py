@@ -13,40 +13,41 @@
   ``--pseudo`` gates everything, as in the reference (spec §10.19).
 * Prediction: sigmoid (softmax for CE), then bilinear upsampling of the probabilities, then argmax (§7.2).
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from methods import losses
-from methods.base import Method, module_params
+from methods.base import Method, hyper, module_params
+
+# Learning rates hard-coded in BARM (spec §4.3, §10.8)
+BARM_BACKBONE_LR0 = 0.001
+BARM_CLASSIFIER_LR0 = 0.01
+BARM_ASPP_LR = 1e-3
+BARM_OLD_LR = 1e-4
 
 
 @dataclass
 class BarmHyper:
-    loss_type: str = field(default="bce_loss", metadata={
-        "help": "classification loss; also picks sigmoid (bce) or softmax for pseudo-labels and prediction",
-        "choices": tuple(losses.CRITERIA)})
-    pseudo: bool = field(default=False, metadata={
-        "help": "at t>0: pseudo-labels from the previous model and BARM's auxiliary losses (all or nothing,"
-                " as in BARM)"})
-    pseudo_thresh: float = field(default=losses.BARM_PSEUDO_THRESH, metadata={
-        "help": "pseudo-label confidence threshold"})
-    bn_freeze: bool = field(default=False, metadata={
-        "help": "at t>0: every BatchNorm on running statistics with frozen affine parameters (ignored at"
-                " step 0, as in BARM)"})
-    w_tri: float = field(default=losses.BARM_W_TRI, metadata={
-        "help": "weight of the background-adaptation triplet-like term L_tri (BARM's co_bg)"})
-    w_fd: float = field(default=losses.BARM_W_FD, metadata={
-        "help": "weight of the background feature distillation L_fd (BARM's co_tn)"})
-    w_gkd: float = field(default=losses.BARM_W_GKD, metadata={
-        "help": "weight of the group knowledge distillation L_gkd (BARM's co_p)"})
-    w_bga_ce: float = field(default=losses.BARM_W_BGA_CE, metadata={
-        "help": "weight of the background-adaptation CE L_ce (BARM's co_oc)"})
-    backbone_lr0: float = field(default=0.001, metadata={"help": "step 0: backbone learning rate"})
-    classifier_lr0: float = field(default=0.01, metadata={"help": "step 0: classifier learning rate"})
-    aspp_lr: float = field(default=1e-3, metadata={"help": "t>0: ASPP learning rate"})
-    old_lr: float = field(default=1e-4, metadata={
-        "help": "t>0: learning rate of the old heads, old ears, head_pre and backbone"})
+    loss_type: str = hyper("bce_loss", "classification loss; also picks sigmoid (bce) or softmax for pseudo-labels"
+                           " and prediction", choices=losses.CRITERIA)
+    pseudo: bool = hyper(False, "at t>0: pseudo-labels from the previous model and BARM's auxiliary losses (all or"
+                                " nothing, as in BARM)")
+    pseudo_thresh: float = hyper(losses.BARM_PSEUDO_THRESH, "pseudo-label confidence threshold", low=0.0, high=1.0)
+    bn_freeze: bool = hyper(False, "at t>0: every BatchNorm on running statistics with frozen affine parameters"
+                                   " (ignored at step 0, as in BARM)")
+    w_tri: float = hyper(losses.BARM_W_TRI, "weight of the background-adaptation triplet-like term L_tri (BARM's"
+                                            " co_bg)", low=0.0)
+    w_fd: float = hyper(losses.BARM_W_FD, "weight of the background feature distillation L_fd (BARM's co_tn)",
+                        low=0.0)
+    w_gkd: float = hyper(losses.BARM_W_GKD, "weight of the group knowledge distillation L_gkd (BARM's co_p)", low=0.0)
+    w_bga_ce: float = hyper(losses.BARM_W_BGA_CE, "weight of the background-adaptation CE L_ce (BARM's co_oc)",
+                            low=0.0)
+    backbone_lr0: float = hyper(BARM_BACKBONE_LR0, "step 0: backbone learning rate", positive=True)
+    classifier_lr0: float = hyper(BARM_CLASSIFIER_LR0, "step 0: classifier learning rate", positive=True)
+    aspp_lr: float = hyper(BARM_ASPP_LR, "t>0: ASPP learning rate", low=0.0)
+    old_lr: float = hyper(BARM_OLD_LR, "t>0: learning rate of the old heads, old ears, head_pre and backbone",
+                          low=0.0)
 
 
 class BARM(Method):
@@ -61,9 +62,7 @@ class BARM(Method):
     def bn_frozen(self, ctx):
         return ctx.step > 0 and self.hp.bn_freeze
 
-    def init_new_classes(self, model, ctx):
-        if ctx.step == 0:
-            return
+    def prepare_student(self, model, previous, ctx):
         classifier = model.classifier
         ear, pre = classifier.ear[-1], classifier.head_pre
         with torch.no_grad():
@@ -86,8 +85,9 @@ class BARM(Method):
             {"params": module_params(model.backbone), "lr": hp.old_lr},
         ]
 
-    def loss(self, outputs, teacher_outputs, labels, ctx):
+    def loss(self, outputs, teacher_outputs, batch, ctx):
         logits, features = outputs
+        labels = batch.labels
         if not self.needs_teacher(ctx):
             std = self.criterion(logits, labels)
             return {"total": std, "std": std}

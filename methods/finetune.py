@@ -5,18 +5,16 @@ MiB; ``--loss_type bce_loss`` for BARM's BCE), one parameter group at ``--lr``, 
 classifier keeps its random initialisation. Prediction follows MiB: upsample the logits, then argmax.
 ``--bn_freeze`` freezes every BN at t > 0, as for BARM.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from methods import losses
-from methods.base import Method
+from methods.base import Method, hyper
 
 
 @dataclass
 class FineTuneHyper:
-    loss_type: str = field(default="ce_loss", metadata={
-        "help": "classification loss", "choices": tuple(losses.CRITERIA)})
-    bn_freeze: bool = field(default=False, metadata={
-        "help": "at t>0: every BatchNorm on running statistics with frozen affine parameters"})
+    loss_type: str = hyper("ce_loss", "classification loss", choices=losses.CRITERIA)
+    bn_freeze: bool = hyper(False, "at t>0: every BatchNorm on running statistics with frozen affine parameters")
 
 
 class FineTune(Method):
@@ -31,6 +29,6 @@ class FineTune(Method):
     def bn_frozen(self, ctx):
         return ctx.step > 0 and self.hp.bn_freeze
 
-    def loss(self, outputs, teacher_outputs, labels, ctx):
-        std = self.criterion(outputs[0], labels)
+    def loss(self, outputs, teacher_outputs, batch, ctx):
+        std = self.criterion(outputs[0], batch.labels)
         return {"total": std, "std": std}

@@ -11,7 +11,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from engine.step import grad_scaler, train_iteration
 from methods import get_method
-from methods.base import StepContext
+from methods.base import Batch, StepContext
 from network import build_model
 from utils.schedulers import build_scheduler
 from utils.tasks import get_task
@@ -30,7 +30,7 @@ def make_setup():
     student = build_model("deeplabv3bga_resnet18", [16, 1])
     student.load_state_dict(teacher.state_dict(), strict=False)
     method = get_method("barm", pseudo=True, bn_freeze=True)
-    method.init_new_classes(student, CTX)
+    method.prepare_student(student, teacher, CTX)
     method.configure(student, CTX)
     method.set_train_mode(student, CTX)
     for module in student.modules():
@@ -49,8 +49,8 @@ def one_step(model, student, teacher, method, images, labels):
                                 weight_decay=1e-4)
     scheduler = build_scheduler("poly", optimizer, 10)
     scaler = grad_scaler(torch.device("cpu"), amp=False)
-    terms, finite = train_iteration(model, teacher, method, CTX, images, labels, optimizer, scheduler, scaler,
-                                    amp=False)
+    terms, finite = train_iteration(model, student, teacher, method, CTX, Batch(images, labels), optimizer,
+                                    scheduler, scaler, amp=False)
     return terms, finite
 
 
@@ -103,7 +103,8 @@ def test_non_finite_loss_skips_the_update_but_steps_the_schedule():
     optimizer = torch.optim.SGD(method.param_groups(student, CTX, 0.01), lr=0.01, momentum=0.9, nesterov=True)
     scheduler = build_scheduler("poly", optimizer, 10)
     scaler = grad_scaler(torch.device("cpu"), amp=False)
-    _, finite = train_iteration(student, teacher, method, CTX, images, labels, optimizer, scheduler, scaler, False)
+    _, finite = train_iteration(student, student, teacher, method, CTX, Batch(images, labels), optimizer, scheduler,
+                                scaler, False)
     assert not finite
     assert scheduler.last_epoch == 1
     for key, value in student.state_dict().items():
@@ -116,5 +117,6 @@ def test_cpu_training_step_with_and_without_bf16_autocast(amp):
     optimizer = torch.optim.SGD(method.param_groups(student, CTX, 0.01), lr=0.01, momentum=0.9, nesterov=True)
     scheduler = build_scheduler("poly", optimizer, 10)
     scaler = grad_scaler(torch.device("cpu"), amp=False)
-    terms, finite = train_iteration(student, teacher, method, CTX, images, labels, optimizer, scheduler, scaler, amp)
+    terms, finite = train_iteration(student, student, teacher, method, CTX, Batch(images, labels), optimizer,
+                                    scheduler, scaler, amp)
     assert finite and all(v.dtype == torch.float32 for v in terms.values())  # losses in fp32 under autocast

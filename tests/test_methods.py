@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from methods import get_method, list_methods
-from methods.base import StepContext
+from methods.base import Batch, StepContext
 from network import build_model
 from utils.errors import UserError
 from utils.tasks import get_task
@@ -37,7 +37,7 @@ def test_ear_copies_head_pre_conv_and_affine_but_not_statistics():
         pre_bn.bias.fill_(-0.2)
     student = model_at(2, seed=1)
     student.load_state_dict(previous.state_dict(), strict=False)
-    get_method("barm").init_new_classes(student, StepContext("voc", STEPS, 2))
+    get_method("barm").prepare_student(student, previous, StepContext("voc", STEPS, 2))
     ear, pre = student.classifier.ear[-1], student.classifier.head_pre
     assert torch.equal(ear[0].weight, pre[0].weight)
     assert torch.equal(ear[1].weight, pre[1].weight) and torch.equal(ear[1].bias, pre[1].bias)
@@ -97,24 +97,21 @@ def test_pseudo_gates_the_teacher_and_the_auxiliary_losses():
     model, teacher = model_at(1), model_at(0)
     teacher.eval()
     images, labels = torch.randn(2, 3, 33, 33), torch.randint(0, 17, (2, 33, 33))
-    plain = get_method("barm").loss(model(images), None, labels, ctx)
+    plain = get_method("barm").loss(model(images), None, Batch(images, labels), ctx)
     assert set(plain) == {"total", "std"}
     with torch.no_grad():
         teacher_outputs = teacher(images)
-    full = get_method("barm", pseudo=True).loss(model(images), teacher_outputs, labels, ctx)
+    full = get_method("barm", pseudo=True).loss(model(images), teacher_outputs, Batch(images, labels), ctx)
     assert set(full) == {"total", "std", "tri_bg", "fd", "gkd", "bga_ce"}
 
 
 def test_prediction_upsamples_probabilities_for_barm_and_logits_for_ft():
-    logits = torch.tensor([[[[4.0, -4.0]], [[-4.0, 3.0]], [[0.0, 0.0]]]])  # (1, 3, 1, 2)
-    barm = get_method("barm").predict(logits, (1, 4))
-    expected = torch.sigmoid(logits)
-    expected = torch.nn.functional.interpolate(expected, size=(1, 4), mode="bilinear", align_corners=False)
-    assert torch.equal(barm, expected.argmax(1))
-    ft = get_method("ft").predict(logits, (1, 4))
-    direct = torch.nn.functional.interpolate(logits, size=(1, 4), mode="bilinear", align_corners=False)
-    assert torch.equal(ft, direct.argmax(1))
-    assert barm.shape == (1, 1, 4)
+    # pixel A = (10, 4), pixel B = (-10, 4); bilinear (1, 2) -> (1, 4) gives the second output pixel the weights
+    # 0.75 A + 0.25 B. Logits there: class 0 = 5 > class 1 = 4; probabilities: class 0 = 0.75·σ(10) + 0.25·σ(-10)
+    # = 0.75 < class 1 = σ(4) = 0.982. So sigmoid-then-upsample (BARM) and upsample-then-argmax (FT) disagree.
+    logits = torch.tensor([[[[10.0, -10.0]], [[4.0, 4.0]]]])  # (1, 2, 1, 2)
+    assert get_method("barm").predict(logits, (1, 4)).tolist() == [[[0, 1, 1, 1]]]
+    assert get_method("ft").predict(logits, (1, 4)).tolist() == [[[0, 0, 1, 1]]]
 
 
 def test_ft_trains_everything_with_one_group():
@@ -125,5 +122,31 @@ def test_ft_trains_everything_with_one_group():
     assert len(groups) == 1 and groups[0]["lr"] == 0.001
     assert ids(groups[0]["params"]) == ids(model.parameters())
     images, labels = torch.randn(2, 3, 33, 33), torch.randint(0, 17, (2, 33, 33))
-    loss = method.loss(model(images), None, labels, StepContext("voc", STEPS, 1))
+    loss = method.loss(model(images), None, Batch(images, labels), StepContext("voc", STEPS, 1))
     assert set(loss) == {"total", "std"} and torch.isfinite(loss["total"])
+
+
+def test_barm_validation_rule():
+    method = get_method("barm")
+    due = method.validation_due
+    # more than 100 iterations per epoch: after every epoch, never inside one
+    assert [due(i, 101, 505, None) for i in (100, 101, 150, 202)] == [False, True, False, True]
+    # fewer: after every 5th epoch only (spec §4.7: epoch % 5 == 4, 0-based)
+    assert [i for i in range(1, 101) if due(i, 10, 100, None)] == [50, 100]
+    assert [i for i in range(1, 61) if due(i, 10, 60, 2)] == [20, 40, 60]  # --val_interval 2
+    assert not any(due(i, 10, 60, 0) for i in range(1, 61))  # --val_interval 0
+
+
+def test_barm_validation_score_includes_background_at_step_0_only():
+    steps = ((0, 1, 2), (3, 4))
+    iou = {0: 0.9, 1: 0.5, 2: 0.1, 3: 0.3, 4: 0.7}
+    method = get_method("barm")
+    assert method.validation_score(iou, StepContext("voc", steps, 0)) == pytest.approx((0.9 + 0.5 + 0.1) / 3)
+    assert method.validation_score(iou, StepContext("voc", steps, 1)) == pytest.approx((0.3 + 0.7) / 2)
+
+
+def test_barm_selects_best_only_at_step_0_and_only_when_asked():
+    method = get_method("barm")
+    assert method.selects_best(StepContext("voc", STEPS, 0), True)
+    assert not method.selects_best(StepContext("voc", STEPS, 1), True)
+    assert not method.selects_best(StepContext("voc", STEPS, 0), None)

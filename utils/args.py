@@ -11,7 +11,9 @@ import argparse
 import dataclasses
 import sys
 
+from datasets import default_num_workers
 from methods import get_method_class, list_methods
+from methods.base import check_hyper_value
 from network import list_models
 from network.backbone import ARCHITECTURES
 from utils.errors import USER_ERROR_EXIT_CODE, UserError
@@ -63,8 +65,9 @@ def build_parser(method="barm", dataset="voc"):
                       help="custom class order (JSON list of class-id lists); runs are filed under its name")
     data.add_argument("--overlap", action="store_true", help="overlap setting (default: disjoint)")
     data.add_argument("--cache_dir", default=None, help="class-index cache folder (default: beside the data)")
-    data.add_argument("--num_workers", type=int, default=4, help="data-loading processes per training process"
-                                                                 " (default: %(default)s)")
+    data.add_argument("--num_workers", type=int, default=default_num_workers(),
+                      help="data-loading processes per training process (default: what this machine's CPUs"
+                           " allow without oversubscription, at most 4: %(default)s here)")
     data.add_argument("--crop_size", type=int, default=513, help="training crop and --crop_val size"
                                                                  " (default: %(default)s)")
     data.add_argument("--crop_val", action="store_true",
@@ -110,9 +113,16 @@ def build_parser(method="barm", dataset="voc"):
                        help="continue an interrupted run: skip finished steps, resume a step from its last.pth")
     steps.add_argument("--prev_ckpt", "--ckpt", dest="prev_ckpt", default=None, metavar="PATH",
                        help="checkpoint of step curr_step-1 (default: its final.pth); official BARM/SSUL files load")
-    steps.add_argument("--select_best", action="store_true",
-                       help="BARM's protocol: step 1 starts from step 0's best-on-validation checkpoint (the VOC"
-                            " validation set is its test set)")
+    selection = steps.add_mutually_exclusive_group()
+    selection.add_argument("--select_best", dest="select_best", action="store_const", const=True, default=None,
+                           help="a step's result (final.pth, its test, the next step's start) is its best weights on"
+                                " the validation split, where the method's protocol selects (BARM: step 0; SSUL: every"
+                                " step, its default); the VOC validation set is its test set")
+    selection.add_argument("--select_last", dest="select_best", action="store_const", const=False,
+                           help="a step's result is its last weights (default except for SSUL)")
+    steps.add_argument("--keep_checkpoints", default="all", choices=("all", "last"),
+                       help="all: every step keeps its final.pth; last: once a step finishes, the final.pth of the"
+                            " earlier steps of the run is removed (results files stay) (default: %(default)s)")
     steps.add_argument("--ckpt_dir", default="checkpoints", help="(default: %(default)s)")
     steps.add_argument("--subpath", default=None,
                        help="runs go to CKPT_DIR/SUBPATH/TASK/{overlap,disjoint}/step{t} (default: the method name)")
@@ -135,8 +145,12 @@ def build_parser(method="barm", dataset="voc"):
     return parser
 
 
-def validate(args):
-    """Checks argparse cannot express; raises :class:`UserError`."""
+MIN_FEATURE_PIXELS = 3  # a crop must give feature maps of at least this many pixels per side
+
+
+def validate(args, method_cls=None):
+    """Checks argparse cannot express (ranges of the common flags and of the method's hyper-parameters);
+    raises :class:`UserError`."""
     positive = {"batch_size": args.batch_size, "val_batch_size": args.val_batch_size,
                 "train_epoch": args.train_epoch, "crop_size": args.crop_size, "step_size": args.step_size,
                 "print_interval": args.print_interval}
@@ -149,15 +163,36 @@ def validate(args):
         raise UserError(f"--val_interval must be 0 (never) or more, got {args.val_interval}")
     if args.lr <= 0:
         raise UserError(f"--lr must be positive, got {args.lr}")
+    if args.weight_decay < 0:
+        raise UserError(f"--weight_decay must be 0 or more, got {args.weight_decay}")
+    smallest = MIN_FEATURE_PIXELS * args.output_stride
+    if args.crop_size < smallest:
+        raise UserError(f"--crop_size {args.crop_size} is too small for output stride {args.output_stride}:"
+                        f" expected at least {smallest} pixels")
+    if method_cls is not None:
+        for field in dataclasses.fields(method_cls.Hyper):
+            problem = check_hyper_value(field.name, getattr(args, field.name), field.metadata)
+            if problem:
+                raise UserError(problem)
     if args.initial and args.curr_step not in (None, 0):
         raise UserError(f"--initial trains step 0 only, but --curr_step is {args.curr_step}")
     return args
 
 
+def explicit_flags(parser, argv):
+    """The destinations of the flags ``argv`` sets explicitly (not left at their defaults)."""
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return sorted(vars(parser.parse_args(argv)))
+
+
 def parse_args(argv=None):
+    """Parse ``argv`` for the selected method; ``args.explicit`` lists the flags given on the command line."""
     argv = sys.argv[1:] if argv is None else list(argv)
     method, dataset = _selection(argv)
-    return validate(build_parser(method, dataset).parse_args(argv))
+    args = validate(build_parser(method, dataset).parse_args(argv), get_method_class(method))
+    args.explicit = explicit_flags(build_parser(method, dataset), argv)
+    return args
 
 
 def method_hyper(args, method_cls):

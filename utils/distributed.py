@@ -60,6 +60,10 @@ def setup(device_name="auto"):
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_name, local_rank, world_size)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if device.type == "cuda" and local_world > torch.cuda.device_count():
+        raise UserError(f"{local_world} processes on this node but {torch.cuda.device_count()} visible GPU(s): use"
+                        f" --nproc_per_node {torch.cuda.device_count()} or fewer (one process per GPU)")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():

@@ -1,20 +1,60 @@
-"""Logging on rank 0: stdout messages, tqdm bars (only on a terminal), tensorboardX scalars."""
+"""Logging on rank 0: stdout messages, a log file in the run folder, tqdm bars (only on a terminal),
+tensorboardX scalars."""
 import logging
+import logging.handlers
+import os
 import sys
 
 from tqdm import tqdm
 
 LOGGER_NAME = "ciss"
+LOG_FILE = "train.log"
+_BUFFER_CAPACITY = 100000
+
+
+class _Buffer(logging.handlers.BufferingHandler):
+    """Keeps the records of a run until its log file can be opened (never flushes by itself)."""
+
+    def shouldFlush(self, record):
+        if len(self.buffer) > self.capacity:  # keep the newest records only
+            del self.buffer[0]
+        return False
 
 
 def setup_logging(is_main):
-    """Messages of the ``ciss`` logger (and the data modules') to stdout on rank 0; warnings only elsewhere."""
+    """Messages of the ``ciss`` logger (and the data modules') to stdout on rank 0; warnings only elsewhere.
+    Records are also buffered until :func:`attach_log_file` names the run's log file."""
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("%(message)s"))
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [handler, _Buffer(_BUFFER_CAPACITY)]
     root.setLevel(logging.INFO if is_main else logging.WARNING)
     return logging.getLogger(LOGGER_NAME)
+
+
+def attach_log_file(folder):
+    """Append the run's messages (those buffered since start-up included) to ``folder/train.log``; returns the
+    handler (pass it to :func:`detach_log_file`)."""
+    root = logging.getLogger()
+    handler = logging.FileHandler(os.path.join(folder, LOG_FILE), encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S"))
+    for buffer in [h for h in root.handlers if isinstance(h, _Buffer)]:
+        for record in buffer.buffer:
+            handler.handle(record)
+        root.removeHandler(buffer)
+    root.addHandler(handler)
+    return handler
+
+
+def detach_log_file(handler):
+    if handler is not None:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+
+
+def plural(count, word):
+    """``"1 epoch"``, ``"2 epochs"``."""
+    return f"{count} {word}{'' if count == 1 else 's'}"
 
 
 def progress(iterable, enabled, **kwargs):
@@ -25,19 +65,23 @@ def progress(iterable, enabled, **kwargs):
 
 
 class ScalarWriter:
-    """tensorboardX scalars in ``folder`` on rank 0; does nothing on other ranks."""
+    """tensorboardX scalars in ``folder`` on rank 0 (nothing on other ranks). The events file is created at the
+    first scalar, so a run that fails before training writes none; ``purge_step`` (a resumed step's iteration)
+    makes tensorboard drop the interrupted run's events from that iteration on, so curves do not overlap."""
 
-    def __init__(self, folder, enabled):
+    def __init__(self, folder, enabled, purge_step=None):
+        self.folder, self.enabled, self.purge_step = folder, enabled, purge_step
         self.writer = None
-        if enabled:
-            from tensorboardX import SummaryWriter
-            self.writer = SummaryWriter(folder)
 
     def scalars(self, values, step, prefix=""):
-        if self.writer is not None:
-            for name, value in values.items():
-                if value is not None:
-                    self.writer.add_scalar(f"{prefix}{name}", value, step)
+        if not self.enabled:
+            return
+        if self.writer is None:
+            from tensorboardX import SummaryWriter
+            self.writer = SummaryWriter(self.folder, purge_step=self.purge_step)
+        for name, value in values.items():
+            if value is not None:
+                self.writer.add_scalar(f"{prefix}{name}", value, step)
 
     def close(self):
         if self.writer is not None:

@@ -1,0 +1,323 @@
+"""The trainer honours every method hook: order of calls, gradient hook with unscaled gradients and a penalty,
+before-step passes, method state across steps and through --resume, memory (replace and concat), validation
+policy and best-weight selection. Test methods are registered for the duration of a test only."""
+import json
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import train
+from datasets import step_image_ids
+from engine.step import add_gradients, train_iteration
+from methods import METHODS
+from methods.base import Batch, StepContext
+from methods.finetune import FineTune
+from utils.args import parse_args
+from utils.checkpoint import load_checkpoint_file
+from utils.errors import UserError
+from utils.schedulers import build_scheduler
+
+CTX = StepContext("voc", ((0, 1, 2), (3,)), 1)
+
+
+def common(data_root, ckpt, method, *extra):
+    return ["--data_root", data_root, "--ckpt_dir", str(ckpt), "--method", method, "--task", "15-1", "--overlap",
+            "--backbone", "resnet18", "--no_pretrained", "--crop_size", "49", "--batch_size", "4",
+            "--num_workers", "0", "--crop_val", "--val_batch_size", "8", "--lr_policy", "poly", "--lr", "0.01",
+            "--val_interval", "0", "--device", "cpu", *extra]
+
+
+def step_dir(ckpt, method, step):
+    return os.path.join(str(ckpt), method, "15-1", "overlap", f"step{step}")
+
+
+def final(ckpt, method, step):
+    return load_checkpoint_file(os.path.join(step_dir(ckpt, method, step), "final.pth"))
+
+
+# ---- the gradient hook, unit level ---------------------------------------------------------------------
+
+
+class TinyNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        return self.conv(x), {}
+
+
+class PenaltyMethod(FineTune):
+    """CE on the logits; records the gradients it sees; penalty 0.5·Σw² (gradient w)."""
+    uses_gradients = True
+
+    def __init__(self, boost=1.0):
+        super().__init__()
+        self.seen, self.boost = [], boost
+
+    def loss(self, outputs, teacher_outputs, batch, ctx):
+        ce = self.boost * nn.functional.cross_entropy(outputs[0].float(), batch.labels)
+        return {"total": ce, "ce": ce}
+
+    def after_backward(self, model, ctx, finite):
+        self.seen.append((finite, model.conv.weight.grad.clone()))
+        penalty = 0.5 * (model.conv.weight ** 2).sum()
+        return {"total": penalty, "reg": penalty}
+
+
+def tiny_batch():
+    generator = torch.Generator().manual_seed(0)
+    return Batch(torch.randn(2, 3, 5, 5, generator=generator), torch.randint(0, 4, (2, 5, 5), generator=generator))
+
+
+def run_one_iteration(init_scale, boost=1.0):
+    torch.manual_seed(0)
+    model, method, batch = TinyNet(), PenaltyMethod(boost), tiny_batch()
+    before = model.conv.weight.detach().clone()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = build_scheduler("poly", optimizer, 10)
+    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)  # an enabled scaler, as fp16 on CUDA
+    terms, finite = train_iteration(model, model, None, method, CTX, batch, optimizer, scheduler, scaler, False)
+    return model, method, batch, before, terms, finite, scaler
+
+
+def test_gradient_hook_sees_unscaled_task_gradients_and_its_penalty_is_added():
+    model, method, batch, before, terms, finite, scaler = run_one_iteration(init_scale=1024.0)
+    torch.manual_seed(0)
+    fresh = TinyNet()  # same initial weights as the trained one
+    task = nn.functional.cross_entropy(fresh(batch.images)[0], batch.labels)
+    task.backward()
+    assert finite and len(method.seen) == 1
+    hook_finite, hook_grad = method.seen[0]
+    assert hook_finite
+    torch.testing.assert_close(hook_grad, fresh.conv.weight.grad, rtol=1e-6, atol=1e-7)  # not × 1024
+    expected = before - 0.1 * (fresh.conv.weight.grad + before)  # SGD on task + penalty gradients
+    torch.testing.assert_close(model.conv.weight.detach(), expected, rtol=1e-6, atol=1e-7)
+    assert set(terms) == {"total", "ce", "reg"}
+    torch.testing.assert_close(terms["total"], terms["ce"].detach() + terms["reg"].detach())
+    assert scaler.get_scale() == 1024.0
+
+
+def test_gradient_hook_when_the_scaler_skips_the_step():
+    model, method, batch, before, terms, finite, scaler = run_one_iteration(init_scale=2.0 ** 127, boost=1e6)
+    assert finite  # the loss itself is finite; its scaled gradients overflow
+    assert method.seen[0][0] is False  # the hook is told, so it skips its statistics
+    torch.testing.assert_close(model.conv.weight.detach(), before, rtol=0, atol=0)  # no update, no penalty
+    assert scaler.get_scale() < 2.0 ** 127  # the scaler closed its iteration and lowered the scale
+
+
+def test_add_gradients_accumulates_without_touching_other_parameters():
+    a, b = nn.Parameter(torch.tensor([1.0, 2.0])), nn.Parameter(torch.tensor([3.0]))
+    a.grad = torch.tensor([0.5, 0.5])
+    add_gradients((a ** 2).sum(), [a, b])
+    assert a.grad.tolist() == [2.5, 4.5] and b.grad is None
+
+
+# ---- a method that records the order of hook calls and keeps state -------------------------------------
+
+
+class Interrupt(Exception):
+    pass
+
+
+class Recorder(FineTune):
+    """FT that records hook calls, keeps state that changes inside a step (iterations seen, a class
+    histogram from its before-step pass) and lets that state shape its loss."""
+    name = "recorder"
+    uses_gradients = True
+    calls = []
+    stop_at = None  # raise Interrupt at this iteration of step 1 (simulates a kill)
+    validate_every = None
+    best = None  # what selects_best returns
+
+    def __init__(self, hyper=None, dataset="voc"):
+        super().__init__(hyper, dataset)
+        self.state = {"seen": 0, "hist": None, "carried": None}
+
+    def _call(self, name, *detail):
+        type(self).calls.append((name, *detail))
+
+    def build_network(self, spec, classes_per_step, pretrained=None, layout_step=None):
+        self._call("build_network", len(classes_per_step), layout_step)
+        return super().build_network(spec, classes_per_step, pretrained, layout_step)
+
+    def needs_teacher(self, ctx):
+        return ctx.step > 0
+
+    def prepare_student(self, model, previous, ctx):
+        self._call("prepare_student", ctx.step, previous.num_classes)
+
+    def prepare_teacher(self, teacher, ctx):
+        self._call("prepare_teacher", ctx.step)
+        return super().prepare_teacher(teacher, ctx)
+
+    def configure(self, model, ctx):
+        self._call("configure", ctx.step)
+
+    def param_groups(self, model, ctx, lr):
+        self._call("param_groups", ctx.step)
+        return super().param_groups(model, ctx, lr)
+
+    def before_step(self, model, teacher, data, ctx):
+        self._call("before_step", ctx.step)
+        hist = torch.zeros(ctx.num_classes + 1, dtype=torch.float64)
+        for batch in data.train_batches():
+            assert batch.images.dtype == torch.float32 and batch.labels.dtype == torch.int64
+            labels = batch.labels.clamp(max=ctx.num_classes)
+            hist += torch.bincount(labels.flatten(), minlength=ctx.num_classes + 1).double()
+        self.state["hist"] = hist
+
+    def set_train_mode(self, model, ctx):
+        self._call("set_train_mode", ctx.step)
+        super().set_train_mode(model, ctx)
+
+    def loss(self, outputs, teacher_outputs, batch, ctx):
+        self._call("loss", ctx.step)
+        if ctx.step > 0:
+            assert teacher_outputs is not None
+        if type(self).stop_at is not None and ctx.step == 1 and self.state["seen"] == type(self).stop_at:
+            raise Interrupt()
+        self.state["seen"] += 1
+        terms = super().loss(outputs, teacher_outputs, batch, ctx)
+        weight = 1.0 + 0.01 * (self.state["seen"] % 5) + 1e-6 * float(self.state["hist"][0])
+        terms["total"] = terms["total"] * weight
+        return terms
+
+    def after_backward(self, model, ctx, finite):
+        self._call("after_backward", ctx.step)
+        return None
+
+    def validation_due(self, iteration, per_epoch, total, val_interval):
+        every = type(self).validate_every
+        return every is not None and iteration % every == 0
+
+    def selects_best(self, ctx, select_best):
+        return type(self).best if select_best is None else select_best
+
+    def end_of_step(self, model, ctx):
+        self._call("end_of_step", ctx.step)
+
+    def predict(self, logits, size):
+        self._call("predict")
+        return super().predict(logits, size)
+
+    def step_files(self):
+        return {"recorder.json": {"seen": self.state["seen"]}}
+
+    def state_dict(self):
+        return {"seen": self.state["seen"], "hist": self.state["hist"], "carried": self.state["carried"]}
+
+    def load_state_dict(self, state):
+        self._call("load_state_dict")
+        self.state = dict(state)
+
+    def load_previous_state(self, state, ctx):
+        self._call("load_previous_state", ctx.step)
+        self.state = {"seen": 0, "hist": None, "carried": state.get("seen")}
+
+
+@pytest.fixture
+def recorder(monkeypatch):
+    monkeypatch.setitem(METHODS, "recorder", Recorder)
+    monkeypatch.setattr(Recorder, "calls", [])
+    return Recorder
+
+
+def first_index(calls, name, step=None):
+    return next(i for i, call in enumerate(calls) if call[0] == name and (step is None or step in call[1:2]))
+
+
+def test_order_of_hook_calls_and_state_carried_to_the_next_step(tiny_voc, tmp_path, recorder):
+    train.run(parse_args(common(tiny_voc, tmp_path, "recorder", "--end_step", "1", "--train_epoch", "1")))
+    calls = recorder.calls
+    # step 1: student and previous model built with step 0's layout, state, surgery, teacher, freezing, groups,
+    # the pass, training with the gradient hook, end of step, then the evaluation model with step 1's layout
+    step1 = calls[first_index(calls, "load_previous_state") - 2:]
+    names = [c[0] for c in step1]
+    assert step1[0] == ("build_network", 2, 0) and step1[1] == ("build_network", 1, 0)
+    order = ["load_previous_state", "prepare_student", "prepare_teacher", "configure", "param_groups",
+             "before_step", "loss", "after_backward", "end_of_step", "predict"]
+    positions = [names.index(name) for name in order]
+    assert positions == sorted(positions), list(zip(order, positions))
+    assert ("build_network", 2, 1) in step1[names.index("end_of_step"):]  # evaluation model
+    assert names.count("loss") == names.count("after_backward") > 0
+    step0 = final(tmp_path, "recorder", 0)
+    step1_final = final(tmp_path, "recorder", 1)
+    assert step1_final["method_state"]["carried"] == step0["method_state"]["seen"] > 0
+    with open(os.path.join(step_dir(tmp_path, "recorder", 1), "recorder.json")) as handle:
+        assert json.load(handle) == {"seen": step1_final["method_state"]["seen"]}
+
+
+def test_resume_restores_method_state_and_skips_the_passes(tiny_voc, tmp_path, recorder, monkeypatch):
+    args = ["--end_step", "1", "--train_epoch", "3"]
+    straight = tmp_path / "straight"
+    train.run(parse_args(common(tiny_voc, straight, "recorder", *args)))
+    per_epoch = len(step_image_ids("voc", tiny_voc, "15-1", 1, True)) // 4
+
+    killed = tmp_path / "killed"
+    monkeypatch.setattr(Recorder, "stop_at", per_epoch)  # at the first iteration of the second epoch
+    with pytest.raises(Interrupt):
+        train.run(parse_args(common(tiny_voc, killed, "recorder", *args)))
+    last = load_checkpoint_file(os.path.join(step_dir(killed, "recorder", 1), "last.pth"))
+    assert last["epoch"] == 1 and last["method_state"]["seen"] == per_epoch
+    monkeypatch.setattr(Recorder, "stop_at", None)
+    recorder.calls.clear()
+    train.run(parse_args(common(tiny_voc, killed, "recorder", *args, "--resume")))
+    names = [c[0] for c in recorder.calls]
+    assert "before_step" not in names and "load_state_dict" in names  # state from last.pth, no second pass
+    a, b = final(straight, "recorder", 1), final(killed, "recorder", 1)
+    assert a["method_state"]["seen"] == b["method_state"]["seen"] == 3 * per_epoch
+    assert torch.equal(a["method_state"]["hist"], b["method_state"]["hist"])
+    for key, value in a["model_state"].items():
+        assert torch.equal(value, b["model_state"][key]), key
+
+
+@pytest.mark.parametrize("mode", ["replace", "concat"])
+def test_memory_samples_join_the_batches(tiny_voc, tmp_path, recorder, monkeypatch, mode):
+    memory = step_image_ids("voc", tiny_voc, "15-1", 0, True)[:5]
+    seen = []
+    monkeypatch.setattr(Recorder, "memory_mode", mode)
+    monkeypatch.setattr(Recorder, "memory_ids", lambda self: memory if self.state["carried"] is not None else [])
+    original = Recorder.loss
+
+    def loss(self, outputs, teacher_outputs, batch, ctx):
+        if ctx.step == 1:
+            seen.append((int(batch.memory.sum()), [i for i, m in zip(batch.ids, batch.memory.tolist()) if m]))
+        return original(self, outputs, teacher_outputs, batch, ctx)
+
+    monkeypatch.setattr(Recorder, "loss", loss)
+    train.run(parse_args(common(tiny_voc, tmp_path, "recorder", "--end_step", "1", "--train_epoch", "2")))
+    current = len(step_image_ids("voc", tiny_voc, "15-1", 1, True))
+    assert seen and all(set(ids) <= set(memory) for _, ids in seen)
+    if mode == "replace":
+        assert all(count == 2 for count, _ in seen)  # half of every batch of 4
+        assert len(seen) == 2 * (current // 4)
+    else:
+        assert len(seen) == 2 * ((current + len(memory)) // 4)  # the memory joins the training set
+        assert sum(count for count, _ in seen) > 0 and any(count == 0 for count, _ in seen)
+
+
+def test_validation_policy_and_best_selection(tiny_voc, tmp_path, recorder, monkeypatch):
+    monkeypatch.setattr(Recorder, "validate_every", 2)
+    monkeypatch.setattr(Recorder, "best", True)
+    scores = iter([0.1, 0.5, 0.2, 0.3, 0.4, 0.05] * 10)
+    monkeypatch.setattr(Recorder, "validation_score", lambda self, iou, ctx: next(scores))
+    train.run(parse_args(common(tiny_voc, tmp_path, "recorder", "--initial", "--train_epoch", "3")))
+    checkpoint = final(tmp_path, "recorder", 0)
+    assert checkpoint["selected"] == {"iteration": 4, "score": 0.5}  # the second validation scored best
+    assert not os.path.exists(os.path.join(step_dir(tmp_path, "recorder", 0), "best.pth"))
+    with open(os.path.join(step_dir(tmp_path, "recorder", 0), "results.json")) as handle:
+        assert json.load(handle)["Mean IoU"] == checkpoint["metrics"]["Mean IoU"]
+
+    other = tmp_path / "last"
+    train.run(parse_args(common(tiny_voc, other, "recorder", "--initial", "--train_epoch", "3", "--select_last")))
+    assert "selected" not in final(other, "recorder", 0)
+
+
+def test_best_selection_without_validation_is_refused_before_training(tiny_voc, tmp_path, recorder, monkeypatch):
+    monkeypatch.setattr(Recorder, "best", True)
+    with pytest.raises(UserError, match="never validates"):
+        train.run(parse_args(common(tiny_voc, tmp_path, "recorder", "--initial", "--train_epoch", "1")))
+    assert not list(tmp_path.rglob("*.pth"))
