@@ -88,8 +88,11 @@ def model_state(checkpoint):
 
 
 def load_exact(model, state, path):
-    """Load ``state`` into ``model`` requiring the same keys and shapes; a mismatch is a UserError."""
+    """Load ``state`` into ``model`` requiring the same keys and shapes; a mismatch is a UserError. BatchNorm
+    counters (``num_batches_tracked``) absent from the file (InPlace-ABN checkpoints have none) keep the
+    model's own."""
     own = model.state_dict()
+    state = {**{k: v for k, v in own.items() if k.endswith("num_batches_tracked")}, **state}
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     wrong = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))

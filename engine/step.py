@@ -213,7 +213,8 @@ class StepRun:
                                StepData(plan, args, dist_info, method, self.data, self.channels_last), plan)
         self.data.set_memory(method.memory_ids())
         self.total_iters = args.train_epoch * len(self.data)
-        self.scheduler = build_scheduler(args.lr_policy, self.optimizer, self.total_iters, args.step_size)
+        self.scheduler = build_scheduler(args.lr_policy, self.optimizer, self.total_iters, args.step_size,
+                                         **method.schedule_options(plan))
         if self.select_best and not any(
                 method.validation_due(i, len(self.data), self.total_iters, args.val_interval)
                 for i in range(1, self.total_iters + 1)):

@@ -238,6 +238,11 @@ class Method:
         """Optimizer parameter groups (default: every trainable parameter at ``lr``)."""
         return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}]
 
+    def schedule_options(self, ctx):
+        """Options of ``utils.schedulers.build_scheduler`` for ``--lr_policy`` (default BARM's: poly's 1e-6
+        floor, a 10% warm-up rounded down): ``min_lr``, ``warmup``, ``round_warmup``."""
+        return {}
+
     # ---- data -----------------------------------------------------------------------------------------
     def label_policy(self, steps, step, split):
         """The 256-entry table from raw label values to targets (default: BARM's, spec §5.3)."""

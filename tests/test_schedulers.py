@@ -48,3 +48,20 @@ def test_bad_policy_and_zero_iterations():
         build_scheduler("cosine", optimizer, 10)
     with pytest.raises(UserError, match="at least one iteration"):
         build_scheduler("poly", optimizer, 0)
+
+
+def test_method_schedule_options_floor_and_unrounded_warmup():
+    """MiB/DKD's poly has no floor; DKD's warm-up is 20% of the iterations, not rounded (methods spec §5)."""
+    group = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([group], lr=1e-6)
+    scheduler = build_scheduler("poly", optimizer, 10, min_lr=0.0)
+    for _ in range(9):
+        optimizer.step()
+        scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-6 * 0.1 ** 0.9)  # below BARM's 1e-6 floor
+    optimizer = torch.optim.SGD([group], lr=1.0)
+    scheduler = build_scheduler("warm_poly", optimizer, 7, warmup=0.2, round_warmup=False)
+    optimizer.step()
+    scheduler.step()  # it = 1 < W = 1.4 (int() would give W = 1 and no warm-up left)
+    ramp = 0.001 * (1 - 1 / 1.4) + 1 / 1.4
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(ramp * (1 - 1 / 7) ** 0.9)

@@ -30,20 +30,25 @@ class PolyLR(LambdaLR):
         return [max(lr, self.min_lr) for lr in super().get_lr()]
 
 
-def warm_poly_factor(it, total_iters, warmup=WARMUP_FRACTION, start=WARMUP_START_FACTOR, power=POLY_POWER):
-    warmup_iters = int(warmup * total_iters)
+def warm_poly_factor(it, total_iters, warmup=WARMUP_FRACTION, start=WARMUP_START_FACTOR, power=POLY_POWER,
+                     round_warmup=True):
+    """The warm_poly factor; ``round_warmup``: ``W = int(warmup·T)`` (BARM/SSUL) or ``warmup·T`` (DKD)."""
+    warmup_iters = int(warmup * total_iters) if round_warmup else warmup * total_iters
     ramp = start * (1 - it / warmup_iters) + it / warmup_iters if it < warmup_iters else 1.0
     return ramp * (1 - min(it, total_iters) / total_iters) ** power
 
 
-def build_scheduler(policy, optimizer, total_iters, step_size=10000):
-    """The scheduler for ``--lr_policy``; call its ``step()`` after every optimizer step."""
+def build_scheduler(policy, optimizer, total_iters, step_size=10000, min_lr=POLY_MIN_LR, warmup=WARMUP_FRACTION,
+                    round_warmup=True):
+    """The scheduler for ``--lr_policy``; call its ``step()`` after every optimizer step. ``min_lr`` (poly's
+    floor), ``warmup`` and ``round_warmup`` (warm_poly) are the method's (``Method.schedule_options``)."""
     if total_iters < 1:
         raise UserError(f"the schedule needs at least one iteration, got {total_iters}")
     if policy == "poly":
-        return PolyLR(optimizer, total_iters)
+        return PolyLR(optimizer, total_iters, min_lr=min_lr)
     if policy == "warm_poly":
-        return LambdaLR(optimizer, lambda it: warm_poly_factor(it, total_iters))
+        return LambdaLR(optimizer, lambda it: warm_poly_factor(it, total_iters, warmup=warmup,
+                                                               round_warmup=round_warmup))
     if policy == "step":
         return StepLR(optimizer, step_size=step_size, gamma=STEP_GAMMA)
     raise UserError(f"unknown --lr_policy '{policy}': expected one of {', '.join(POLICIES)}")
