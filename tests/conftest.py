@@ -31,6 +31,12 @@ def tiny_voc(tmp_path_factory):
     return synthetic(tmp_path_factory, "tiny", "voc", n_train=60, n_val=16, size=80, seed=1)
 
 
+@pytest.fixture(scope="session")
+def tiny_ade(tmp_path_factory):
+    """A small ADE folder for training runs (100-50 overlap: 60 images at step 0, 11 at step 1)."""
+    return synthetic(tmp_path_factory, "tiny_ade", "ade", n_train=60, n_val=12, size=64, seed=2)
+
+
 @pytest.fixture
 def voc_copy(synthetic_voc, tmp_path):
     """A private copy of the synthetic VOC folder that a test may modify."""
