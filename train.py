@@ -46,7 +46,10 @@ def step_range(args, steps):
 
 
 def finished(plan, step=None):
-    """Whether a step has its results and its checkpoint (or had it removed by ``--keep_checkpoints last``)."""
+    """Whether a step has its results and its checkpoint (or had it removed by ``--keep_checkpoints last``),
+    and no interrupted re-training of it (a ``last.pth``) is waiting to be resumed."""
+    if step in (None, plan.step) and os.path.exists(plan.last_path()):
+        return False
     if os.path.exists(plan.final_path(step)):
         return True
     results = os.path.join(plan.step_dir(step), "results.json")

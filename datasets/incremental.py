@@ -9,6 +9,8 @@
 * :class:`IncrementalSegmentation` — the dataset: decode, map through the table, joint transforms of the
   image, the label and the method's extra per-sample maps (SSUL's saliency).
 """
+import os
+
 import numpy as np
 from PIL import Image
 
@@ -95,12 +97,14 @@ def label_lut(steps, step, split, policy="barm"):
 
 
 def open_image(path):
-    """Decode an RGB image; a corrupt or unreadable file is a :class:`UserError` naming it."""
+    """Decode an RGB image; an empty, corrupt or unreadable file is a :class:`UserError` naming it."""
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
     except (OSError, SyntaxError, ValueError) as err:
-        raise UserError(f"cannot decode image {path} ({err})") from None
+        size = os.path.getsize(path) if os.path.exists(path) else None
+        what = "is empty (0 bytes)" if size == 0 else f"cannot be decoded ({err})"
+        raise UserError(f"image {path} {what}: expected a JPEG or PNG image") from None
 
 
 def open_label(path, lut):

@@ -13,6 +13,7 @@ memory. Memory samples (image ids from earlier steps' training lists) either rep
 batch (``memory_mode = "replace"``, SSUL-M) or join the training set (``"concat"``, DKD-M); either way a
 batch knows which of its samples came from the memory (``Batch.memory``).
 """
+import os
 import random
 
 import numpy as np
@@ -76,6 +77,14 @@ def to_batch(raw, device, channels_last):
                  extras={k: v.to(device, non_blocking=True) for k, v in extras.items()}, memory=memory, ids=ids)
 
 
+def check_images_nonempty(samples):
+    """An empty image file stops the run now, before anything is written (labels are checked by the class
+    index; a corrupt image is reported when it is decoded)."""
+    for _, image_path, _ in samples:
+        if os.path.getsize(image_path) == 0:
+            raise UserError(f"image {image_path} is empty (0 bytes): expected a JPEG or PNG image")
+
+
 class TrainData:
     """The training loader of a step, its per-epoch reseeding and the method's memory."""
 
@@ -84,7 +93,9 @@ class TrainData:
         self.extra_maps = method.extra_maps(plan, plan.data_root)
         self.transform = method.train_transform(args.crop_size)
         steps = [list(s) for s in plan.steps]
-        self.current = IncrementalSegmentation(_samples(plan, "train", args, dist_info),
+        samples = _samples(plan, "train", args, dist_info)
+        check_images_nonempty(samples)
+        self.current = IncrementalSegmentation(samples,
                                                label_lut(steps, plan.step, "train", method.label_policy),
                                                self.transform, extra_maps=self.extra_maps)
         self.memory = None  # the memory dataset, once set

@@ -140,7 +140,8 @@ def adopt_recorded_model(args, checkpoint, path):
             raise UserError(f"{path} was trained with --{key} {recorded}, but this run asks for --{key} {ours}: a step"
                             f" continues the model of the step before it (drop --{key})")
         if ours != recorded:
-            log.info("%s was trained with --%s %s: continuing with it", path, key, recorded)
+            if ours is not None or key != "model":  # --model left out: the recorded name is the method's family
+                log.info("%s was trained with --%s %s: continuing with it", path, key, recorded)
             setattr(args, key, recorded)
 
 

@@ -33,11 +33,11 @@ from engine.evaluate import evaluate, evaluate_state
 from engine.models import (adopt_recorded_model, build_step_models, load_exact, model_spec, read_previous,
                            to_device, use_channels_last)
 from engine.passes import StepData, autocast
-from engine.results import format_step, step_results, write_json, write_step_results, write_summary
+from engine.results import format_step, step_results, write_json, write_step_results
 from utils.checkpoint import CHECKPOINT_FORMAT, load_checkpoint_file, rng_state, save_atomic, set_rng_state
 from utils.distributed import all_gather_objects, all_true, barrier, main_first
 from utils.errors import UserError
-from utils.logging import ScalarWriter, progress
+from utils.logging import ScalarWriter, plural, progress
 from utils.schedulers import build_scheduler
 
 log = logging.getLogger("ciss")
@@ -200,6 +200,7 @@ class StepRun:
         self.scaler = grad_scaler(device, args.amp)
         self.channels_last = use_channels_last(args, device)
         self.start_epoch, self.iteration, self.best_score, self.skipped = 0, 0, None, 0
+        self.writer = None
         # results of a step name the run that produced them and the run of the checkpoint it started from, so
         # that the summary across steps follows one chain (never stale results of an older run)
         self.run_id = resume["run_id"] if resume is not None else uuid.uuid4().hex
@@ -286,15 +287,16 @@ class StepRun:
         plan, args = self.plan, self.args
         new = plan.steps[plan.step]
         log.info("=" * 100)
-        log.info("%s step %d/%d of %s %s (%s): %d new class(es) %s, %d channels",
-                 self.method.name, plan.step, len(plan.steps) - 1, plan.dataset, plan.task, plan.setting,
-                 len(new), list(new) if len(new) <= 10 else f"{new[0]}..{new[-1]}", plan.num_classes)
+        log.info("%s step %d/%d of %s %s (%s): %s %s, %s", self.method.name, plan.step, len(plan.steps) - 1,
+                 plan.dataset, plan.task, plan.setting, plural(len(new), "new class", "new classes"),
+                 list(new) if len(new) <= 10 else f"{new[0]}..{new[-1]}", plural(plan.num_classes, "channel"))
         memory = self.data.memory
-        log.info("%d training images%s, batch %d per process x %d process(es) = global batch %d, %d iterations"
-                 " per epoch, %d epochs, %d iterations", len(self.data.current),
-                 f" + {len(memory)} memory images ({self.method.memory_mode})" if memory is not None else "",
-                 args.batch_size, self.dist.world_size, args.batch_size * self.dist.world_size, len(self.data),
-                 args.train_epoch, self.total_iters)
+        log.info("%s%s, batch %d per process x %s = global batch %d, %s per epoch, %s, %s",
+                 plural(len(self.data.current), "training image"),
+                 f" + {plural(len(memory), 'memory image')} ({self.method.memory_mode})" if memory is not None else "",
+                 args.batch_size, plural(self.dist.world_size, "process", "processes"),
+                 args.batch_size * self.dist.world_size, plural(len(self.data), "iteration"),
+                 plural(args.train_epoch, "epoch"), plural(self.total_iters, "iteration"))
         log.info("hyper-parameters: %s", json.dumps(self.method.hyper_dict()))
         groups = ", ".join(f"{sum(p.numel() for p in g['params'] if p.requires_grad)}@{g['initial_lr']:g}"
                            for g in self.optimizer.param_groups)
@@ -343,9 +345,11 @@ class StepRun:
         self.method.set_train_mode(self.student, plan)
 
     def train(self):
+        """Train the remaining epochs; returns the scalar writer (closed by :func:`run_step`, also when the
+        training is interrupted, so that its events are flushed)."""
         args, plan, device = self.args, self.plan, self.dist.device
         self._log_header()
-        writer = ScalarWriter(plan.step_dir(), self.dist.is_main, purge_step=self.iteration or None)
+        writer = self.writer = ScalarWriter(plan.step_dir(), self.dist.is_main, purge_step=self.iteration or None)
         val_loader = None
         consecutive = 0
         for epoch in range(self.start_epoch, args.train_epoch):
@@ -436,7 +440,6 @@ class StepRun:
                 prune_earlier_checkpoints(plan, self.parent_id)
             log.info(format_step(results))
         writer.scalars({k: v for k, v in results["summary"].items() if isinstance(v, float)}, self.iteration, "test/")
-        writer.close()
         barrier()
         return results
 
@@ -472,5 +475,8 @@ def prune_earlier_checkpoints(plan, parent_id):
 
 def run_step(plan, args, method, dist_info, first_step, run_folder):
     run = StepRun(plan, args, method, dist_info, first_step, run_folder)
-    writer = run.train()
-    return run.finish(writer)
+    try:
+        return run.finish(run.train())
+    finally:
+        if run.writer is not None:
+            run.writer.close()

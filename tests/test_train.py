@@ -10,43 +10,9 @@ import time
 import pytest
 import torch
 
+from helpers import (REPO, assert_same_weights, assert_user_error, eval_results, run, step_dir, train_cmd,
+                     weights)
 from utils.checkpoint import load_checkpoint_file
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COMMON = ["--task", "15-1", "--overlap", "--backbone", "resnet18", "--no_pretrained", "--crop_size", "65",
-          "--batch_size", "4", "--num_workers", "0", "--crop_val", "--val_batch_size", "8", "--lr_policy", "poly",
-          "--val_interval", "0", "--pseudo", "--bn_freeze"]
-
-
-def train_cmd(data_root, ckpt_dir, *extra):
-    return [sys.executable, os.path.join(REPO, "train.py"), "--data_root", data_root, "--ckpt_dir", str(ckpt_dir),
-            *COMMON, *extra]
-
-
-def run(cmd, **kwargs):
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, **kwargs)
-
-
-def step_dir(ckpt_dir, step, task="15-1"):
-    return os.path.join(str(ckpt_dir), "barm", task, "overlap", f"step{step}")
-
-
-def weights(path):
-    return load_checkpoint_file(path)["model_state"]
-
-
-def assert_same_weights(a, b):
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
-
-
-def assert_user_error(result, *fragments):
-    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -89,12 +55,13 @@ def test_three_steps_then_test_reproduces_the_metrics(tiny_voc, step0, tmp_path)
     with open(os.path.join(str(ckpt), "barm", "15-1", "overlap", "summary.csv")) as handle:
         assert [line.split(",")[0] for line in handle.read().splitlines()] == ["step", "0", "1", "2"]
 
+    before = {step: open(os.path.join(step_dir(ckpt, step), "results.json")).read() for step in range(3)}
     tested = run(train_cmd(tiny_voc, ckpt, "--test"))
     assert tested.returncode == 0, tested.stderr
     for step in range(3):
-        with open(os.path.join(step_dir(ckpt, step), "results.json")) as handle:
-            again = json.load(handle)
+        again = eval_results(ckpt, step)
         assert again["confusion_matrix"] == trained[step]["confusion_matrix"]
+        assert open(os.path.join(step_dir(ckpt, step), "results.json")).read() == before[step]  # untouched
         assert again["Mean IoU"] == trained[step]["Mean IoU"] and again["summary"] == trained[step]["summary"]
     one = run(train_cmd(tiny_voc, ckpt, "--test", "--curr_step", "1"))
     assert one.returncode == 0 and f"test mIoU {100 * trained[1]['Mean IoU']:.2f}" in one.stdout
@@ -176,8 +143,7 @@ def test_two_gloo_processes_keep_identical_weights(tiny_voc, tmp_path):
     with open(os.path.join(step_dir(tmp_path, 0), "results.json")) as handle:
         trained = json.load(handle)  # evaluated by both ranks, each on half of the test images
     assert run(train_cmd(tiny_voc, tmp_path, "--test", "--curr_step", "0")).returncode == 0  # one process
-    with open(os.path.join(step_dir(tmp_path, 0), "results.json")) as handle:
-        assert json.load(handle)["confusion_matrix"] == trained["confusion_matrix"]
+    assert eval_results(tmp_path, 0)["confusion_matrix"] == trained["confusion_matrix"]
 
 
 def test_missing_previous_checkpoint(tiny_voc, tmp_path):
@@ -195,7 +161,7 @@ def test_unreadable_checkpoint(tiny_voc, tmp_path):
     bad = tmp_path / "broken.pth"
     bad.write_bytes(b"not a checkpoint at all")
     result = run(train_cmd(tiny_voc, tmp_path, "--curr_step", "1", "--prev_ckpt", str(bad)))
-    assert_user_error(result, str(bad), "could not be read")
+    assert_user_error(result, str(bad), "is not a torch checkpoint")
 
 
 def test_truncated_checkpoint_with_ckpt_alias(tiny_voc, step0, tmp_path):
@@ -235,7 +201,7 @@ def test_corrupt_image_found_by_a_loader_worker(tiny_voc, tmp_path):
     image.write_bytes(b"garbage")
     cmd = train_cmd(str(data), tmp_path / "ckpt", "--initial", "--train_epoch", "1")
     cmd[cmd.index("--num_workers") + 1] = "1"
-    assert_user_error(run(cmd), "cannot decode image", str(image))
+    assert_user_error(run(cmd), str(image), "cannot be decoded", "expected a JPEG or PNG image")
     assert not list((tmp_path / "ckpt").rglob("*.pth"))
 
 

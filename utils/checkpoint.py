@@ -14,6 +14,8 @@ from utils.errors import UserError
 # --------------------------------------------------------------------------------------------------
 
 _REFUSED_GLOBAL = re.compile(r"GLOBAL (\S+)")
+# First bytes of a torch.save file: a zip archive (torch >= 1.6) or a legacy pickle (protocol 2+ opcode)
+TORCH_FILE_MAGICS = (b"PK", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
 
 # Errors torch.load raises for a file that is truncated, corrupt or not a checkpoint at all.
 _READ_ERRORS = (
@@ -70,6 +72,11 @@ def load_checkpoint_file(path, map_location="cpu"):
         raise UserError(f"checkpoint file {path} does not exist: expected a .pth file saved with torch.save")
     if os.path.isdir(path):
         raise UserError(f"checkpoint path {path} is a directory: expected a .pth file saved with torch.save")
+    with open(path, "rb") as handle:
+        magic = handle.read(2)
+    if magic not in TORCH_FILE_MAGICS:
+        raise UserError(f"checkpoint file {path} is not a torch checkpoint ({'empty' if not magic else 'unknown format'}):"
+                        f" expected a .pth file saved with torch.save")
     try:
         if hasattr(torch.serialization, "safe_globals"):
             with torch.serialization.safe_globals(_numpy_safe_globals()):

@@ -52,9 +52,9 @@ def detach_log_file(handler):
         handler.close()
 
 
-def plural(count, word):
-    """``"1 epoch"``, ``"2 epochs"``."""
-    return f"{count} {word}{'' if count == 1 else 's'}"
+def plural(count, word, words=None):
+    """``"1 epoch"``, ``"2 epochs"`` (``words``: an irregular plural)."""
+    return f"{count} {word if count == 1 else (words or word + 's')}"
 
 
 def progress(iterable, enabled, **kwargs):
@@ -86,3 +86,4 @@ class ScalarWriter:
     def close(self):
         if self.writer is not None:
             self.writer.close()
+            self.writer = None
