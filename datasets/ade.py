@@ -7,7 +7,11 @@
 
 The file list of a split is the sorted list of image names (20,210 training / 2,000 validation).
 """
+import functools
+import itertools
 import os
+
+import numpy as np
 
 from datasets.files import check_dir, list_stems, pair_files
 
@@ -34,6 +38,42 @@ CLASS_NAMES = (
 )
 SPLIT_FOLDERS = {"train": "training", "val": "validation"}
 IMAGE_COUNTS = {"train": 20210, "val": 2000}
+PALETTE_SIZE = 256  # one colour per 8-bit label value
+VOID_COLOUR = (224, 224, 192)  # value 255, as in VOC's colour map
+RESERVED_COLOURS = ((255, 255, 255), VOID_COLOUR)  # panel background and void: no class gets a colour near them
+PALETTE_LEVELS = 8  # candidate colours: an 8 x 8 x 8 grid over RGB
+
+
+@functools.lru_cache(maxsize=1)
+def _palette():
+    levels = np.round(np.linspace(0, 255, PALETTE_LEVELS))
+    candidates = np.array(list(itertools.product(levels, repeat=3)))  # black first
+    spacing = levels[1] - levels[0]
+    reserved = np.array(RESERVED_COLOURS, dtype=np.float64)
+    far = np.sqrt(((candidates[:, None] - reserved[None]) ** 2).sum(-1)).min(axis=1) >= spacing
+    candidates = candidates[far]
+    chosen = [0]
+    nearest = np.sqrt(((candidates - candidates[0]) ** 2).sum(-1))
+    for _ in range(1, NUM_CLASSES):
+        pick = int(np.argmax(nearest))  # the first of the candidates farthest from every chosen colour
+        chosen.append(pick)
+        nearest = np.minimum(nearest, np.sqrt(((candidates - candidates[pick]) ** 2).sum(-1)))
+    colours = np.zeros((PALETTE_SIZE, 3), dtype=np.uint8)
+    colours[:NUM_CLASSES] = candidates[chosen]
+    colours[PALETTE_SIZE - 1] = VOID_COLOUR
+    return colours
+
+
+def palette():
+    """A uint8 (256, 3) colour array indexed by label value (a copy): 0 "other" black, 1..150 distinct colours,
+    255 void as in VOC, the rest black (no label takes them).
+
+    ADE20K's official 150 colours are a fixed list that ciss does not ship; this palette is generated instead,
+    deterministically: from an 8x8x8 grid over RGB (levels round(255·i/7)), minus the colours closer than one
+    grid step to white or to void, each class in turn takes the first candidate farthest (Euclidean, RGB) from
+    the colours already taken, starting from black. Any two classes differ by at least one grid step (36).
+    """
+    return _palette().copy()
 
 
 def list_split(data_root, split):

@@ -9,7 +9,10 @@
 A split file may hold bare ids or the ``/JPEGImages/x.jpg /SegmentationClassAug/x.png`` lines of the
 MiB/DKD lists; the first token's stem is the id.
 """
+import functools
 import os
+
+import numpy as np
 
 from datasets.files import check_dir, pair_files, read_id_list
 
@@ -25,6 +28,31 @@ LABEL_DIR = "SegmentationClassAug"
 SPLIT_DIR = os.path.join("ImageSets", "Segmentation")
 SPLIT_FILES = {"train": "train_aug.txt", "val": "val.txt"}
 IMAGE_COUNTS = {"train": 10582, "val": 1449}  # the full dataset; the data check reports deviations
+PALETTE_SIZE = 256  # one colour per 8-bit label value (255 = void: (224, 224, 192))
+_COLOUR_BITS = 8  # bits per colour channel
+
+
+@functools.lru_cache(maxsize=1)
+def _palette():
+    colours = np.zeros((PALETTE_SIZE, 3), dtype=np.uint8)
+    for value in range(PALETTE_SIZE):
+        code, rgb = value, [0, 0, 0]
+        for bit in range(_COLOUR_BITS):
+            for channel in range(3):
+                rgb[channel] |= ((code >> channel) & 1) << (_COLOUR_BITS - 1 - bit)
+            code >>= 3
+        colours[value] = rgb
+    return colours
+
+
+def palette():
+    """VOC's standard colour map as a uint8 (256, 3) array indexed by label value (a copy).
+
+    Label value v's bits are dealt out from the most significant colour bit down: bit 3k of v goes to red
+    bit 7-k, bit 3k+1 to green bit 7-k, bit 3k+2 to blue bit 7-k (k = 0..7). Background 0 is black,
+    aeroplane 1 (128, 0, 0), person 15 (192, 128, 128), void 255 (224, 224, 192), as in the dataset's PNGs.
+    """
+    return _palette().copy()
 
 
 def list_split(data_root, split):

@@ -1,0 +1,117 @@
+"""Figures of the report (issue 13 item 1), drawn with matplotlib's Agg canvas (no display, no pyplot state).
+
+* :func:`plot_miou_per_step`: mIoU of the old, new and all classes per step, every run on one figure;
+* :func:`plot_class_heatmap`: one run's IoU per class (rows) and step (columns).
+
+Figures have a fixed size in pixels (documented per function), so reports stay comparable and tests can check
+them; values are fractions in, percent on the axes.
+"""
+import math
+
+import numpy as np
+
+DPI = 100
+MIOU_FIGURE_PX = (800, 500)  # width, height
+HEATMAP_WIDTH_PX = 800
+HEATMAP_BASE_HEIGHT_PX = 200  # title, axis labels and colour bar
+HEATMAP_ROW_PX = 20  # per class
+HEATMAP_ANNOTATE_MAX_CELLS = 400  # write the IoU in each cell up to this many cells
+HEATMAP_MISSING_COLOUR = "lightgrey"  # class not yet introduced, or absent and left out by the convention
+HEATMAP_COLOUR_MAP = "viridis"
+PERCENT = 100.0
+LINE_STYLES = (("mIoU_old", "old", "--", "s"), ("mIoU_new", "new", ":", "^"), ("mIoU", "all", "-", "o"))
+RUN_COLOURS = "tab10"
+
+
+def _figure(width_px, height_px):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width_px / DPI, height_px / DPI), dpi=DPI)
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _save(figure, path, width_px, height_px):
+    """Save at exactly ``width_px`` x ``height_px`` (the size in inches is set from the pixels again, so
+    floating-point rounding of inches x dpi cannot lose a pixel)."""
+    figure.set_size_inches((width_px + 0.5) / DPI, (height_px + 0.5) / DPI)
+    figure.savefig(path, dpi=DPI, format="png")
+    return path
+
+
+def _percent(values):
+    return [math.nan if v is None else PERCENT * float(v) for v in values]
+
+
+def plot_miou_per_step(series, path, title=""):
+    """mIoU of the old / new / all classes per step, every run on one figure (800 x 500 px PNG at ``path``).
+
+    ``series``: ``[(label, steps, {"mIoU_old": [...], "mIoU_new": [...], "mIoU": [...]}), ...]`` with fractions
+    per step (None where undefined, e.g. new at step 0). One colour per run; line style per class set (old
+    dashed, new dotted, all solid). Returns ``path``.
+    """
+    from matplotlib import colormaps
+    from matplotlib.lines import Line2D
+
+    width, height = MIOU_FIGURE_PX
+    figure = _figure(width, height)
+    axes = figure.add_subplot(1, 1, 1)
+    colours = colormaps[RUN_COLOURS]
+    all_steps = set()
+    for i, (label, steps, values) in enumerate(series):
+        colour = colours(i % colours.N)
+        all_steps.update(steps)
+        for key, _, style, marker in LINE_STYLES:
+            axes.plot(steps, _percent(values.get(key, [None] * len(steps))), linestyle=style, marker=marker,
+                      color=colour, markersize=4)
+    run_handles = [Line2D([], [], color=colours(i % colours.N), label=label) for i, (label, _, _) in enumerate(series)]
+    style_handles = [Line2D([], [], color="black", linestyle=style, marker=marker, label=name)
+                     for _, name, style, marker in LINE_STYLES]
+    axes.legend(handles=run_handles + style_handles, fontsize="small", loc="best")
+    axes.set_xticks(sorted(all_steps))
+    axes.set_xlabel("step")
+    axes.set_ylabel("mIoU (%)")
+    axes.set_ylim(0, PERCENT)
+    axes.grid(True, alpha=0.3)
+    axes.set_title(title)
+    figure.tight_layout()
+    return _save(figure, path, width, height)
+
+
+def heatmap_size(n_classes):
+    """``(width, height)`` in pixels of :func:`plot_class_heatmap` for ``n_classes`` rows:
+    ``(800, 200 + 20 · n_classes)``."""
+    return HEATMAP_WIDTH_PX, HEATMAP_BASE_HEIGHT_PX + HEATMAP_ROW_PX * n_classes
+
+
+def plot_class_heatmap(matrix, class_labels, steps, path, title=""):
+    """IoU per class and step as a heat map (PNG at ``path``, :func:`heatmap_size` pixels).
+
+    ``matrix``: (C, T) fractions, NaN where a class has no IoU (not yet introduced, or absent and left out by
+    the convention; drawn light grey); ``class_labels``: C row names; ``steps``: T column names. Cells hold
+    their value in % when the map has at most 400 cells. Returns ``path``.
+    """
+    from matplotlib import colormaps
+
+    values = np.asarray(matrix, dtype=np.float64) * PERCENT
+    n_classes, n_steps = values.shape
+    width, height = heatmap_size(n_classes)
+    figure = _figure(width, height)
+    axes = figure.add_subplot(1, 1, 1)
+    colour_map = colormaps[HEATMAP_COLOUR_MAP].with_extremes(bad=HEATMAP_MISSING_COLOUR)
+    image = axes.imshow(np.ma.masked_invalid(values), cmap=colour_map, vmin=0, vmax=PERCENT, aspect="auto",
+                        interpolation="nearest")
+    axes.set_xticks(range(n_steps), [str(s) for s in steps])
+    axes.set_yticks(range(n_classes), list(class_labels), fontsize="small")
+    axes.set_xlabel("step")
+    axes.set_title(title)
+    if n_classes * n_steps <= HEATMAP_ANNOTATE_MAX_CELLS:
+        for c in range(n_classes):
+            for t in range(n_steps):
+                if not math.isnan(values[c, t]):
+                    axes.text(t, c, f"{values[c, t]:.0f}", ha="center", va="center", fontsize="x-small",
+                              color="white" if values[c, t] < PERCENT / 2 else "black")
+    figure.colorbar(image, ax=axes, label="IoU (%)")
+    figure.tight_layout()
+    return _save(figure, path, width, height)
