@@ -29,6 +29,7 @@ from utils.distributed import cleanup, setup
 from utils.errors import UserError, exit_on_user_error
 from utils.logging import setup_logging
 from utils.tasks import check_step
+from utils.visualize import visualize_test_step
 
 log = logging.getLogger("ciss")
 
@@ -143,6 +144,9 @@ def test(args, dist_info, status):
             rows.append(summary_row(results))
             log.info(format_step(results))
             log.info("results in %s", os.path.join(folder, f"step{step}"))
+        if args.visualize:  # on every rank: the test loader is built collectively; rank 0 writes
+            visualize_test_step(plan, args, method, model_spec(args, method_cls), model_state(checkpoint), path,
+                                dist_info, args.visualize, os.path.join(folder, f"step{step}"))
     if rows:
         write_summary_rows(rows, os.path.join(plan.root, "eval", eval_name(args), "summary.csv"))
         log.info("\n%s", format_summary(rows))
@@ -178,6 +182,8 @@ def run(args, argv=None):
     setup_logging(dist_info.is_main)
     if dist_info.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as the reference (spec §4.1): fastest kernels, not bitwise reproducible
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matrix products in TF32 on Ampere and later
+        torch.backends.cudnn.allow_tf32 = True  # (convolutions: PyTorch's default)
     status = {"test": args.test}
     previous_handler = signal.signal(signal.SIGTERM, _on_sigterm)
     try:

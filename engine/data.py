@@ -3,9 +3,9 @@ and test (sharded, exact), and the conversion of loader output into a device :cl
 
 Training uses a ``DistributedSampler`` in every case (one replica when single-process), so the order of an
 epoch depends only on ``(random_seed, epoch)`` and the union of the ranks' first batches is the single
-process's first batch of the same global size. Augmentation randomness is reseeded from
-``(random_seed, step, epoch, rank)`` at the start of every epoch, in the loader's workers and in the main
-process, so an epoch can be replayed exactly (``--resume``). Evaluation splits the images over the ranks
+process's first batch of the same global size. Every sample is augmented after seeding Python's ``random``
+from ``(random_seed, step, epoch, sample index)``, so an epoch can be replayed exactly (``--resume``) and the
+augmentation does not depend on the number of workers or processes; the workers persist for the whole step. Evaluation splits the images over the ranks
 without padding and sums the confusion matrices, so every image counts once.
 
 The method decides the transforms, the label table (its ``label_policy``), the extra per-sample maps and the
@@ -28,7 +28,10 @@ from utils.distributed import main_first
 from utils.errors import UserError
 
 MEMORY_KEY = "memory"  # extras entry that tags memory samples (popped into Batch.memory)
-PASS_PURPOSE = 1  # seed-sequence tag of the before-step passes (training epochs use none)
+MEMORY_TAG = 1  # seed-sequence tag of the memory loader's samples (training samples use 0)
+PASS_TAG = 2  # seed-sequence tag of the samples of StepData.batches
+PASS_EPOCH = np.iinfo(np.int32).max  # the sampler epoch of before-step passes (never a training epoch)
+MEMORY_CYCLES = 1000  # memory-loader epochs per training epoch (a memory restarts when exhausted)
 
 
 def _samples(plan, split, args, dist_info, step=None):
@@ -39,28 +42,47 @@ def _samples(plan, split, args, dist_info, step=None):
                                            plan.overlap, split, cache_dir=args.cache_dir), dist_info)
 
 
-def epoch_seed(seed, step, epoch, rank, *purpose):
-    return int(np.random.SeedSequence([seed, step, epoch, rank, *purpose]).generate_state(1)[0])
-
-
 def class_names(plan):
     """Names of the model's channels, in channel order."""
     names = get_layout(plan.dataset).CLASS_NAMES
     return [names[c] for s in plan.steps[:plan.step + 1] for c in s]
 
 
-class _Tagged(torch.utils.data.Dataset):
-    """A dataset whose items say whether they come from the memory (``extras[MEMORY_KEY]``)."""
+def sample_seed(seed, step, epoch, index, tag=0):
+    """The augmentation seed of one sample: a function of ``(random_seed, step, epoch, sample index, tag)``
+    only, so that a sample is augmented alike whatever the number of loader workers or processes."""
+    return int(np.random.SeedSequence([seed, step, epoch, index, tag]).generate_state(1)[0])
 
-    def __init__(self, dataset, memory):
-        self.dataset, self.memory = dataset, memory
+
+class SeededSampler(DistributedSampler):
+    """A ``DistributedSampler`` whose items are ``(index, augmentation seed)`` (see :func:`sample_seed`); the
+    loader's dataset (a :class:`SeededDataset`) seeds Python's ``random`` with it before transforming the sample."""
+
+    def __init__(self, dataset, num_replicas, rank, seed, step, tag=0, shuffle=True):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
+        self.step, self.tag = step, tag
+
+    def __iter__(self):
+        for index in super().__iter__():
+            yield index, sample_seed(self.seed, self.step, self.epoch, index, self.tag)
+
+
+class SeededDataset(torch.utils.data.Dataset):
+    """A training dataset for a :class:`SeededSampler`: item ``(index, seed)`` is the sample ``index``
+    transformed after ``random.seed(seed)``, its extras saying whether it comes from the memory: samples with
+    an index of at least ``memory_from`` do (0: all, ``len(dataset)``: none)."""
+
+    def __init__(self, dataset, memory_from):
+        self.dataset, self.memory_from = dataset, memory_from
 
     def __len__(self):
         return len(self.dataset)
 
-    def __getitem__(self, i):
-        image, label, extras, image_id = self.dataset[i]
-        return image, label, {**extras, MEMORY_KEY: torch.tensor(self.memory)}, image_id
+    def __getitem__(self, item):
+        index, seed = item
+        random.seed(seed)  # the transforms draw from Python's random (as the references')
+        image, label, extras, image_id = self.dataset[index]
+        return image, label, {**extras, MEMORY_KEY: torch.tensor(index >= self.memory_from)}, image_id
 
 
 def to_batch(raw, device, channels_last):
@@ -101,14 +123,14 @@ class TrainData:
         self.memory = None  # the memory dataset, once set
         self.memory_loader = None
         self.seed, self.step, self.rank = args.random_seed, plan.step, dist_info.rank
-        self._build(_Tagged(self.current, False))
+        self._build(SeededDataset(self.current, len(self.current)))
 
-    def _loader(self, dataset, seed_offset=0):
-        sampler = DistributedSampler(dataset, num_replicas=self.dist.world_size, rank=self.dist.rank,
-                                     shuffle=True, seed=self.seed + seed_offset, drop_last=False)
-        loader = DataLoader(dataset, batch_size=self.args.batch_size, sampler=sampler,
-                            num_workers=self.args.num_workers, pin_memory=self.dist.device.type == "cuda",
-                            drop_last=True, generator=torch.Generator())
+    def _loader(self, dataset, tag=0):
+        sampler = SeededSampler(dataset, self.dist.world_size, self.dist.rank, self.seed, self.step, tag)
+        workers = self.args.num_workers
+        loader = DataLoader(dataset, batch_size=self.args.batch_size, sampler=sampler, num_workers=workers,
+                            pin_memory=self.dist.device.type == "cuda", drop_last=True,
+                            persistent_workers=workers > 0)  # workers live for the step: no restart per epoch
         return sampler, loader
 
     def _build(self, dataset):
@@ -133,35 +155,27 @@ class TrainData:
         lut = label_lut(steps, plan.step, method.memory_split, method.label_policy)
         self.memory = IncrementalSegmentation(samples, lut, self.transform, extra_maps=self.extra_maps)
         if method.memory_mode == "concat":
-            self._build(ConcatDataset([_Tagged(self.current, False), _Tagged(self.memory, True)]))
+            self._build(SeededDataset(ConcatDataset([self.current, self.memory]), len(self.current)))
             return
         if method.memory_mode != "replace":
             raise ValueError(f"unknown memory_mode {method.memory_mode!r}")
         # SSUL-M (spec §12.4): the list is repeated until it fills a batch on every process
         needed = self.args.batch_size * self.dist.world_size
         repeats = -(-needed // len(samples))
-        memory = _Tagged(ConcatDataset([self.memory] * repeats), True)
-        self.memory_sampler, self.memory_loader = self._loader(memory, seed_offset=1)
+        memory = SeededDataset(ConcatDataset([self.memory] * repeats), 0)
+        self.memory_sampler, self.memory_loader = self._loader(memory, tag=MEMORY_TAG)
 
     def __len__(self):
         return len(self.loader)
 
-    def _seed(self, epoch, *purpose):
-        seed = epoch_seed(self.seed, self.step, epoch, self.rank, *purpose)
-        self.loader.generator.manual_seed(seed)  # worker seeds of this epoch
-        random.seed(seed)  # augmentation in the main process when num_workers is 0
-        return seed
-
     def epoch(self, epoch):
-        """The loader for ``epoch`` with its sampler order and augmentation seeds set."""
+        """The loader for ``epoch``: its sampler's order and its samples' augmentation seeds."""
         self.sampler.set_epoch(epoch)
-        self._seed(epoch)
         return self.loader
 
     def pass_loader(self):
-        """The training loader for a before-step pass: its own order and augmentation seeds."""
-        self.sampler.set_epoch(np.iinfo(np.int32).max)
-        self._seed(0, PASS_PURPOSE)
+        """The training loader for a before-step pass: an order and augmentation seeds of its own."""
+        self.sampler.set_epoch(PASS_EPOCH)
         return self.loader
 
     def memory_batches(self, epoch):
@@ -171,10 +185,8 @@ class TrainData:
             return None
 
         def cycle():
-            for cycle_index in range(np.iinfo(np.int32).max):
-                self.memory_sampler.set_epoch(epoch * 1000 + cycle_index)
-                self.memory_loader.generator.manual_seed(epoch_seed(self.seed, self.step, epoch, self.rank,
-                                                                    cycle_index + 2))
+            for cycle_index in range(MEMORY_CYCLES):
+                self.memory_sampler.set_epoch(epoch * MEMORY_CYCLES + cycle_index)
                 yield from self.memory_loader
 
         return cycle()

@@ -158,7 +158,7 @@ def build_step_models(plan, args, method, spec, previous_checkpoint):
     student = method.build_network(spec, plan.classes_per_step, layout_step=plan.step - 1)
     path, checkpoint = previous_checkpoint
     previous = method.build_network(spec, plan.classes_per_step[:-1], layout_step=plan.step - 1)
-    state = model_state(checkpoint)
+    state = method.convert_previous_state(checkpoint)
     load_exact(previous, state, path)
     load_previous_into(student, state, path)
     method.load_previous_state(checkpoint.get("method_state", {}), plan)

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Subset
 
 from datasets.incremental import IncrementalSegmentation, label_lut
-from engine.data import previous_samples, to_batch
+from engine.data import PASS_TAG, SeededSampler, SeededDataset, previous_samples, to_batch
 from utils.distributed import broadcast_object
 
 
@@ -70,7 +70,10 @@ class StepData:
                                           extra_maps=self.method.extra_maps(self.plan, self.plan.data_root))
         if shard:
             dataset = Subset(dataset, list(range(self.dist.rank, len(dataset), self.dist.world_size)))
-        loader = DataLoader(dataset, batch_size=batch_size or self.args.batch_size, shuffle=False,
+        # in order, each sample augmented (with the "train" transform) from its own seed, as in training
+        sampler = SeededSampler(dataset, 1, 0, self.args.random_seed, self.plan.step, PASS_TAG, shuffle=False)
+        loader = DataLoader(SeededDataset(dataset, len(dataset)), batch_size=batch_size or self.args.batch_size,
+                            sampler=sampler,
                             num_workers=self.args.num_workers, pin_memory=self.device.type == "cuda")
         return self._prepared(loader)
 

@@ -8,8 +8,9 @@ schedule is built for the resulting number of iterations.
 Per iteration: teacher forward (no grad) and student forward (through DDP when distributed) under autocast
 with ``--amp``; the method's loss terms in fp32; backward; for a method that ``uses_gradients``, the
 gradients are unscaled and the method's ``after_backward`` runs (statistics, then an optional penalty whose
-gradients are added unscaled); optimizer and scheduler step. A non-finite loss (agreed on by every rank)
-skips the optimizer step and is counted; too many in a row stop the run. The method decides when to
+gradients are added unscaled); optimizer and scheduler step. An update with non-finite gradients is skipped
+on the device by the scaler (every rank alike: the gradients are all-reduced) and counted; too many in a row
+stop the run (checked at logging points: nothing in an iteration waits for the device). The method decides when to
 validate and whether the step's result is its best-validated or its last weights. ``last.pth`` is written
 after every epoch (``--resume`` continues from it, bit for bit on one process), ``final.pth`` at the end with
 the test metrics; both atomically, by rank 0.
@@ -35,7 +36,7 @@ from engine.models import (adopt_recorded_model, build_step_models, load_exact, 
 from engine.passes import StepData, autocast
 from engine.results import format_step, step_results, write_json, write_step_results
 from utils.checkpoint import CHECKPOINT_FORMAT, load_checkpoint_file, rng_state, save_atomic, set_rng_state
-from utils.distributed import all_gather_objects, all_true, barrier, main_first
+from utils.distributed import all_gather_objects, barrier, main_first
 from utils.errors import UserError
 from utils.logging import ScalarWriter, plural, progress
 from utils.schedulers import build_scheduler
@@ -53,12 +54,34 @@ def seed_everything(seed):
     random.seed(seed)
 
 
+#: Loss scale of the fixed-scale guard (fp32 and bf16): 1, so unscaling multiplies by exactly 1.
+GUARD_SCALE = 1.0
+
+
 def grad_scaler(device, amp):
-    """The loss scaler of fp16 training on CUDA (disabled otherwise: bf16 and fp32 need none)."""
-    enabled = amp and device.type == "cuda"
-    if hasattr(torch.amp, "GradScaler"):  # torch >= 2.3
-        return torch.amp.GradScaler(device.type, enabled=enabled)
-    return torch.cuda.amp.GradScaler(enabled=enabled)
+    """The scaler that applies every update: fp16 training on CUDA gets a dynamic loss scale; every other
+    precision a fixed scale of 1, used only for its check of the gradients on the device, so that an update
+    with non-finite gradients is skipped without a host synchronisation (with a fused optimizer)."""
+    if amp and device.type == "cuda":
+        return torch.amp.GradScaler(device.type)
+    guard = torch.amp.GradScaler(device.type, init_scale=GUARD_SCALE, growth_interval=np.iinfo(np.int32).max)
+    guard.fixed_scale = GUARD_SCALE
+    return guard
+
+
+def close_scaler_iteration(scaler):
+    """``scaler.update()``; a fixed-scale guard returns to its scale (a skipped step halved it)."""
+    scaler.update(getattr(scaler, "fixed_scale", None))
+
+
+def build_optimizer(groups, lr, weight_decay):
+    """SGD with Nesterov momentum (every reference, spec §4.3), fused where this torch has a fused kernel for
+    the device (one kernel per step, and the scaler's skip decision stays on the device), else foreach."""
+    try:
+        return torch.optim.SGD(groups, lr=lr, momentum=MOMENTUM, nesterov=True, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.SGD(groups, lr=lr, momentum=MOMENTUM, nesterov=True, weight_decay=weight_decay,
+                               foreach=True)
 
 
 def trainable(model):
@@ -82,42 +105,68 @@ def add_gradients(loss, parameters):
 
 
 def train_iteration(model, student, teacher, method, ctx, batch, optimizer, scheduler, scaler, amp):
-    """One optimisation step; returns ``(terms, finite)``. ``finite`` is the same on every rank, and the
-    backward always runs so that DDP's gradient all-reduce stays matched across ranks.
+    """One optimisation step; returns ``(terms, nonfinite)`` with ``nonfinite`` a bool tensor on the device
+    (whether the loss was not finite; read it only when logging: reading it synchronises with the device).
 
-    ``model`` is what the forward goes through (the DDP wrapper when distributed), ``student`` the bare
-    module (for the method's gradient hook)."""
+    An update whose gradients are not finite is skipped by the scaler, on every rank alike (DDP has
+    all-reduced the gradients); the backward always runs so that DDP's all-reduce stays matched across ranks,
+    and the schedule steps in any case, as the reference's. ``model`` is what the forward goes through (the DDP
+    wrapper when distributed), ``student`` the bare module (for the method's gradient hook)."""
     optimizer.zero_grad(set_to_none=True)
-    with autocast(batch.images.device, amp):
+    device = batch.images.device
+    with autocast(device, amp):
         teacher_outputs = None
         if teacher is not None:
             with torch.no_grad():
                 teacher_outputs = teacher(batch.images)
         outputs = model(batch.images)
     terms = method.loss(outputs, teacher_outputs, batch, ctx)
-    finite = all_true(torch.isfinite(terms["total"].detach()), batch.images.device)
+    nonfinite = ~torch.isfinite(terms["total"].detach())
     scaler.scale(terms["total"]).backward()
-    unscaled = False
     if method.uses_gradients:
         scaler.unscale_(optimizer)  # the hook sees the task loss's true gradients
-        unscaled = scaler.is_enabled()
         parameters = trainable(student)
-        grads_finite = finite and gradients_finite(parameters)
+        grads_finite = gradients_finite(parameters)  # the hook decides on the host: one synchronisation
         penalty = method.after_backward(student, ctx, grads_finite)
         if penalty is not None:
             if grads_finite:
                 add_gradients(penalty["total"], parameters)
             terms = {**terms, **{k: v for k, v in penalty.items() if k != "total"},
                      "total": terms["total"].detach() + penalty["total"].detach()}
-    if finite:
-        scaler.step(optimizer)  # skipped by the scaler itself when fp16 gradients overflowed
-        scaler.update()
-    elif unscaled:
-        scaler.update()  # unscale_ was recorded: close the scaler's iteration (it lowers the scale)
+    scaler.step(optimizer)  # skipped (on the device) when the gradients are not finite
+    close_scaler_iteration(scaler)
     with warnings.catch_warnings():  # the reference steps the schedule even when an update is skipped
         warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
         scheduler.step()
-    return terms, finite
+    return terms, nonfinite
+
+
+class LossMeter:
+    """Running sums of the loss terms over an epoch's iterations with a finite loss, and the count of the
+    others, kept on the device: reading them (:meth:`read`) is the only synchronisation, at logging points."""
+
+    def __init__(self, device):
+        zero = torch.zeros((), device=device)
+        self.sums, self.count, self.skipped = {}, zero.clone(), zero.clone()
+        self.streak, self.longest = zero.clone(), zero.clone()
+
+    def add(self, terms, nonfinite):
+        for name, value in terms.items():
+            value = torch.where(nonfinite, 0.0, value.detach().float())
+            self.sums[name] = self.sums[name] + value if name in self.sums else value
+        self.count += ~nonfinite
+        self.skipped += nonfinite
+        self.streak = (self.streak + 1) * nonfinite
+        self.longest = torch.maximum(self.longest, self.streak)
+
+    def read(self):
+        """``(means of the terms, iterations skipped, longest run of consecutive skips)`` as Python numbers;
+        the longest run is the maximum over the processes (every rank stops together)."""
+        longest = self.longest.clone()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(longest, op=dist.ReduceOp.MAX)
+        count = max(float(self.count), 1.0)
+        return ({name: float(v) / count for name, v in self.sums.items()}, int(self.skipped), int(longest))
 
 
 #: Flags a resumed step must share with the run it continues (they shape the schedule, the data or the loss).
@@ -191,12 +240,13 @@ class StepRun:
         self.teacher = to_device(teacher, args, device) if teacher is not None else None
         if sync_bn:
             self.student = method.sync_batchnorm(self.student)
-        self.optimizer = torch.optim.SGD(method.param_groups(self.student, plan, args.lr), lr=args.lr,
-                                         momentum=MOMENTUM, nesterov=True, weight_decay=args.weight_decay)
+        self.optimizer = build_optimizer(method.param_groups(self.student, plan, args.lr), args.lr, args.weight_decay)
         self.model = self.student
         if dist_info.distributed:
             self.model = DistributedDataParallel(self.student, device_ids=[device] if device.type == "cuda" else None,
                                                  find_unused_parameters=method.find_unused_parameters)
+        if args.compile:  # the training forward only; evaluation runs the plain module
+            self.model = torch.compile(self.model)
         self.scaler = grad_scaler(device, args.amp)
         self.channels_last = use_channels_last(args, device)
         self.start_epoch, self.iteration, self.best_score, self.skipped = 0, 0, None, 0
@@ -269,7 +319,7 @@ class StepRun:
     def _restore(self, checkpoint, path):
         self.optimizer.load_state_dict(checkpoint["optimizer_state"])
         self.scheduler.load_state_dict(checkpoint["scheduler_state"])
-        if checkpoint["scaler_state"] and self.scaler.is_enabled():  # absent when the run had no CUDA AMP
+        if checkpoint["scaler_state"]:
             self.scaler.load_state_dict(checkpoint["scaler_state"])
         self.start_epoch, self.iteration = checkpoint["epoch"], checkpoint["iteration"]
         self.skipped = checkpoint["skipped_iterations"]
@@ -313,10 +363,16 @@ class StepRun:
                                  for g in self.optimizer.param_groups],
                 "run_id": self.run_id, "parent_id": self.parent_id}
 
-    def _report(self, writer, batches, sums, count, epoch, index):
+    def _check_nonfinite(self, longest, epoch):
+        if longest >= MAX_CONSECUTIVE_NONFINITE:
+            raise UserError(f"the loss was not finite in {longest} consecutive iterations (step {self.plan.step},"
+                            f" epoch {epoch + 1}): lower --lr, try without --amp, or check the data")
+
+    def _report(self, writer, batches, meter, epoch, index):
         """Running means of the loss terms since the epoch began: tensorboard, and the progress bar on a
         terminal or one log line otherwise (BARM printed every 10 iterations)."""
-        means = {name: (v / count).item() for name, v in sums.items()}
+        means, _, longest = meter.read()
+        self._check_nonfinite(longest, epoch)
         lr = self.optimizer.param_groups[0]["lr"]
         writer.scalars(means, self.iteration, "loss/")
         writer.scalars({"lr": lr}, self.iteration)
@@ -351,11 +407,10 @@ class StepRun:
         self._log_header()
         writer = self.writer = ScalarWriter(plan.step_dir(), self.dist.is_main, purge_step=self.iteration or None)
         val_loader = None
-        consecutive = 0
         for epoch in range(self.start_epoch, args.train_epoch):
             start = time.time()
             self.method.set_train_mode(self.student, plan)
-            sums, count = {}, 0
+            meter = LossMeter(device)
             memory = self.data.memory_batches(epoch)
             batches = progress(self.data.epoch(epoch), self.dist.is_main,
                                desc=f"step {plan.step} epoch {epoch + 1}/{args.train_epoch}")
@@ -363,30 +418,21 @@ class StepRun:
                 batch = to_batch(raw, device, self.channels_last)
                 if memory is not None:
                     batch = self.data.replace_with_memory(batch, to_batch(next(memory), device, self.channels_last))
-                terms, finite = train_iteration(self.model, self.student, self.teacher, self.method, plan, batch,
-                                                self.optimizer, self.scheduler, self.scaler, args.amp)
+                terms, nonfinite = train_iteration(self.model, self.student, self.teacher, self.method, plan, batch,
+                                                   self.optimizer, self.scheduler, self.scaler, args.amp)
+                meter.add(terms, nonfinite)
                 self.iteration += 1
-                if not finite:
-                    self.skipped += 1
-                    consecutive += 1
-                    if consecutive >= MAX_CONSECUTIVE_NONFINITE:
-                        raise UserError(
-                            f"the loss was not finite in {consecutive} consecutive iterations (step {plan.step},"
-                            f" epoch {epoch + 1}): lower --lr, try without --amp, or check the data")
-                else:
-                    consecutive = 0
-                    count += 1
-                    for name, value in terms.items():
-                        sums[name] = sums.get(name, 0.0) + value.detach().float()
-                    if self.iteration % args.print_interval == 0:
-                        self._report(writer, batches, sums, count, epoch, index)
+                if self.iteration % args.print_interval == 0:
+                    self._report(writer, batches, meter, epoch, index)
                 if self.method.validation_due(self.iteration, len(self.data), self.total_iters, args.val_interval):
                     if index == len(self.data):
                         self._sync_buffers()
                     if val_loader is None:
                         val_loader = eval_loader(plan, args, "val", self.dist, self.method)
                     self._validate(writer, val_loader, epoch)
-            means = {name: (v / max(count, 1)).item() for name, v in sums.items()}
+            means, skipped, longest = meter.read()
+            self.skipped += skipped
+            self._check_nonfinite(longest, epoch)
             seconds = time.time() - start
             log.info("step %d epoch %d/%d: %s | lr %.2e | %d skipped | %.0f s, %.1f images/s", plan.step,
                      epoch + 1, args.train_epoch, " ".join(f"{k} {v:.4f}" for k, v in means.items()),

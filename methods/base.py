@@ -52,6 +52,7 @@ from datasets.transforms import eval_transform, train_transform
 from methods.losses import CRITERIA, activation, upsample
 from network import build_model
 from network.abn import ABN
+from utils.checkpoint import strip_module_prefix
 
 # BARM's validation cadence (spec barm-ssul-kproba §4.7): after every epoch when an epoch has more than this
 # many iterations, else after every 5th epoch.
@@ -204,6 +205,12 @@ class Method:
     def needs_teacher(self, ctx):
         """Whether the step needs the frozen step t-1 model (the teacher) in every iteration."""
         return ctx.step > 0
+
+    def convert_previous_state(self, checkpoint):
+        """The model state of a step t-1 checkpoint file's contents (default: ``model_state`` or the bare state
+        dict, without ``module.`` prefixes). A method whose reference code saved another layout converts it
+        here, so that ``--prev_ckpt`` takes the reference's released checkpoints."""
+        return strip_module_prefix(checkpoint.get("model_state", checkpoint))
 
     def prepare_student(self, model, previous, ctx):
         """Surgery at t > 0, after step t-1's weights were loaded into the student (default: none)."""

@@ -35,12 +35,12 @@ class StreamSegMetrics:
             self.confusion = self.confusion.to(labels.device)
         labels = labels.reshape(-1).to(torch.int64)
         preds = preds.reshape(-1).to(device=labels.device, dtype=torch.int64)
-        valid = (labels >= 0) & (labels < self.n_classes)
         n = self.n_classes
-        preds = preds[valid]
-        if ((preds < 0) | (preds >= n)).any():
-            raise ValueError(f"predictions must lie in 0..{n - 1}")
-        counts = torch.bincount(n * labels[valid] + preds, minlength=n * n)
+        valid = (labels >= 0) & (labels < n)
+        # predictions outside 0..n-1 would land in other cells: checked on the device, without waiting for it
+        torch._assert_async(((preds >= 0) & (preds < n)).all(), f"predictions must lie in 0..{n - 1}")
+        index = torch.where(valid, n * labels + preds, n * n)  # invalid pixels count in an extra bin, dropped
+        counts = torch.bincount(index, minlength=n * n + 1)[:n * n]
         self.confusion += counts.view(n, n)
 
     def all_reduce(self):

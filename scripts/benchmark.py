@@ -1,16 +1,27 @@
-"""Benchmarks (not tests): speed and memory of the data pipeline, the model and training.
+"""Benchmarks (not tests): speed and memory of the trainer's real steps, the data pipeline and the class index.
 
-    python scripts/benchmark.py index [--n 20210] [--size 512]     class index: full build and cached reload
-    python scripts/benchmark.py model [--sizes 321 513]            model forward/backward and eval images/s
-                                                                   and peak memory (CPU: resident set size)
-    python scripts/benchmark.py train [--sizes 321 513]            BARM training step 0 / step 1 (with teacher) /
-                                                                   evaluation images/s and peak memory; on CUDA
-                                                                   also --amp and channels_last
+    python scripts/benchmark.py train [--methods barm ft ...] [--backbone resnet101] [--crop 321] [--batch 2]
+                                      [--precisions fp32 amp] [--channels_last off on] [--compile]
+                                      [--cases step0 step1 eval] [--repeats 5] [--json FILE] [--markdown FILE]
+    python scripts/benchmark.py data  [--size 513] [--images 48] [--transforms barm mib]
+    python scripts/benchmark.py index [--n 20210] [--size 512]
 
-Each benchmark prints one line per measurement with the median over repeats; compare figures only within
-one run (the machines are noisy).
+``train`` measures, per method and configuration, the trainer's own iteration (``engine.step.train_iteration``:
+teacher forward, targets, losses, backward, the method's gradient hook and penalty, optimizer and scheduler)
+on a fixed batch already on the device, for step 0 and an incremental step (step 1 of VOC 15-1, started from a
+step-0 checkpoint the benchmark trains for a few iterations on synthetic data so that every method has its
+state), and the evaluation forward with the method's prediction. Each case runs in a fresh process (its peak
+memory is its own) and reports images/s, seconds per iteration, peak memory (CUDA: max allocated; CPU: the
+process's resident set), FLOPs per image (``torch.utils.flop_counter`` on one iteration of the exact step),
+the achieved FLOP/s and its fraction of a peak measured in the same process: a 4096x4096 matrix product in
+the case's dtype (fp32, or bf16 / fp16 under ``amp``) on the same device. Medians over ``--repeats`` after a
+warm-up; compare figures only within one run (the machines are noisy).
+
+``data`` measures decoding and augmentation alone (one process, i.e. per DataLoader worker) on VOC-sized
+(500x375) JPEGs at the given crop; ``index`` the class-index build and its cached reload.
 """
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -19,6 +30,10 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+
+PEAK_SIZE = 4096
+VOC_IMAGE_SIZE = (500, 375)
+TASK = "15-1"
 
 
 def timed(function, repeats):
@@ -30,6 +45,222 @@ def timed(function, repeats):
         times.append(time.perf_counter() - start)
     return statistics.median(times), result
 
+
+def in_child(function, *args):
+    """Run ``function(*args)`` in a fresh process (so that its peak memory is its own) and return its result."""
+    import multiprocessing
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(function, args)
+
+
+def peak_memory_mib(device):
+    """Peak memory of this process so far: CUDA allocations on a GPU, resident set size on the CPU."""
+    import torch
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def synchronize(device):
+    import torch
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def amp_dtype(device):
+    import torch
+    return torch.float16 if device.type == "cuda" else torch.bfloat16
+
+
+def matmul_peak(device, dtype, repeats=5):
+    """FLOP/s of a PEAK_SIZE² matrix product in ``dtype`` on ``device`` (median of ``repeats``)."""
+    import torch
+    a = torch.randn(PEAK_SIZE, PEAK_SIZE, device=device).to(dtype)
+    b = torch.randn(PEAK_SIZE, PEAK_SIZE, device=device).to(dtype)
+
+    def product():
+        torch.mm(a, b)
+        synchronize(device)
+
+    product()
+    seconds, _ = timed(product, repeats)
+    return 2 * PEAK_SIZE ** 3 / seconds
+
+
+# ---- train: the trainer's own steps ---------------------------------------------------------------------
+
+def train_argv(data_root, ckpt_dir, method, args, *extra):
+    return ["--data_root", data_root, "--ckpt_dir", ckpt_dir, "--method", method, "--task", TASK, "--overlap",
+            "--backbone", args.backbone, "--no_pretrained", "--crop_size", str(args.crop), "--batch_size",
+            str(args.batch), "--num_workers", "0", "--crop_val", "--val_batch_size", str(args.batch),
+            "--lr_policy", "poly", "--val_interval", "0", "--device", args.device or "auto",
+            "--print_interval", "1000000", *extra]
+
+
+def method_flags(method):
+    """Flags a method's incremental step needs to run its full loss (BARM/KProBA: --pseudo)."""
+    return ["--pseudo"] if method in ("barm", "kproba") else []
+
+
+def prepare_step0(data_root, ckpt_dir, method, args):
+    """A step-0 checkpoint of ``method`` (one epoch on the small synthetic set) for the incremental cases."""
+    import train
+    from utils.args import parse_args
+    train.run(parse_args(train_argv(data_root, ckpt_dir, method, args, "--initial", "--train_epoch", "1",
+                                    *method_flags(method))))
+
+
+def _train_case(data_root, ckpt_dir, method_name, case, precision, channels_last, compile_model, args):
+    """One case in this (fresh) process: returns the measurements as a dict."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from engine.data import to_batch
+    from engine.evaluate import deterministic_cudnn
+    from engine.plan import make_plan
+    from engine.run_folder import RunFolder
+    from engine.step import StepRun, train_iteration
+    from methods import get_method_class
+    from utils.args import method_hyper, parse_args
+    from utils.distributed import setup
+    from utils.logging import setup_logging
+
+    amp = precision == "amp"
+    step = 0 if case == "step0" else 1
+    extra = ["--curr_step", str(step), "--end_step", str(step), "--train_epoch", "1",
+             "--channels_last", "on" if channels_last else "off", *method_flags(method_name)]
+    if amp:
+        extra.append("--amp")
+    if compile_model:
+        extra.append("--compile")
+    run_args = parse_args(train_argv(data_root, ckpt_dir, method_name, args, *extra))
+    dist_info = setup(run_args.device)
+    setup_logging(False)
+    device = dist_info.device
+    method_cls = get_method_class(method_name)
+    method = method_cls(method_hyper(run_args, method_cls), dataset="voc")
+    plan = make_plan(run_args, step)
+    folder = RunFolder(os.path.join(ckpt_dir, "bench", f"{method_name}-{case}-{precision}-{channels_last}"), False)
+    run = StepRun(plan, run_args, method, dist_info, step, folder)
+    raw = next(iter(run.data.epoch(0)))
+    batch = to_batch(raw, device, run.channels_last)
+    method.set_train_mode(run.student, plan)
+
+    if case == "eval":
+        model = run.student.eval()
+
+        def iteration():
+            with torch.no_grad(), deterministic_cudnn():
+                logits, _ = model(batch.images)
+                method.predict(logits, batch.labels.shape[-2:])
+            synchronize(device)
+    else:
+        def iteration():
+            train_iteration(run.model, run.student, run.teacher, method, plan, batch, run.optimizer, run.scheduler,
+                            run.scaler, amp)
+            synchronize(device)
+
+    iteration()  # warm-up: allocator, autotuning, compilation
+    iteration()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        iteration()
+    flops = counter.get_total_flops() / args.batch
+    seconds, _ = timed(iteration, args.repeats)
+    peak = matmul_peak(device, amp_dtype(device) if amp else torch.float32)
+    images_per_second = args.batch / seconds
+    return {"method": method_name, "case": case, "precision": precision, "channels_last": channels_last,
+            "compile": compile_model, "device": str(device), "threads": torch.get_num_threads(),
+            "batch": args.batch, "crop": args.crop, "backbone": args.backbone, "images_per_s": images_per_second,
+            "s_per_iteration": seconds, "peak_memory_mib": peak_memory_mib(device), "gflop_per_image": flops / 1e9,
+            "achieved_gflops": flops * images_per_second / 1e9, "peak_gflops": peak / 1e9,
+            "fraction_of_peak": flops * images_per_second / peak}
+
+
+def markdown(rows):
+    lines = ["| method | case | precision | channels_last | compile | images/s | s/iter | peak MiB | GFLOP/img |"
+             " GFLOP/s | of peak |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['case']} | {r['precision']} | {'yes' if r['channels_last'] else 'no'} |"
+                     f" {'yes' if r['compile'] else 'no'} | {r['images_per_s']:.2f} | {r['s_per_iteration']:.3f} |"
+                     f" {r['peak_memory_mib']:.0f} | {r['gflop_per_image']:.1f} | {r['achieved_gflops']:.0f} |"
+                     f" {100 * r['fraction_of_peak']:.0f}% of {r['peak_gflops']:.0f} |")
+    return "\n".join(lines)
+
+
+def bench_train(args):
+    import torch
+    from datasets.synthetic import generate
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"training steps of VOC {TASK}: {args.backbone}, crop {args.crop}, batch {args.batch}, device {device},"
+          f" {torch.get_num_threads()} threads, torch {torch.__version__}, median of {args.repeats}", flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+        data_root = os.path.join(tmp, "VOC2012")
+        generate("voc", data_root, n_train=args.images, n_val=2, size=max(64, args.crop), seed=0)
+        ckpt_dir = os.path.join(tmp, "checkpoints")
+        for method in args.methods:
+            if "step1" in args.cases:
+                in_child(prepare_step0, data_root, ckpt_dir, method, args)
+            for case in args.cases:
+                for precision in args.precisions:
+                    for channels_last in args.channels_last:
+                        if case == "eval" and precision == "amp":
+                            continue  # evaluation runs in fp32, as the references
+                        row = in_child(_train_case, data_root, ckpt_dir, method, case, precision,
+                                       channels_last == "on", args.compile, args)
+                        rows.append(row)
+                        print(f"  {method:<7} {case:<6} {precision:<5} cl={channels_last:<3}"
+                              f" {row['images_per_s']:6.2f} images/s {row['s_per_iteration']:7.3f} s/it"
+                              f" peak {row['peak_memory_mib']:6.0f} MiB {row['gflop_per_image']:6.1f} GFLOP/img"
+                              f" {row['achieved_gflops']:6.0f} GFLOP/s = {100 * row['fraction_of_peak']:3.0f}% of"
+                              f" {row['peak_gflops']:.0f}", flush=True)
+    print()
+    print(markdown(rows))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump(rows, handle, indent=1)
+    if args.markdown:
+        with open(args.markdown, "w", encoding="utf-8") as handle:
+            handle.write(markdown(rows) + "\n")
+
+
+# ---- data pipeline ----------------------------------------------------------------------------------------
+
+def bench_data(args):
+    import numpy as np
+    from PIL import Image
+
+    from datasets.incremental import IncrementalSegmentation, barm_lut
+    from datasets.transforms import mib_train_transform, train_transform
+    from utils.tasks import get_task
+
+    transforms = {"barm": train_transform(args.size), "mib": mib_train_transform(args.size)}
+    steps = get_task("voc", TASK)
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+        samples = []
+        width, height = VOC_IMAGE_SIZE
+        yy, xx = np.mgrid[0:height, 0:width]
+        for i in range(args.images):  # smooth content with texture and noise, VOC-sized, quality 90 like photos
+            base = np.stack([(xx * (i + 1) % 256), (yy * 3 % 256), ((xx + yy) * 2 % 256)], axis=-1)
+            image = np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
+            label = ((xx // 50 + yy // 50 + i) % 21).astype(np.uint8)
+            image_path, label_path = os.path.join(tmp, f"{i}.jpg"), os.path.join(tmp, f"{i}.png")
+            Image.fromarray(image).save(image_path, quality=90)
+            Image.fromarray(label).save(label_path)
+            samples.append((str(i), image_path, label_path))
+        print(f"data pipeline, one process (= per DataLoader worker), {args.images} VOC-sized JPEGs"
+              f" {width}x{height}, crop {args.size}, median of {args.repeats} passes")
+        for name in args.transforms:
+            dataset = IncrementalSegmentation(samples, barm_lut(steps, 0, "train"), transforms[name])
+            seconds, _ = timed(lambda: [dataset[i] for i in range(len(dataset))], args.repeats)
+            print(f"  {name:<5} decode + augmentation: {len(dataset) / seconds:6.1f} images/s per worker")
+
+
+# ---- class index ------------------------------------------------------------------------------------------
 
 def bench_index(args):
     from datasets import split_class_index
@@ -51,169 +282,44 @@ def bench_index(args):
         cache = tempfile.mkdtemp(dir=tmp)
         split_class_index("ade", root, "train", cache_dir=cache, workers=args.workers)
         reload, _ = timed(lambda: split_class_index("ade", root, "train", cache_dir=cache), max(3, args.repeats))
-        workers = args.workers or os.cpu_count()
-        print(f"class index, full build:    {full:7.2f} s  ({len(samples)} labels, {workers} processes,"
+        print(f"class index, full build:    {full:7.2f} s  ({len(samples)} labels, {args.workers or 'all'} threads,"
               f" {len(samples) / full:.0f} labels/s)")
         print(f"class index, cached reload: {reload:7.3f} s  (file listing + change check + load)")
-
-
-def peak_memory_mib(device):
-    """Peak memory of this process so far: CUDA allocations on a GPU, resident set size on the CPU."""
-    if device.type == "cuda":
-        return torch_module().cuda.max_memory_allocated(device) / 2 ** 20
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def torch_module():
-    import torch
-    return torch
-
-
-def in_child(function, *args):
-    """Run ``function(*args)`` in a fresh process (so that its peak memory is its own) and return its result."""
-    import multiprocessing
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(function, args)
-
-
-def throughput(run, batch, repeats, device):
-    """Images/s (median of ``repeats`` after one warm-up call) of ``run`` and the peak memory."""
-    torch = torch_module()
-
-    def synchronised():
-        run()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    synchronised()  # warm-up: allocator, cudnn autotuning
-    seconds, _ = timed(synchronised, repeats)
-    return batch / seconds, peak_memory_mib(device)
-
-
-def report(title, case, kinds, args, fp32_only=()):
-    """Run ``case(kind, size, args, device, channels_last, amp)`` in a fresh process for every size, kind
-    and precision (on CUDA: fp32, --amp, --amp with channels-last) and print one line each."""
-    torch = torch_module()
-    device_name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    print(f"{title}, batch {args.batch}, device {device_name}, {torch.get_num_threads()} threads,"
-          f" median of {args.repeats}")
-    variants = [(False, False)] + ([(False, True), (True, True)] if device_name.startswith("cuda") else [])
-    for size in args.sizes:
-        for kind, label in kinds.items():
-            for channels_last, amp in variants:
-                if amp and kind in fp32_only:
-                    continue
-                rate, memory = in_child(case, kind, size, args, device_name, channels_last, amp)
-                extra = (" amp" if amp else " fp32") + (" channels_last" if channels_last else "")
-                print(f"  {size}x{size} {label:<24}{extra:<20} {rate:7.2f} images/s   peak {memory:8.0f} MiB")
-
-
-def _model_case(kind, size, args, device_name, channels_last, amp):
-    torch = torch_module()
-    from network import build_model
-    device = torch.device(device_name)
-    torch.manual_seed(0)
-    model = build_model(args.model, [16, 1], backbone=args.backbone).to(device)
-    images = torch.randn(args.batch, 3, size, size, device=device)
-    if channels_last:
-        model, images = model.to(memory_format=torch.channels_last), images.to(memory_format=torch.channels_last)
-    model.train(kind == "train")
-    autocast = torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16,
-                              enabled=amp)
-
-    def run():
-        if kind == "train":
-            with autocast:
-                logits, _ = model(images)
-            logits.float().sum().backward()
-        else:
-            with torch.no_grad():
-                model(images)
-
-    return throughput(run, args.batch, args.repeats, device)
-
-
-def bench_model(args):
-    report(f"model {args.model} ({args.backbone or 'its backbone'})", _model_case,
-           {"train": "forward+backward", "eval": "eval forward"}, args)
-
-
-def _train_case(kind, size, args, device_name, channels_last, amp):
-    """A training iteration (step 0, or step 1 with the teacher) or an evaluation batch of BARM's
-    resnet101 model, through the trainer's own step and prediction functions."""
-    torch = torch_module()
-    from datasets.transforms import normalize
-    from engine.step import grad_scaler, train_iteration
-    from methods import get_method
-    from methods.base import StepContext
-    from network import build_model
-    from utils.schedulers import build_scheduler
-    from utils.tasks import get_task
-
-    device = torch.device(device_name)
-    steps = tuple(tuple(s) for s in get_task("voc", "15-1"))
-    ctx = StepContext("voc", steps, 0 if kind == "step0" else 1)
-    method = get_method("barm", pseudo=True, bn_freeze=True)
-    torch.manual_seed(0)
-    student = build_model("deeplabv3bga_resnet101", ctx.classes_per_step)
-    teacher = build_model("deeplabv3bga_resnet101", ctx.classes_per_step[:-1]) if kind == "step1" else None
-    method.configure(student, ctx)
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    student = student.to(device, memory_format=memory_format)
-    if teacher is not None:
-        teacher = teacher.to(device, memory_format=memory_format).eval().requires_grad_(False)
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (args.batch, 3, size, size), dtype=torch.uint8, generator=generator)
-    labels = torch.randint(0, ctx.num_classes, (args.batch, size, size), generator=generator).to(device)
-    images = normalize(images.to(device)).contiguous(memory_format=memory_format)
-    optimizer = torch.optim.SGD(method.param_groups(student, ctx, 0.01), lr=0.01, momentum=0.9, nesterov=True)
-    scheduler = build_scheduler("poly", optimizer, 1000)
-    scaler = grad_scaler(device, amp)
-
-    def run():
-        if kind == "eval":
-            student.eval()
-            with torch.no_grad():
-                logits, _ = student(images)
-                method.predict(logits, labels.shape[-2:])
-        else:
-            method.set_train_mode(student, ctx)
-            train_iteration(student, teacher, method, ctx, images, labels, optimizer, scheduler, scaler, amp)
-
-    return throughput(run, args.batch, args.repeats, device)
-
-
-def bench_train(args):
-    kinds = {"step0": "train step 0", "step1": "train step 1 (+teacher)", "eval": "evaluation"}
-    report("BARM deeplabv3bga_resnet101, VOC 15-1 (model side, data loading excluded)", _train_case, kinds, args,
-           fp32_only=("eval",))  # evaluation runs in fp32, as the reference
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="the trainer's steps per method and configuration")
+    train.add_argument("--methods", nargs="+", default=["barm"])
+    train.add_argument("--cases", nargs="+", default=["step0", "step1", "eval"], choices=("step0", "step1", "eval"))
+    train.add_argument("--backbone", default="resnet101")
+    train.add_argument("--crop", type=int, default=321)
+    train.add_argument("--batch", type=int, default=2)
+    train.add_argument("--precisions", nargs="+", default=["fp32", "amp"], choices=("fp32", "amp"))
+    train.add_argument("--channels_last", nargs="+", default=["off", "on"], choices=("off", "on"))
+    train.add_argument("--compile", action="store_true", help="torch.compile the student (warm-up excluded)")
+    train.add_argument("--repeats", type=int, default=5)
+    train.add_argument("--images", type=int, default=24, help="synthetic training images (step 0 trains on them)")
+    train.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
+    train.add_argument("--json", default=None, help="write the rows as JSON")
+    train.add_argument("--markdown", default=None, help="write the Markdown table")
+    train.add_argument("--tmp", default=None, help="scratch folder (default: the system's)")
+    train.set_defaults(run=bench_train)
+    data = commands.add_parser("data", help="decoding + augmentation, per worker")
+    data.add_argument("--size", type=int, default=513)
+    data.add_argument("--images", type=int, default=48)
+    data.add_argument("--transforms", nargs="+", default=["barm", "mib"], choices=("barm", "mib"))
+    data.add_argument("--repeats", type=int, default=3)
+    data.add_argument("--tmp", default=None)
+    data.set_defaults(run=bench_data)
     index = commands.add_parser("index", help="class index build and cached reload on ADE-sized labels")
     index.add_argument("--n", type=int, default=20210, help="number of training labels")
     index.add_argument("--size", type=int, default=512, help="nominal label size")
-    index.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    index.add_argument("--workers", type=int, default=None, help="threads (default: the usable CPUs)")
     index.add_argument("--repeats", type=int, default=1)
     index.add_argument("--tmp", default=None, help="scratch folder (default: the system's)")
     index.set_defaults(run=bench_index)
-    model = commands.add_parser("model", help="model forward/backward and eval throughput and peak memory")
-    model.add_argument("--model", default="deeplabv3bga_resnet101")
-    model.add_argument("--backbone", default=None, help="override the model name's backbone")
-    model.add_argument("--sizes", type=int, nargs="+", default=[321, 513])
-    model.add_argument("--batch", type=int, default=2)
-    model.add_argument("--repeats", type=int, default=3)
-    model.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
-    model.set_defaults(run=bench_model)
-    train = commands.add_parser("train", help="training (step 0, incremental with teacher) and evaluation")
-    train.add_argument("--sizes", type=int, nargs="+", default=[321, 513])
-    train.add_argument("--batch", type=int, default=2)
-    train.add_argument("--repeats", type=int, default=3)
-    train.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
-    train.set_defaults(run=bench_train)
     args = parser.parse_args()
     args.run(args)
 

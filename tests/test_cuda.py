@@ -54,8 +54,9 @@ def test_fp16_training_step_with_grad_scaler(channels_last):
     scaler = grad_scaler(device, amp=True)
     assert scaler.is_enabled()
     before = {k: v.clone() for k, v in student.state_dict().items()}
-    terms, finite = train_iteration(student, student, teacher, method, CTX, batch, optimizer, scheduler, scaler, True)
-    assert finite and all(v.dtype == torch.float32 for v in terms.values())
+    terms, nonfinite = train_iteration(student, student, teacher, method, CTX, batch, optimizer, scheduler, scaler,
+                                       True)
+    assert not bool(nonfinite) and all(v.dtype == torch.float32 for v in terms.values())
     assert any(not torch.equal(v, before[k]) for k, v in student.state_dict().items())
 
 

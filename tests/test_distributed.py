@@ -49,9 +49,9 @@ def one_step(model, student, teacher, method, images, labels):
                                 weight_decay=1e-4)
     scheduler = build_scheduler("poly", optimizer, 10)
     scaler = grad_scaler(torch.device("cpu"), amp=False)
-    terms, finite = train_iteration(model, student, teacher, method, CTX, Batch(images, labels), optimizer,
+    terms, nonfinite = train_iteration(model, student, teacher, method, CTX, Batch(images, labels), optimizer,
                                     scheduler, scaler, amp=False)
-    return terms, finite
+    return terms, not bool(nonfinite)
 
 
 def _worker(rank, world, init_file, out_dir):
@@ -103,9 +103,9 @@ def test_non_finite_loss_skips_the_update_but_steps_the_schedule():
     optimizer = torch.optim.SGD(method.param_groups(student, CTX, 0.01), lr=0.01, momentum=0.9, nesterov=True)
     scheduler = build_scheduler("poly", optimizer, 10)
     scaler = grad_scaler(torch.device("cpu"), amp=False)
-    _, finite = train_iteration(student, student, teacher, method, CTX, Batch(images, labels), optimizer, scheduler,
+    _, nonfinite = train_iteration(student, student, teacher, method, CTX, Batch(images, labels), optimizer, scheduler,
                                 scaler, False)
-    assert not finite
+    assert bool(nonfinite)
     assert scheduler.last_epoch == 1
     for key, value in student.state_dict().items():
         assert torch.equal(value, before[key]), key
@@ -117,6 +117,6 @@ def test_cpu_training_step_with_and_without_bf16_autocast(amp):
     optimizer = torch.optim.SGD(method.param_groups(student, CTX, 0.01), lr=0.01, momentum=0.9, nesterov=True)
     scheduler = build_scheduler("poly", optimizer, 10)
     scaler = grad_scaler(torch.device("cpu"), amp=False)
-    terms, finite = train_iteration(student, student, teacher, method, CTX, Batch(images, labels), optimizer,
-                                    scheduler, scaler, amp)
-    assert finite and all(v.dtype == torch.float32 for v in terms.values())  # losses in fp32 under autocast
+    terms, nonfinite = train_iteration(student, student, teacher, method, CTX, Batch(images, labels), optimizer,
+                                       scheduler, scaler, amp)
+    assert not bool(nonfinite) and all(v.dtype == torch.float32 for v in terms.values())  # losses in fp32 under autocast

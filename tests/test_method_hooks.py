@@ -79,8 +79,8 @@ def run_one_iteration(init_scale, boost=1.0):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = build_scheduler("poly", optimizer, 10)
     scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)  # an enabled scaler, as fp16 on CUDA
-    terms, finite = train_iteration(model, model, None, method, CTX, batch, optimizer, scheduler, scaler, False)
-    return model, method, batch, before, terms, finite, scaler
+    terms, nonfinite = train_iteration(model, model, None, method, CTX, batch, optimizer, scheduler, scaler, False)
+    return model, method, batch, before, terms, not bool(nonfinite), scaler
 
 
 def test_gradient_hook_sees_unscaled_task_gradients_and_its_penalty_is_added():
@@ -321,3 +321,35 @@ def test_best_selection_without_validation_is_refused_before_training(tiny_voc, 
     with pytest.raises(UserError, match="never validates"):
         train.run(parse_args(common(tiny_voc, tmp_path, "recorder", "--initial", "--train_epoch", "1")))
     assert not list(tmp_path.rglob("*.pth"))
+
+
+def test_previous_checkpoints_go_through_the_method_conversion(tiny_voc, tmp_path, recorder, monkeypatch):
+    """``--prev_ckpt`` of a reference code's own layout: the method's convert_previous_state gives the state."""
+    train.run(parse_args(common(tiny_voc, tmp_path, "recorder", "--initial", "--train_epoch", "1")))
+    state = final(tmp_path, "recorder", 0)["model_state"]
+    foreign = tmp_path / "foreign.pth"
+    torch.save({"weights": {f"net.{k}": v for k, v in state.items()}}, foreign)  # another code's layout
+    converted = []
+
+    def convert(self, checkpoint):
+        converted.append(sorted(checkpoint))
+        return {k[len("net."):]: v for k, v in checkpoint["weights"].items()}
+
+    monkeypatch.setattr(Recorder, "convert_previous_state", convert)
+    other = tmp_path / "other"
+    train.run(parse_args(common(tiny_voc, other, "recorder", "--curr_step", "1", "--end_step", "1",
+                                "--train_epoch", "1", "--prev_ckpt", str(foreign))))
+    assert converted == [["weights"]]
+    assert os.path.exists(os.path.join(step_dir(other, "recorder", 1), "final.pth"))
+
+
+def test_compile_wraps_the_training_forward(tiny_voc, tmp_path, recorder, monkeypatch):
+    compiled = []
+
+    def fake_compile(model, **kwargs):  # torch.compile itself takes minutes on the CPU: check the wiring
+        compiled.append(type(model).__name__)
+        return model
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    train.run(parse_args(common(tiny_voc, tmp_path, "recorder", "--initial", "--train_epoch", "1", "--compile")))
+    assert len(compiled) == 1  # the training forward (the plain module evaluates)

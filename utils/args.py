@@ -42,11 +42,11 @@ def _add_method_flags(parser, method_cls, dataset):
     defaults = method_cls.default_hyper(dataset)
     for field in dataclasses.fields(defaults):
         default, meta = getattr(defaults, field.name), field.metadata
-        if isinstance(default, bool):
-            if default:
-                group.add_argument(f"--no_{field.name}", dest=field.name, action="store_false", help=meta["help"])
-            else:
-                group.add_argument(f"--{field.name}", action="store_true", help=meta["help"])
+        if isinstance(default, bool):  # --name and --no_name both exist, so the references' scripts run as written
+            switch = group.add_mutually_exclusive_group()
+            switch.add_argument(f"--{field.name}", dest=field.name, action="store_true", default=default,
+                                help=f"{meta['help']} (default: {'on' if default else 'off'})")
+            switch.add_argument(f"--no_{field.name}", dest=field.name, action="store_false", help=argparse.SUPPRESS)
         else:
             group.add_argument(f"--{field.name}", type=type(default), default=default, choices=meta.get("choices"),
                                help=f"{meta['help']} (default: %(default)s)")
@@ -101,6 +101,9 @@ def build_parser(method="barm", dataset="voc"):
     train.add_argument("--random_seed", type=int, default=1, help="re-applied at every step (default: %(default)s)")
     train.add_argument("--amp", action="store_true",
                        help="mixed precision: fp16 autocast + GradScaler on CUDA, bf16 autocast on CPU")
+    train.add_argument("--compile", action="store_true",
+                       help="torch.compile the student's training forward (the first iterations of every step"
+                            " are slow while it compiles; see the README's benchmarks)")
     train.add_argument("--channels_last", default="auto", choices=("auto", "on", "off"),
                        help="channels-last memory format (auto: on CUDA only) (default: %(default)s)")
 
@@ -130,6 +133,9 @@ def build_parser(method="barm", dataset="voc"):
     evaluation = parser.add_argument_group("evaluation and logging")
     evaluation.add_argument("--test", "--test_only", dest="test", action="store_true",
                             help="evaluate saved checkpoints on the test split instead of training")
+    evaluation.add_argument("--visualize", type=int, default=0, metavar="N",
+                            help="with --test: image / ground truth / prediction panels of the first N test images"
+                                 " of each step (eval/<settings>/step<t>/panels/, and tensorboard)")
     evaluation.add_argument("--val_interval", type=int, default=None,
                             help="validate every N epochs, 0 = never (default: BARM's rule: after every epoch"
                                  " when an epoch has more than 100 iterations, else every 5th)")
@@ -157,6 +163,8 @@ def validate(args, method_cls=None):
     for name, value in positive.items():
         if value < 1:
             raise UserError(f"--{name} must be at least 1, got {value}")
+    if args.visualize < 0:
+        raise UserError(f"--visualize must be 0 or more, got {args.visualize}")
     if args.num_workers < 0:
         raise UserError(f"--num_workers must be 0 or more, got {args.num_workers}")
     if args.val_interval is not None and args.val_interval < 0:
