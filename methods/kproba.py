@@ -15,12 +15,20 @@ Deliberate differences from the reference (issue 9 item 3): the scatter matrices
 member's seed instead of reseeding the global RNG (the values are the same, the global RNG is left alone, so
 later draws follow ``--random_seed``); the random-feature maps and distances run in float32 even under AMP.
 
-This module holds the numerics as plain functions and small classes (the method class comes later).
+The numerics are plain functions and small classes; :class:`KProBA` (a :class:`methods.barm.BARM`) assembles
+them as a method of the trainer. Prototypes are keyed by channel position (the class id in the natural orders),
+computed before every step (step 0 included) and carried in the checkpoint's method state.
 """
+import dataclasses
+import logging
+
 import torch
 import torch.nn.functional as F
 
 from methods import losses
+from methods.barm import BARM, BarmHyper
+
+log = logging.getLogger("ciss")
 
 KPROBA_RFF_DIM = 5000  # D (§11.2)
 KPROBA_SIGMA = 1e-4  # kernel bandwidth σ: Ω ~ N(0, std = √(2σ)) (§11.1)
@@ -145,6 +153,22 @@ class PrototypeAccumulator:
                 result[c] = ensemble
         return result
 
+    def all_reduce(self, reduce):
+        """Combine the running means of several processes (each over its share of the data) into the means over
+        all their pixels: ``μ_c ← Σ_r n_r,c·μ_r,c / Σ_r n_r,c`` (0 where no process saw c). ``reduce(tensor)``
+        sums a tensor over the processes in place (``StepData.all_reduce``). Not needed on one process."""
+        counts = torch.tensor([float(self.counts[c]) for c in self.classes], dtype=torch.float64,
+                              device=self.device)
+        sums = torch.stack([torch.stack([means[c].double() * self.counts[c] for c in self.classes])
+                            for means in self.means])  # (members, classes, D)
+        reduce(counts)
+        reduce(sums)
+        for index, c in enumerate(self.classes):
+            total = counts[index]
+            self.counts[c] = int(total.item())
+            for member, means in enumerate(self.means):
+                means[c] = (sums[member, index] / total).float() if total > 0 else torch.zeros_like(means[c])
+
     def state_dict(self):
         """Running state as plain Python and CPU tensors (for ``--resume`` in the middle of the pass)."""
         return {"classes": list(self.classes), "seeds": [m.seed for m in self.members], "d": self.d, "D": self.D,
@@ -213,3 +237,132 @@ def kproba_pseudo_labels(features, prototypes, rff, old_logits, labels, n_old, t
     best = weighted.argmax(dim=1)
     background = torch.where(best_score > 0, best.to(labels.dtype), torch.zeros_like(labels))
     return torch.where(labels > 0, labels, background)
+
+
+def prototype_classes(classes_per_step, step):
+    """The classes U whose prototypes step ``step`` updates (spec §11.2), as channel positions.
+
+    ``classes_per_step``: class counts of steps 0..t (step 0 with the background). Step 0: ``0 … n_0 − 1``;
+    t > 0: the background 0 and the new classes ``C_{t−1} … C_t − 1``. (The reference wrote the step's class
+    ids, which equal the positions for the ascending orders; positions are what its labels and κ index.)
+    """
+    counts = [int(n) for n in classes_per_step[:step + 1]]
+    if step == 0:
+        return list(range(counts[0]))
+    first = sum(counts[:-1])
+    return [0] + list(range(first, first + counts[-1]))
+
+
+# ======================================================================================================
+# The method
+# ======================================================================================================
+
+#: BARM's hyper-parameters that KProBA does not read: its pseudo-label rule has no threshold (spec §11.3).
+KPROBA_UNUSED_HYPER = ("pseudo_thresh",)
+
+KProbaHyper = dataclasses.make_dataclass(
+    "KProbaHyper",
+    [(f.name, f.type, dataclasses.field(default=f.default, metadata=f.metadata))
+     for f in dataclasses.fields(BarmHyper) if f.name not in KPROBA_UNUSED_HYPER])
+KProbaHyper.__module__ = __name__
+KProbaHyper.__doc__ = "BARM's hyper-parameters without --pseudo_thresh (dead in KProBA, spec §1, §11.3)."
+
+
+class KProBA(BARM):
+    """KProBA (spec §11): BARM with kernel-prototype pseudo-labels.
+
+    Before every step, one pass over the step's training batches (:meth:`before_step`) updates the prototypes
+    of :func:`prototype_classes` with the student as the reference had it: train mode (BN on batch statistics,
+    updating its running statistics, at step 0 and without ``--bn_freeze``; frozen with ``--bn_freeze`` at t >
+    0), no autocast, fp32, no gradients. At t > 0 with ``--pseudo`` the loss is BARM's with the targets of
+    :func:`kproba_pseudo_labels` (``--pseudo_thresh`` does not exist: it was dead in KProBA).
+    """
+    name = "kproba"
+    Hyper = KProbaHyper
+
+    def __init__(self, hyper=None, dataset="voc"):
+        super().__init__(hyper, dataset)
+        self.prototypes = {}  # {channel: CPU tensor (D,)} after this step's pass (or restored)
+        self.previous_prototypes = {}  # step t-1's, blended with momentum 0.9
+        self._rff = None  # member 0's feature map, rebuilt from its seed when first needed
+        self._device_prototypes = None
+
+    # ---- before the step: the prototypes ----------------------------------------------------------------
+    def before_step(self, model, teacher, data, ctx):
+        """Prototype pass (spec §11.2) over ``data.train_batches()`` with ``model`` in the mode the trainer set
+        (train mode, BN per ``--bn_freeze``); multi-process: the means over every process's pixels."""
+        classes = prototype_classes(ctx.classes_per_step, ctx.step)
+        accumulator = None
+        with torch.no_grad():  # fp32: no autocast (spec §11.2)
+            for index, batch in enumerate(data.train_batches()):
+                if index == 0:
+                    # quirk (spec §11.2): the reference's one-batch probe of the feature width is a forward in
+                    # train mode too, so at step 0 it moves the BN running statistics once more
+                    model(batch.images)
+                back_out = model(batch.images)[1]["back_out"]
+                if accumulator is None:
+                    accumulator = PrototypeAccumulator(classes, back_out.shape[1]).to(back_out.device)
+                accumulator.update(back_out, batch.labels)
+        if data.dist.distributed:  # deviation: the reference kept each rank's own statistics (spec §11.2)
+            accumulator.all_reduce(data.all_reduce)
+        self.prototypes = prototypes_state(accumulator.finalize(self.previous_prototypes))
+        self._device_prototypes = None
+        log.info("KProBA prototypes of step %d: classes %s updated from %d pixels", ctx.step, classes,
+                 sum(accumulator.counts.values()))
+
+    # ---- per batch ------------------------------------------------------------------------------------
+    def _feature_map(self, d, device):
+        """Ensemble member 0's random Fourier features (the only member KProBA's pseudo-labels use)."""
+        if self._rff is None or self._rff.d != d or self._rff.omega.device != torch.device(device):
+            self._rff = RandomFourierFeatures(d, KPROBA_RFF_DIM, KPROBA_SIGMA, KPROBA_SEEDS[0]).to(device)
+        return self._rff
+
+    def _prototypes_on(self, device):
+        if self._device_prototypes is None or self._device_prototypes[0] != device:
+            self._device_prototypes = (device, {c: p.to(device) for c, p in self.prototypes.items()})
+        return self._device_prototypes[1]
+
+    def pseudo_labels(self, back_out, old_logits, labels, ctx):
+        """:func:`kproba_pseudo_labels` with the stored prototypes and member 0's map (spec §11.3)."""
+        device = back_out.device
+        return kproba_pseudo_labels(back_out, self._prototypes_on(device), self._feature_map(back_out.shape[1], device),
+                                    old_logits, labels, ctx.num_old)
+
+    def loss(self, outputs, teacher_outputs, batch, ctx):
+        if not self.needs_teacher(ctx):
+            return super().loss(outputs, teacher_outputs, batch, ctx)
+        logits, features = outputs
+        prev_logits, prev_features = teacher_outputs
+        pseudo = self.pseudo_labels(features["back_out"], prev_logits, batch.labels, ctx)
+        hp = self.hp
+        terms, _ = losses.barm_loss(logits, features, prev_logits, prev_features, batch.labels, ctx.num_new,
+                                    loss_type=hp.loss_type, w_tri=hp.w_tri, w_fd=hp.w_fd, w_gkd=hp.w_gkd,
+                                    w_bga_ce=hp.w_bga_ce, pseudo_labels=pseudo)
+        return terms
+
+    # ---- state ----------------------------------------------------------------------------------------
+    def state_dict(self):
+        """``prototypes`` ({channel: CPU tensor (D,)}) and the feature map's settings (the reference's
+        ``class_avg_features_step_{t}.pt``, here inside the checkpoint)."""
+        return {"prototypes": dict(self.prototypes), "rff_dim": KPROBA_RFF_DIM, "sigma": KPROBA_SIGMA,
+                "seeds": list(KPROBA_SEEDS)}
+
+    @staticmethod
+    def _read_prototypes(state):
+        settings = (state.get("rff_dim", KPROBA_RFF_DIM), state.get("sigma", KPROBA_SIGMA),
+                    list(state.get("seeds", KPROBA_SEEDS)))
+        if settings != (KPROBA_RFF_DIM, KPROBA_SIGMA, list(KPROBA_SEEDS)):
+            raise ValueError(f"KProBA prototypes computed with (D, sigma, seeds) = {settings}, expected"
+                             f" {(KPROBA_RFF_DIM, KPROBA_SIGMA, list(KPROBA_SEEDS))}")
+        return {int(c): p.detach().cpu() for c, p in state.get("prototypes", {}).items()}
+
+    def load_state_dict(self, state):
+        self.prototypes = self._read_prototypes(state)
+        self._device_prototypes = None
+
+    def load_previous_state(self, state, ctx):
+        self.previous_prototypes = self._read_prototypes(state)
+        self.prototypes, self._device_prototypes = {}, None
+        if not self.previous_prototypes:
+            log.warning("KProBA step %d: the previous checkpoint holds no prototypes (not a KProBA run?): the old"
+                        " classes start without any, so their similarity weights are 0", ctx.step)

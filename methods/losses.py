@@ -111,20 +111,30 @@ def group_kd(heads, prev_heads):
 
 
 def barm_loss(logits, features, prev_logits, prev_features, labels, num_new, pseudo_thresh=BARM_PSEUDO_THRESH,
-              loss_type="bce_loss", w_tri=BARM_W_TRI, w_fd=BARM_W_FD, w_gkd=BARM_W_GKD, w_bga_ce=BARM_W_BGA_CE):
+              loss_type="bce_loss", w_tri=BARM_W_TRI, w_fd=BARM_W_FD, w_gkd=BARM_W_GKD, w_bga_ce=BARM_W_BGA_CE,
+              pseudo_labels=None):
     """BARM's incremental-step loss with ``--pseudo`` (spec §4.4, steps 1-8).
 
     ``logits``/``features`` and ``prev_logits``/``prev_features`` are the raw outputs of the student and of
     the teacher at feature resolution (features hold ``prev_heads`` and ``ear_feats``); ``labels`` are at
-    image resolution; ``num_new`` is the number of classes of the current step. Returns ``(terms,
-    pseudo_labels)`` where ``terms`` has ``total``, ``std``, ``tri_bg``, ``fd``, ``gkd`` and ``bga_ce``::
+    image resolution; ``num_new`` is the number of classes of the current step. ``pseudo_labels`` (B, H, W):
+    the targets of ``std`` when given (KProBA's rule, spec §11.3: then ``pseudo_thresh`` is not used),
+    else BARM's :func:`barm_pseudo_labels` from ``prev_logits``; the masks of ``tri_bg``, ``fd`` and
+    ``bga_ce`` always come from ``labels`` (spec §4.4.4, §11.3.5). Returns ``(terms, pseudo_labels)``
+    where ``terms`` has ``total``, ``std``, ``tri_bg``, ``fd``, ``gkd`` and ``bga_ce``::
 
         total = std + w_tri·tri_bg + w_fd·fd + w_gkd·gkd + w_bga_ce·bga_ce
     """
     size = labels.shape[-2:]
     logits_up = upsample(logits.float(), size)
-    with torch.no_grad():
-        pseudo = barm_pseudo_labels(upsample(prev_logits.float(), size), labels, pseudo_thresh, loss_type)
+    if pseudo_labels is not None:
+        if tuple(pseudo_labels.shape) != tuple(labels.shape):
+            raise ValueError(f"barm_loss: pseudo_labels of shape {tuple(pseudo_labels.shape)}, expected the labels'"
+                             f" shape {tuple(labels.shape)}")
+        pseudo = pseudo_labels
+    else:
+        with torch.no_grad():
+            pseudo = barm_pseudo_labels(upsample(prev_logits.float(), size), labels, pseudo_thresh, loss_type)
     n_channels = logits.shape[1]
     # PB-BCE: old foreground classes detached; background and new classes keep their gradient
     adapted = torch.cat([logits_up[:, :1], logits_up[:, 1:n_channels - num_new].detach(),

@@ -3,8 +3,8 @@
 SSUL-M's mechanism, kept generic so that DKD-M (methods spec §4.12) reuses it:
 
 1. candidates: one record ``(image id, classes)`` per image of the step t−1 training list, with the foreground
-   classes present in its label map (:func:`image_classes`); for t > 1 the list starts with the previous
-   memory's records (:attr:`Memory.candidates`), followed by the new ones;
+   classes present in its label map (:func:`image_classes`, :func:`collect_candidates`); for t > 1 the list
+   starts with the previous memory's records (:attr:`Memory.candidates`), followed by the new ones;
 2. selection: :func:`select_balanced` (shuffles, then round-robin over the old classes);
 3. state: :class:`Memory` (sorted ids = SSUL's ``memory_list``, records = ``memory_candidates``), JSON-safe;
 4. memory dataset: the ids repeated (:func:`repeat_to_batch`) and loaded with the training transforms;
@@ -51,6 +51,25 @@ def image_classes(labels, ignore=NOT_CLASSES, shifted=False):
             values = [v - 1 for v in values if v != IGNORE_INDEX and v != 0]  # 0 = unknown
         result.append([c for c in values if c not in ignore])
     return result[0] if single else result
+
+
+def collect_candidates(batches, relabel=None, shifted=False):
+    """Memory candidate records ``[image id, classes present]``, one per image of ``batches`` in their order
+    (spec §12.4 step 1; methods spec §4.12 for DKD-M).
+
+    ``batches``: :class:`methods.base.Batch` objects (``ids``, ``labels`` (B, H, W)). ``relabel(batch) -> labels``
+    (optional) replaces a batch's labels before their classes are read: the previous model's pseudo-labels at
+    t > 1 (SSUL-M: :func:`methods.ssul.ssul_pseudo_labels` at 0.7 on resized centre crops; DKD-M:
+    :func:`methods.dkd.dkd_memory_pseudo_labels` at 0.9 on augmented crops). ``shifted``: labels in SSUL's
+    unknown space (see :func:`image_classes`). The two policies differ only in these arguments and in the
+    batches they pass; the selection (:func:`select_balanced`, :meth:`Memory.select`) is shared.
+    """
+    records = []
+    for batch in batches:
+        labels = batch.labels if relabel is None else relabel(batch)
+        classes = image_classes(labels, shifted=shifted)
+        records.extend([image_id, present] for image_id, present in zip(batch.ids, classes))
+    return records
 
 
 def _select(candidates, classes, mem_size, seed):

@@ -11,20 +11,30 @@
   (lr·1e−4) train; ``--w_transfer`` copies the unknown head into the new one; pseudo-labels from the
   previous model (σ, threshold 0.7, on labels ≤ fg_idx); loss ``bce_with_ignore`` over all channels.
 * Prediction (§12.2, §7.2): upsample logits, σ, unknown probability added to the background, argmax.
-* SSUL-M memory: :mod:`methods.memory` (§12.4).
+* Validation every ``max(100, T // 100)`` iterations; each step's result is its best-validated weights (§12.3).
+* SSUL-M memory (``--mem_size N``): :mod:`methods.memory` (§12.4), selected before the step with the
+  previous model and kept in the method's state.
 
-This module holds the numerics as plain functions and named constants (the method class comes later).
+The numerics are plain functions of tensors; :class:`SSUL` assembles them as a method of the trainer.
 """
+import functools
+import logging
+import os
 from dataclasses import dataclass
 
 import torch
 
-from methods import losses
+from datasets import SALIENCY_DIR, saliency_path
+from methods import losses, memory
+from methods.base import Method, freeze, hyper, module_params
 from utils.errors import UserError
+
+log = logging.getLogger("ciss")
 
 IGNORE_INDEX = losses.IGNORE_INDEX
 UNKNOWN_LABEL = 0  # label / channel of the unknown class with --unknown (§12.2)
 SHIFTED_BACKGROUND = 1  # the background's label / channel with --unknown (§12.2)
+SALIENCY = "saliency"  # name of the saliency map among a batch's extras (VOC with --unknown, §12.2)
 
 SSUL_PSEUDO_THRESH = 0.7  # --pseudo_thresh default and the scripts' THRESH (§12.3, §12.5)
 SSUL_FG_IDX_UNKNOWN = 1  # fg_idx with --unknown: labels ≤ 1 (unknown, background) can be relabelled (§12.3)
@@ -134,14 +144,15 @@ def transfer_unknown_head(head, step):
     cls_n.bias.copy_(cls_u.bias.expand_as(cls_n.bias))
 
 
-def trainable_heads(head, step, unknown=True):
+def trainable_heads(head, step, unknown=True, bg_lr_factor=SSUL_BG_LR_FACTOR):
     """What SSUL trains at step ``step`` ≥ 1 with ``--freeze`` (spec §12.3), as ``[(module, lr factor), …]``.
 
     Everything not listed (backbone, ASPP, the other head entries, and the whole previous model) is frozen
     (``requires_grad = False``). The learning rate of a group is ``--lr × factor``:
 
     * ``head.head[-1]`` (new classes): factor 1;
-    * with ``unknown``: ``head.head[0]`` (unknown): factor 1, and ``head.head[1]`` (background): factor 1e−4.
+    * with ``unknown``: ``head.head[0]`` (unknown): factor 1, and ``head.head[1]`` (background): factor
+      ``bg_lr_factor`` (1e−4).
 
     The order is SSUL's parameter-group order. ``--bn_freeze`` still puts every BN, including those of these
     entries, on running statistics with frozen affine parameters. Step 0 (and t > 0 without ``--freeze``) is not
@@ -152,7 +163,7 @@ def trainable_heads(head, step, unknown=True):
         raise ValueError(f"trainable_heads describes SSUL's frozen steps t >= 1, got step {step}")
     groups = [(head.head[-1], SSUL_NEW_LR_FACTOR)]
     if unknown:
-        groups += [(head.head[0], SSUL_UNKNOWN_LR_FACTOR), (head.head[1], SSUL_BG_LR_FACTOR)]
+        groups += [(head.head[0], SSUL_UNKNOWN_LR_FACTOR), (head.head[1], bg_lr_factor)]
     return groups
 
 
@@ -206,3 +217,230 @@ def ssul_loss(logits, labels, old_logits=None, thresh=SSUL_PSEUDO_THRESH, fg_idx
                                          loss_type)
     std = losses.CRITERIA[loss_type](losses.upsample(logits.float(), size), targets)
     return {"total": std, "std": std}, targets
+
+
+def training_labels(labels, saliency=None, is_memory=None, unshifted_memory=False):
+    """SSUL's training targets of a batch with ``--unknown`` (spec §12.2, §12.4 step 5), before pseudo-labels.
+
+    ``labels``: (B, H, W) ciss label positions (memory samples through the "memory" label split: current and
+    previous classes kept); ``saliency``: (B, H, W) or None (ADE); ``is_memory``: (B,) bool, the samples that
+    came from SSUL-M's memory, or None::
+
+        y' = unknown_labels(y, saliency)     for every sample (current and memory alike)
+        y' = y                               for memory samples when ``unshifted_memory``
+
+    ``unshifted_memory`` reproduces SSUL's off-by-one (spec §12.4 "as written"): SSUL shifted only its
+    ``train`` split, so a memory pixel of class k was supervised on channel k (class k − 1) and memory
+    background on the unknown channel. By default memory samples get the same shift and unknown rule as the
+    current ones (their saliency map included), which is what the unknown label means.
+    """
+    shifted = unknown_labels(labels, saliency)
+    if unshifted_memory and is_memory is not None:
+        # quirk (spec §12.4, --memory_labels_unshifted): memory labels stay unshifted, as SSUL's memory split
+        shifted = torch.where(is_memory.view(-1, *([1] * (labels.dim() - 1))), labels, shifted)
+    return shifted
+
+
+def memory_candidates(batches, teacher=None, unknown=True, loss_type="bce_loss"):
+    """SSUL-M's candidate records (spec §12.4 step 1): ``[[image id, old classes present], …]`` in batch order.
+
+    ``batches``: :class:`methods.base.Batch` objects over step t−1's training list (val transform: resize and
+    centre crop), labels in ciss positions through step t−1's training split (its classes kept, the rest 0);
+    ``teacher``: the step t−1 model (eval mode) at t > 1, None at t = 1. Per image: with ``unknown`` the labels
+    are shifted (:func:`unknown_labels`, saliency included); at t > 1 the teacher pseudo-labels them with the
+    hard-coded threshold 0.7 (:func:`ssul_pseudo_labels`, fg_idx as in training); the record's classes are
+    :func:`methods.memory.image_classes` of the result, in unshifted positions (background, unknown and 255
+    removed), through :func:`methods.memory.collect_candidates`. Runs without gradients, in fp32, as SSUL's.
+    """
+    fg_idx = fg_index(unknown)
+    # quirk (spec §12.4, SSUL utils/memory.py): this pass uses the softmax only for ce_loss (the sigmoid for
+    # focal_loss), whereas training uses the sigmoid for bce_loss only
+    activation_type = "ce_loss" if loss_type == "ce_loss" else "bce_loss"
+
+    def relabel(batch):
+        labels = unknown_labels(batch.labels, batch.extras.get(SALIENCY)) if unknown else batch.labels
+        if teacher is None:
+            return labels
+        logits = teacher(batch.images)[0]
+        return ssul_pseudo_labels(losses.upsample(logits.float(), labels.shape[-2:]), labels,
+                                  memory.SSUL_MEMORY_PSEUDO_THRESH, fg_idx, activation_type)
+
+    with torch.no_grad():
+        return memory.collect_candidates(batches, relabel, shifted=unknown)
+
+
+# ======================================================================================================
+# The method
+# ======================================================================================================
+
+@dataclass
+class SSULHyper:
+    loss_type: str = hyper("bce_loss", "classification loss; also picks sigmoid (bce) or softmax for pseudo-labels"
+                           " and prediction", choices=losses.CRITERIA)
+    pseudo: bool = hyper(True, "at t>0: pseudo-label unknown/background pixels with the previous model")
+    pseudo_thresh: float = hyper(SSUL_PSEUDO_THRESH, "pseudo-label confidence threshold", low=0.0, high=1.0)
+    unknown: bool = hyper(True, "unknown class: labels shifted by one, salient (VOC) or all (ADE) background"
+                                " pixels of the training split labelled unknown")
+    freeze: bool = hyper(True, "at t>0: train only the new head (and the unknown and background heads)")
+    w_transfer: bool = hyper(True, "at t>0 with the unknown class: the new head starts as a copy of the unknown"
+                                   " head")
+    bn_freeze: bool = hyper(True, "at t>0: every BatchNorm on running statistics with frozen affine parameters")
+    mem_size: int = hyper(0, "SSUL-M: images in the class-balanced exemplar memory (0: SSUL)", low=0)
+    memory_labels_unshifted: bool = hyper(False, "SSUL's off-by-one: memory labels not shifted for the unknown"
+                                                 " class (reference behaviour)")
+    backbone_lr0: float = hyper(SSUL_BACKBONE_LR0, "step 0 (and t>0 without freezing): backbone learning rate",
+                                positive=True)
+    classifier_lr0: float = hyper(SSUL_CLASSIFIER_LR0, "step 0 (and t>0 without freezing): classifier learning"
+                                                       " rate", positive=True)
+    bg_lr_factor: float = hyper(SSUL_BG_LR_FACTOR, "t>0 with freezing and the unknown class: background head"
+                                                   " learning rate = --lr x this", low=0.0)
+
+
+class SSUL(Method):
+    """SSUL (``--mem_size 0``) and SSUL-M (``--mem_size N``), spec §12."""
+    name = "ssul"
+    Hyper = SSULHyper
+    model_family = "deeplabv3"
+    compatible_families = ("deeplabv3",)
+    upsample_probabilities = False  # SSUL upsamples logits (inside its model), then the sigmoid (§7.2)
+
+    def __init__(self, hyper=None, dataset="voc"):
+        super().__init__(hyper, dataset)
+        self.memory = None  # this step's memory (SSUL-M), a methods.memory.Memory
+        self.memory_step = None
+        self.previous_memory = None  # step t-1's memory: the head of step t's candidate list
+        self._previous = None  # the step t-1 model when the memory pass needs it and no teacher exists
+
+    # ---- model ----------------------------------------------------------------------------------------
+    def network_options(self):
+        return {"unknown": self.hp.unknown}
+
+    def fg_idx(self):
+        return fg_index(self.hp.unknown)
+
+    def needs_teacher(self, ctx):
+        return ctx.step > 0 and self.hp.pseudo
+
+    def bn_frozen(self, ctx):
+        return ctx.step > 0 and self.hp.bn_freeze
+
+    def prepare_student(self, model, previous, ctx):
+        """``--w_transfer`` (with ``--unknown``): the new head copies the unknown head (spec §12.3)."""
+        if self.hp.unknown and self.hp.w_transfer:
+            transfer_unknown_head(model.classifier, ctx.step)
+        # SSUL-M at t > 1 pseudo-labels its candidates with the previous model even without --pseudo
+        self._previous = previous if self.hp.mem_size > 0 and ctx.step > 1 and not self.needs_teacher(ctx) else None
+
+    def _frozen_step(self, ctx):
+        return ctx.step > 0 and self.hp.freeze
+
+    def configure(self, model, ctx):
+        """With ``--freeze`` at t > 0 only the new head (and, with the unknown class, the unknown and the
+        background heads) keeps gradients (spec §12.3); ``--bn_freeze`` then freezes every BN's affine
+        parameters, those of these heads included."""
+        if self._frozen_step(ctx):
+            model.requires_grad_(False)
+            for module, _ in trainable_heads(model.classifier, ctx.step, self.hp.unknown):
+                module.requires_grad_(True)
+        super().configure(model, ctx)
+
+    def param_groups(self, model, ctx, lr):
+        """t > 0 with ``--freeze``: [new head at lr, unknown head at lr, background head at lr·1e−4] (SSUL's
+        order); otherwise backbone 0.001 and classifier 0.01 (``--lr`` unused, spec §12.3)."""
+        if self._frozen_step(ctx):
+            return [{"params": module_params(module), "lr": lr * factor} for module, factor
+                    in trainable_heads(model.classifier, ctx.step, self.hp.unknown, self.hp.bg_lr_factor)]
+        return [{"params": module_params(model.backbone), "lr": self.hp.backbone_lr0},
+                {"params": module_params(model.classifier), "lr": self.hp.classifier_lr0}]
+
+    # ---- data -----------------------------------------------------------------------------------------
+    def extra_maps(self, ctx, data_root):
+        """VOC with ``--unknown``: the saliency maps ``{data_root}/saliency_map/{id}.png`` (spec §12.2); a
+        missing folder stops the run before training."""
+        if not (self.hp.unknown and ctx.dataset == "voc"):
+            return {}
+        folder = os.path.join(data_root, SALIENCY_DIR)
+        if not os.path.isdir(folder):
+            raise UserError(f"SSUL's unknown label on VOC needs saliency maps in {folder}/ (one 8-bit PNG per"
+                            f" image, {SALIENCY_DIR}/<image id>.png, >0 = salient): download the saliency maps"
+                            f" SSUL's README links and unpack them there, or run with --no_unknown")
+        return {SALIENCY: functools.partial(saliency_path, data_root)}
+
+    def memory_ids(self):
+        return list(self.memory.ids) if self.memory is not None else []
+
+    # ---- before the step: SSUL-M's memory -------------------------------------------------------------
+    def before_step(self, model, teacher, data, ctx):
+        """SSUL-M at t > 0 (spec §12.4): candidates from step t−1's training list (see
+        :func:`memory_candidates`; the previous memory's records first at t > 1), then
+        :meth:`methods.memory.Memory.select` with the step's seed; rank 0's result on every process."""
+        self.memory, self.memory_step = None, None
+        previous, self._previous = self._previous, None
+        if self.hp.mem_size <= 0 or ctx.step == 0:
+            return
+        scorer = None
+        if ctx.step > 1:
+            scorer = teacher if teacher is not None else freeze(previous).to(data.device)
+        head = list(self.previous_memory.candidates) if ctx.step > 1 and self.previous_memory is not None else []
+        batches = data.batches(data.previous_samples(), split="train", step=ctx.step - 1, transform="eval")
+        records = head + memory_candidates(batches, scorer, self.hp.unknown, self.hp.loss_type)
+        chosen = memory.Memory.select(records, range(1, ctx.num_old), self.hp.mem_size, data.seed)
+        chosen = memory.Memory.from_state(data.broadcast(chosen.state_dict()))
+        if len(chosen.ids) < self.hp.mem_size:
+            log.warning("SSUL-M: only %d of %d memory images found among %d candidates (no other candidate holds an"
+                        " old class)", len(chosen.ids), self.hp.mem_size, len(records))
+        log.info("SSUL-M memory of step %d: %d images from %d candidates", ctx.step, len(chosen.ids), len(records))
+        self.memory, self.memory_step = chosen, ctx.step
+
+    # ---- per batch ------------------------------------------------------------------------------------
+    def targets(self, batch):
+        """The batch's training labels before pseudo-labelling (:func:`training_labels` with ``--unknown``)."""
+        if not self.hp.unknown:
+            return batch.labels
+        return training_labels(batch.labels, batch.extras.get(SALIENCY), batch.memory,
+                               self.hp.memory_labels_unshifted)
+
+    def loss(self, outputs, teacher_outputs, batch, ctx):
+        """:func:`ssul_loss` on the shifted labels, pseudo-labelled by the teacher at t > 0 with ``--pseudo``."""
+        old_logits = teacher_outputs[0] if teacher_outputs is not None else None
+        terms, _ = ssul_loss(outputs[0], self.targets(batch), old_logits, self.hp.pseudo_thresh, self.fg_idx(),
+                             self.hp.loss_type)
+        return terms
+
+    def end_of_step(self, model, ctx):
+        self._previous = None
+
+    # ---- validation and checkpoint selection ----------------------------------------------------------
+    def validation_due(self, iteration, iterations_per_epoch, total_iterations, val_interval):
+        """Every ``max(100, T // 100)`` iterations (spec §12.3); ``--val_interval N``: every N epochs."""
+        if val_interval is None:
+            return iteration % validation_interval(total_iterations) == 0
+        return super().validation_due(iteration, iterations_per_epoch, total_iterations, val_interval)
+
+    def selects_best(self, ctx, select_best):
+        """Every step's result is its best-validated weights (spec §12.3) unless ``--select_last``."""
+        return True if select_best is None else bool(select_best)
+
+    # ---- prediction -----------------------------------------------------------------------------------
+    def predict(self, logits, size):
+        return ssul_predict(logits, size, self.hp.unknown, self.hp.loss_type)
+
+    # ---- state ----------------------------------------------------------------------------------------
+    def step_files(self):
+        """``memory.json`` (SSUL-M): the step's ``memory_list`` and ``memory_candidates`` (spec §12.4 step 3)."""
+        if self.memory is None:
+            return {}
+        return {"memory.json": {"step": self.memory_step, **self.memory.state_dict()}}
+
+    def state_dict(self):
+        if self.memory is None:
+            return {}
+        return {"memory": self.memory.state_dict(), "memory_step": self.memory_step}
+
+    def load_state_dict(self, state):
+        self.memory = memory.Memory.from_state(state["memory"]) if state.get("memory") else None
+        self.memory_step = state.get("memory_step")
+
+    def load_previous_state(self, state, ctx):
+        self.previous_memory = memory.Memory.from_state(state["memory"]) if state.get("memory") else None
+        self.memory, self.memory_step = None, None

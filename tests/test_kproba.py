@@ -1,9 +1,16 @@
-"""KProBA's numerics (spec barm-ssul-kproba §11) against direct numpy computations."""
+"""KProBA's numerics (spec barm-ssul-kproba §11) against direct numpy computations; BARM's loss with given
+pseudo-labels; the KProBA method's prototype pass, loss and state."""
+import copy
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
-from methods import kproba
+from methods import get_method, kproba, losses
+from methods.base import Batch, StepContext
+from network import build_model
+from utils.args import parse_args
 
 
 def phi_np(x, rff):
@@ -204,3 +211,198 @@ def test_rff_runs_in_float32_under_autocast():
     with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
         out = rff(x)
     assert out.dtype == torch.float32 and torch.equal(out, rff(x))
+
+
+# ---------------------------------------------------------------- BARM's loss with given pseudo-labels
+
+def barm_inputs(seed=0):
+    """Raw student (step 1 of ((0, 1, 2), (3,))) and teacher outputs of small BARM models at 49 px."""
+    torch.manual_seed(seed)
+    student = build_model("deeplabv3bga_resnet18", [3, 1]).eval()
+    teacher = build_model("deeplabv3bga_resnet18", [3]).eval()
+    images = torch.randn(2, 3, 49, 49, generator=torch.Generator().manual_seed(seed))
+    labels = torch.randint(0, 4, (2, 49, 49), generator=torch.Generator().manual_seed(seed + 1))
+    labels[:, :5] = 255
+    with torch.no_grad():
+        return student(images), teacher(images), labels
+
+
+def test_barm_loss_with_given_pseudo_labels():
+    (logits, features), (prev_logits, prev_features), labels = barm_inputs()
+    base, pseudo = losses.barm_loss(logits, features, prev_logits, prev_features, labels, 1)
+    same, out = losses.barm_loss(logits, features, prev_logits, prev_features, labels, 1, pseudo_labels=pseudo)
+    assert out is pseudo and all(torch.equal(base[k], same[k]) for k in base)  # BARM's numbers unchanged
+    other = torch.where(labels == 0, torch.ones_like(labels), labels)  # every background pixel -> class 1
+    changed, out = losses.barm_loss(logits, features, prev_logits, prev_features, labels, 1, pseudo_labels=other)
+    assert out is other and not torch.equal(changed["std"], base["std"])
+    assert all(torch.equal(changed[k], base[k]) for k in ("tri_bg", "fd", "gkd", "bga_ce"))  # masks from labels
+    assert torch.equal(changed["std"], losses.bce_with_ignore(torch.cat(
+        [losses.upsample(logits, (49, 49))[:, :1], losses.upsample(logits, (49, 49))[:, 1:]], dim=1), other))
+    with pytest.raises(ValueError):
+        losses.barm_loss(logits, features, prev_logits, prev_features, labels, 1, pseudo_labels=other[:, :3])
+
+
+# ---------------------------------------------------------------- the method class (§11.2, §11.3)
+
+def test_prototype_classes():
+    assert kproba.prototype_classes([3], 0) == [0, 1, 2]
+    assert kproba.prototype_classes([3, 1, 1], 2) == [0, 4]
+    assert kproba.prototype_classes([6, 5, 5], 1) == [0, 6, 7, 8, 9, 10]
+
+
+def reference_members(d, D=kproba.KPROBA_RFF_DIM, sigma=kproba.KPROBA_SIGMA, seeds=kproba.KPROBA_SEEDS):
+    """(Ω, b) per member drawn as the reference's KLDA: global torch.manual_seed(seed), normal, then rand."""
+    members = []
+    with torch.random.fork_rng():
+        for seed in seeds:
+            torch.manual_seed(seed)
+            omega = torch.normal(0, torch.sqrt(torch.tensor(2 * sigma, dtype=torch.float32)), (d, D))
+            members.append((omega.double().numpy(), (torch.rand(D) * 2 * torch.pi).double().numpy()))
+    return members
+
+
+def phi_ref(x, member):
+    omega, b = member
+    return np.sqrt(2.0 / omega.shape[1]) * np.cos(x @ omega + b)
+
+
+class FakeData:
+    """The part of ``StepData`` a prototype pass uses."""
+
+    def __init__(self, batches):
+        self.batches_ = batches
+        self.dist = type("Dist", (), {"distributed": False})()
+
+    def train_batches(self):
+        return iter(self.batches_)
+
+
+def test_before_step_prototypes_equal_a_direct_computation():
+    ctx = StepContext("voc", ((0, 1, 2), (3,)), 0)
+    torch.manual_seed(0)
+    model = build_model("deeplabv3bga_resnet18", [3])
+    g = torch.Generator().manual_seed(3)
+    images = [torch.randn(2, 3, 49, 49, generator=g) for _ in range(2)]
+    labels = [torch.randint(0, 3, (2, 49, 49), generator=g) for _ in range(2)]
+    labels[1][1] = 255
+    reference = copy.deepcopy(model)
+    method = get_method("kproba")
+    method.set_train_mode(model, ctx)
+    torch.manual_seed(7)  # the same ASPP dropout masks (train mode) in the pass and in the direct computation
+    method.before_step(model, None, FakeData([Batch(i, l) for i, l in zip(images, labels)]), ctx)
+
+    # direct: train-mode features (batch statistics) of each batch, labels nearest-resized to 4x4 (pixel 16·i)
+    reference.train()
+    torch.manual_seed(7)
+    with torch.no_grad():
+        reference(images[0])  # the reference's probe: one more train-mode forward at the start
+        rows = {c: [] for c in range(3)}
+        for image, label in zip(images, labels):
+            back_out = reference(image)[1]["back_out"].double().numpy()
+            pick = [int(i * 49 / 4) for i in range(4)]  # nearest, 49 -> 4: source index floor(i·49/4)
+            small = label[:, pick][:, :, pick].numpy()
+            for b in range(2):
+                for y in range(4):
+                    for x in range(4):
+                        if small[b, y, x] in rows:
+                            rows[small[b, y, x]].append(back_out[b, :, y, x])
+    members = reference_members(512)
+    for c in range(3):
+        expected = np.mean([phi_ref(np.array(rows[c]), m).mean(axis=0) for m in members], axis=0)
+        np.testing.assert_allclose(method.prototypes[c].numpy(), expected, rtol=1e-4, atol=1e-6, err_msg=str(c))
+    assert sorted(method.prototypes) == [0, 1, 2]
+    # BN running statistics moved exactly as by the probe and the pass (train mode at step 0)
+    for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-6), name
+
+    # t > 0 with --bn_freeze: statistics untouched; background blended with momentum 0.9, class 3 new
+    ctx1 = StepContext("voc", ((0, 1, 2), (3,)), 1)
+    student = build_model("deeplabv3bga_resnet18", [3, 1])
+    frozen = get_method("kproba", bn_freeze=True, pseudo=True)
+    frozen.load_previous_state(method.state_dict(), ctx1)
+    frozen.configure(student, ctx1)
+    frozen.set_train_mode(student, ctx1)
+    before = {k: v.clone() for k, v in student.state_dict().items() if "running" in k}
+    labels1 = [torch.where(l == 2, torch.full_like(l, 3), torch.zeros_like(l)) for l in labels]
+    frozen.before_step(student, None, FakeData([Batch(i, l) for i, l in zip(images, labels1)]), ctx1)
+    assert all(torch.equal(student.state_dict()[k], v) for k, v in before.items())
+    assert sorted(frozen.prototypes) == [0, 1, 2, 3]
+    assert torch.equal(frozen.prototypes[1], method.prototypes[1])
+    assert not torch.equal(frozen.prototypes[0], method.prototypes[0])
+
+
+def test_all_reduce_combines_the_processes_means():
+    batches, _ = prototype_batches()
+    whole = kproba.PrototypeAccumulator([0, 1, 2], d=3, D=D_SMALL, sigma=0.5)
+    for features, labels in batches:
+        whole.update(features, labels)
+    rank0 = kproba.PrototypeAccumulator([0, 1, 2], d=3, D=D_SMALL, sigma=0.5)
+    rank1 = kproba.PrototypeAccumulator([0, 1, 2], d=3, D=D_SMALL, sigma=0.5)
+    rank0.update(*batches[0])
+    rank1.update(*batches[1])
+    # the other process's contributions, from the definition: counts n_c and sums n_c·μ_c per member
+    other = [torch.tensor([float(rank1.counts[c]) for c in (0, 1, 2)], dtype=torch.float64),
+             torch.stack([torch.stack([m[c].double() * rank1.counts[c] for c in (0, 1, 2)]) for m in rank1.means])]
+
+    def reduce(tensor):
+        tensor += other.pop(0)
+
+    rank0.all_reduce(reduce)
+    assert rank0.counts == whole.counts
+    a, b = rank0.finalize(), whole.finalize()
+    for c in (0, 1, 2):
+        torch.testing.assert_close(a[c], b[c], rtol=1e-5, atol=1e-7)
+
+
+def test_method_loss_uses_kappa_pseudo_labels():
+    (logits, features), (prev_logits, prev_features), labels = barm_inputs(seed=4)
+    ctx = StepContext("voc", ((0, 1, 2), (3,)), 1)
+    g = torch.Generator().manual_seed(5)
+    prototypes = {c: torch.randn(kproba.KPROBA_RFF_DIM, generator=g) * 0.01 for c in range(3)}
+    method = get_method("kproba", pseudo=True)
+    method.load_state_dict({"prototypes": prototypes})
+    batch = Batch(torch.zeros(2, 3, 49, 49), labels)
+    terms = method.loss((logits, features), (prev_logits, prev_features), batch, ctx)
+
+    # independent pseudo-labels: κ at 4x4 from the student's back_out (member 0 drawn as the reference), bilinear
+    # to 49x49, times the teacher's softmax; background pixels only
+    member = reference_members(512, seeds=(42,))[0]
+    back_out = features["back_out"].double().numpy()
+    kappa = np.zeros((2, 3, 4, 4))
+    for b in range(2):
+        for y in range(4):
+            for x in range(4):
+                phi = phi_ref(back_out[b, :, y, x][None], member)[0]
+                w = np.array([np.exp(-np.linalg.norm(phi - prototypes[c].double().numpy())) for c in range(3)])
+                kappa[b, :, y, x] = w / (w.sum() + 1e-8)
+    kappa_up = losses.upsample(torch.from_numpy(kappa), (49, 49)).numpy()
+    q = torch.softmax(losses.upsample(prev_logits.double(), (49, 49)), dim=1).numpy()
+    score = kappa_up * q
+    expected = np.where(labels.numpy() > 0, labels.numpy(), np.where(score.max(1) > 0, score.argmax(1), 0))
+    assert (expected[labels.numpy() == 0] > 0).any()  # some background pixels become old classes
+    want, _ = losses.barm_loss(logits, features, prev_logits, prev_features, labels, 1,
+                               pseudo_labels=torch.from_numpy(expected))
+    for key in want:
+        torch.testing.assert_close(terms[key], want[key], rtol=1e-5, atol=1e-6)
+    barm_terms, _ = losses.barm_loss(logits, features, prev_logits, prev_features, labels, 1)
+    assert not torch.allclose(terms["std"], barm_terms["std"])  # not BARM's thresholded rule
+
+
+def test_method_state_round_trip_and_no_pseudo_thresh(tmp_path):
+    method = get_method("kproba")
+    method.prototypes = {0: torch.arange(3.0), 2: torch.ones(3)}
+    path = tmp_path / "state.pth"
+    torch.save({"method_state": method.state_dict()}, path)
+    state = torch.load(path, weights_only=True)["method_state"]
+    restored = get_method("kproba")
+    restored.load_state_dict(state)
+    assert restored.prototypes.keys() == {0, 2} and torch.equal(restored.prototypes[0], torch.arange(3.0))
+    nxt = get_method("kproba")
+    nxt.load_previous_state(state, StepContext("voc", ((0, 1, 2), (3,)), 1))
+    assert torch.equal(nxt.previous_prototypes[2], torch.ones(3)) and nxt.prototypes == {}
+    with pytest.raises(ValueError):
+        restored.load_state_dict({**state, "rff_dim": 10})
+    barm_fields = [f.name for f in dataclasses.fields(get_method("barm").hp)]
+    assert [f.name for f in dataclasses.fields(method.hp)] == [n for n in barm_fields if n != "pseudo_thresh"]
+    with pytest.raises(SystemExit):
+        parse_args(["--data_root", str(tmp_path), "--method", "kproba", "--pseudo_thresh", "0.5"])
