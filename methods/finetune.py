@@ -1,34 +1,29 @@
-"""FT: fine-tuning, the lower bound (methods spec §4.1).
+"""FT: fine-tuning under MiB's protocol, the lower bound (methods spec §4.1).
 
-Every step trains all parameters with the plain criterion on the current step's labels (CE by default, as
-MiB; ``--loss_type bce_loss`` for BARM's BCE), one parameter group at ``--lr``, no teacher. The new
-classifier keeps its random initialisation. Prediction follows MiB: upsample the logits, then argmax.
-``--bn_freeze`` freezes every BN at t > 0, as for BARM.
+Every step trains all parameters of MiB's network with the softmax cross-entropy over all K_t channels,
+averaged over all pixels (ignored ones counted, :func:`methods.losses.ce_all_pixels`), one parameter group
+at ``--lr``, no teacher. The new classifier keeps PyTorch's default initialisation. Data, labels (MiB's:
+VOC void → background at training), prediction (argmax of upsampled logits) and evaluation are the MiB
+family's (:class:`methods.mib.MiBFamily`).
 """
 from dataclasses import dataclass
 
 from methods import losses
-from methods.base import Method, hyper
+from methods.mib import MiBFamily, protocol_field
 
 
 @dataclass
 class FineTuneHyper:
-    loss_type: str = hyper("ce_loss", "classification loss", choices=losses.CRITERIA)
-    bn_freeze: bool = hyper(False, "at t>0: every BatchNorm on running statistics with frozen affine parameters")
+    protocol: str = protocol_field()  # FT has no loss weight: CE only (methods spec §4.1, §5)
 
 
-class FineTune(Method):
+class FineTune(MiBFamily):
     name = "ft"
     Hyper = FineTuneHyper
-    model_family = "deeplabv3inc"
-    upsample_probabilities = False
 
     def needs_teacher(self, ctx):
         return False
 
-    def bn_frozen(self, ctx):
-        return ctx.step > 0 and self.hp.bn_freeze
-
     def loss(self, outputs, teacher_outputs, batch, ctx):
-        std = self.criterion(outputs[0], batch.labels)
-        return {"total": std, "std": std}
+        ce = losses.ce_all_pixels(self.upsampled(outputs[0], batch.labels), batch.labels)
+        return {"total": ce, "ce": ce}

@@ -1,11 +1,163 @@
-"""MiB: modeling the background (methods spec §4.8). PLACEHOLDER: the method class is added later.
+"""The MiB family's shared protocol (:class:`MiBFamily`, its label policies) and MiB itself (methods spec §1-§4.8).
 
-For now this module holds MiB's background-aware initialisation of the new classifier, shared with
-PLOP (same init, §4.9/§10) and RCIL (weights only, §4.10).
+:class:`MiBFamily` is the base class of FT, LwF, LwF-MC, ILT, EWC, PI, RW, MiB, PLOP and RCIL: everything
+their reference repositories share and that is not a loss (methods spec §1-§3, §6):
+
+* model: MiB's DeepLab-v3 (``model_family = "mib"``: ``mod1..mod5`` ResNet with InPlace-ABN numerics, one
+  1×1 classifier per step, :mod:`network.mib`); ``sync_batchnorm`` converts to :class:`network.abn.SyncABN`
+  (InPlaceABNSync); no BN freezing, one parameter group (SGD settings of the trainer: Nesterov 0.9, wd on
+  every parameter, spec §2);
+* new classifier (``prepare_student``): MiB's background initialisation (:func:`init_new_classifier`) when
+  :meth:`MiBFamily.background_init` says so ("full": weights and biases, MiB/PLOP; "weights": RCIL's
+  weight-only variant; None: PyTorch's default initialisation, the baselines);
+* data: RandomResizedCrop + flip (:func:`datasets.transforms.mib_train_transform`), resize + centre-crop
+  evaluation; the test images are those with a seen class (``test_split = "test_seen"``, spec §3.2); the
+  label tables are the repository's (:attr:`MiBFamily.label_convention`: ``"mib"`` or ``"plop"``, spec §3.3,
+  see :func:`mib_voc_lut`, :func:`mib_ade_lut`, :func:`plop_lut`);
+* schedule: PolyLR without a floor (``schedule_options`` → ``min_lr`` 0, spec §2);
+* validation: every epoch for the logs, never used to select (``--val_interval`` N: every N epochs, 0:
+  never; ``selects_best`` only with an explicit ``--select_best``), spec §2;
+* prediction: argmax of the upsampled logits (``upsample_probabilities = False``, spec §6);
+* evaluation convention (:meth:`MiBFamily.eval_convention`): background in "old", classes absent from the
+  test ground truth excluded (StreamSegMetrics), ADE class 0 ignored (MiB) or scored (PLOP/RCIL).
+
+A method whose hyper-parameters have a ``protocol`` field (:func:`protocol_field`: ``--protocol mib|plop``)
+may run under the other repository's label tables and evaluation convention: PLOP's paper re-ran MiB and ILT
+under PLOP's (spec §8.2, §10 "MiB (PLOP protocol)").
+
+Subclasses write ``loss`` (and their hyper-parameters); :meth:`MiBFamily.upsampled` gives logits at the
+labels' size, as every reference loss uses them.
 """
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 from torch import nn
 
+from datasets.incremental import IGNORE, LUT_SIZE, channel_order, register_label_policy
+from datasets.transforms import eval_transform, mib_train_transform
+from methods import losses
+from methods.base import Method, hyper
+from network.abn import convert_sync_abn
+
+# label conventions of the reference repositories (methods spec §3.3)
+MIB_LABELS = "mib"
+PLOP_LABELS = "plop"
+LABEL_CONVENTIONS = (MIB_LABELS, PLOP_LABELS)
+MASKING_VALUE = 0  # old / future classes at training become background (spec §3.3, "masking_value")
+POLY_MIN_LR = 0.0  # MiB/PLOP's PolyLR has no floor (spec §2)
+
+# background initialisation modes of the new classifier (spec §4.8, §4.10)
+INIT_FULL = "full"  # W_new ← W_bg, b_new ← b_bg − log(N+1), b_bg likewise (MiB, PLOP)
+INIT_WEIGHTS = "weights"  # W_new ← W_bg only (RCIL on VOC/ADE)
+
+
+# ---- label policies (methods spec §3.3) ------------------------------------------------------------------
+
+def _seen(steps, step):
+    return [c for s in steps[:step + 1] for c in s]
+
+
+def _table(fill):
+    return np.full(LUT_SIZE, fill, dtype=np.uint8)
+
+
+@register_label_policy("mib_voc")
+def mib_voc_lut(steps, step, split):
+    """MiB's VOC label mapping (``MiB:dataset/voc.py``, methods spec §3.3), raw value → channel.
+
+    * train (and memory): the step's classes → their channel; background, old and future classes → 0;
+      **void 255 → 0** (quirk, spec §9 MiB 1: ``inverted_order[255] = masking_value``);
+    * val: the step's classes → their channel, background → 0, old and future classes → 255, void 255;
+    * test: every seen class (steps 0..t) → its channel, future classes → 255, void 255.
+    """
+    order = channel_order(steps)
+    if split == "test":
+        lut = _table(IGNORE)
+        seen = _seen(steps, step)
+        lut[seen] = order[seen]
+        return lut
+    new = list(steps[step])
+    if split == "val":
+        lut = _table(IGNORE)
+        lut[0] = 0
+        lut[new] = order[new]
+        return lut
+    lut = _table(MASKING_VALUE)
+    lut[new] = order[new]
+    lut[IGNORE] = MASKING_VALUE  # quirk (methods spec §9 MiB 1): VOC void pixels are background at training
+    return lut
+
+
+@register_label_policy("mib_ade")
+def mib_ade_lut(steps, step, split):
+    """MiB's ADE20K label mapping (``MiB:dataset/ade.py``, methods spec §3.3, §6), raw value → channel.
+
+    * train (and memory): the step's classes → their channel; ADE 0, old and future classes → 0;
+    * val: the step's classes → their channel; **ADE 0 → 255** (ignored, not scored), old and future → 255;
+    * test: every seen class → its channel except ADE 0 → 255; future classes → 255.
+
+    ADE labels have no 255; a 255 stays 255 in every split. With ADE 0 ignored, channel 0 has no test
+    ground truth and the "exclude absent classes" convention leaves it out of every mean (150 classes).
+    """
+    order = channel_order(steps)
+    if split in ("val", "test"):
+        lut = _table(IGNORE)
+        kept = _seen(steps, step) if split == "test" else list(steps[step])
+        lut[kept] = order[kept]
+        lut[0] = IGNORE  # ADE "other" is not a class at evaluation in MiB (spec §3.3, §6)
+        return lut
+    lut = _table(MASKING_VALUE)
+    new = list(steps[step])
+    lut[new] = order[new]
+    lut[IGNORE] = IGNORE
+    return lut
+
+
+@register_label_policy("plop")
+def plop_lut(steps, step, split):
+    """PLOP's and RCIL's label mapping, VOC and ADE alike (``PLOP:dataset/{voc,ade}.py`` with masking
+    "current", methods spec §3.3), raw value → channel.
+
+    * train, val (and memory): the step's classes → their channel; background / ADE 0, old and future
+      classes → 0; void 255 stays 255 (ignored);
+    * test: every seen class → its channel (ADE 0 → 0, a scored class); **future classes → 0**; void 255.
+    """
+    order = channel_order(steps)
+    kept = _seen(steps, step) if split == "test" else list(steps[step])
+    lut = _table(MASKING_VALUE)
+    lut[kept] = order[kept]
+    lut[IGNORE] = IGNORE
+    return lut
+
+
+LABEL_POLICIES_BY_CONVENTION = {
+    (MIB_LABELS, "voc"): mib_voc_lut,
+    (MIB_LABELS, "ade"): mib_ade_lut,
+    (PLOP_LABELS, "voc"): plop_lut,
+    (PLOP_LABELS, "ade"): plop_lut,
+}
+
+
+def family_label_policy(convention, dataset):
+    """The label policy ``(steps, step, split) -> table`` of a repository convention (``"mib"`` or
+    ``"plop"``) on ``dataset`` (``"voc"`` or ``"ade"``)."""
+    if (convention, dataset) not in LABEL_POLICIES_BY_CONVENTION:
+        raise ValueError(f"no label policy for convention {convention!r} on dataset {dataset!r}: expected one of"
+                         f" {LABEL_CONVENTIONS} on voc or ade")
+    return LABEL_POLICIES_BY_CONVENTION[(convention, dataset)]
+
+
+def protocol_field(default=MIB_LABELS):
+    """The ``protocol`` hyper-parameter of a family method: whose label tables and evaluation convention
+    (methods spec §3.3, §6) the method follows, ``"mib"`` or ``"plop"``."""
+    return hyper(default, "label tables and evaluation of MiB's repository (mib: VOC void = background at training,"
+                          " ADE class 0 not scored, future classes ignored at test) or of PLOP's (plop: void"
+                          " ignored, ADE class 0 scored, future classes background at test)",
+                 choices=LABEL_CONVENTIONS)
+
+
+# ---- the new classifier's background initialisation (methods spec §4.8) ------------------------------------
 
 def init_new_classifier(cls_old0: nn.Conv2d, cls_new: nn.Conv2d, with_bias=True):
     """Background-aware initialisation of the new step's classifier, in place (methods spec §4.8).
@@ -37,4 +189,132 @@ def init_new_classifier(cls_old0: nn.Conv2d, cls_new: nn.Conv2d, with_bias=True)
             shift = torch.log(torch.tensor(float(n_new + 1), dtype=torch.float32)).to(cls_old0.bias.device)
             new_bias = cls_old0.bias[0] - shift.to(cls_old0.bias.dtype)
             cls_new.bias.copy_(new_bias.expand_as(cls_new.bias))
+            # quirk (methods spec §9 MiB 6): the background bias is lowered as well, at every step
             cls_old0.bias[0] = new_bias
+
+
+# ---- the family's base class -------------------------------------------------------------------------------
+
+class MiBFamily(Method):
+    """Base class of the MiB family, PLOP and RCIL (see the module docstring). Interface for subclasses:
+
+    * :attr:`label_convention`: ``"mib"`` (MiB's repo: FT, LwF, LwF-MC, ILT, EWC, PI, RW, MiB) or
+      ``"plop"`` (PLOP, RCIL); picks the label tables and the evaluation convention, unless the hyper-parameters
+      have a ``protocol`` field (:meth:`protocol`).
+    * :meth:`background_init` (ctx) → None, :data:`INIT_FULL` or :data:`INIT_WEIGHTS`; default
+      :attr:`default_background_init` (None).
+    * :meth:`upsampled` (logits, labels) → float32 logits at the labels' size (bilinear,
+      ``align_corners=False``).
+    * ``loss`` (to write); ``needs_teacher`` defaults to t > 0.
+    """
+
+    model_family = "mib"
+    compatible_families = ("mib",)
+    test_split = "test_seen"  # validation images with a seen class (spec §3.2)
+    upsample_probabilities = False  # argmax of the upsampled logits (spec §6)
+    label_convention = MIB_LABELS
+    default_background_init = None
+
+    # ---- model ----------------------------------------------------------------------------------------
+    def sync_batchnorm(self, model):
+        """InPlaceABNSync: every :class:`network.abn.ABN` becomes a :class:`network.abn.SyncABN` (spec §1.4)."""
+        return convert_sync_abn(model)
+
+    def background_init(self, ctx):
+        """How ``prepare_student`` initialises the new classifier at t > 0: None (PyTorch's default, kept),
+        :data:`INIT_FULL` (weights and biases, spec §4.8) or :data:`INIT_WEIGHTS` (weights only, §4.10)."""
+        return self.default_background_init
+
+    def prepare_student(self, model, previous, ctx):
+        """The new classifier's initialisation (:meth:`background_init`), on ``cls[0]`` and ``cls[-1]``."""
+        mode = self.background_init(ctx)
+        if mode is None:
+            return
+        if mode not in (INIT_FULL, INIT_WEIGHTS):
+            raise ValueError(f"unknown background initialisation {mode!r}: expected {INIT_FULL!r} or {INIT_WEIGHTS!r}")
+        init_new_classifier(model.cls[0], model.cls[-1], with_bias=mode == INIT_FULL)
+
+    def schedule_options(self, ctx):
+        """PolyLR without BARM's 1e-6 floor (methods spec §2)."""
+        return {"min_lr": POLY_MIN_LR}
+
+    # ---- data -----------------------------------------------------------------------------------------
+    def protocol(self):
+        """``"mib"`` or ``"plop"``: the hyper-parameter ``protocol`` when the method has one, else
+        :attr:`label_convention`."""
+        return getattr(self.hp, "protocol", self.label_convention)
+
+    def label_policy(self, steps, step, split):
+        """The repository's label table (methods spec §3.3): see :func:`mib_voc_lut`, :func:`mib_ade_lut`,
+        :func:`plop_lut`."""
+        return family_label_policy(self.protocol(), self.dataset)(steps, step, split)
+
+    def train_transform(self, crop_size):
+        """RandomResizedCrop(crop, scale 0.5-2, ratio 3/4-4/3) + flip (methods spec §3.1)."""
+        return mib_train_transform(crop_size)
+
+    def eval_transform(self, crop_size, crop_val):
+        """Resize the shorter side + centre crop with ``crop_val`` (the references always crop, spec §3.1)."""
+        return eval_transform(crop_size, crop_val)
+
+    # ---- validation -----------------------------------------------------------------------------------
+    def validation_due(self, iteration, iterations_per_epoch, total_iterations, val_interval):
+        """After every epoch (the references validate every epoch for their logs, spec §2); ``--val_interval N``:
+        every N epochs; 0: never."""
+        if iteration % iterations_per_epoch:
+            return False
+        every = 1 if val_interval is None else val_interval
+        return every > 0 and (iteration // iterations_per_epoch) % every == 0
+
+    def selects_best(self, ctx, select_best):
+        """The last-epoch weights, as every reference (spec §2); best-validated ones only with ``--select_best``."""
+        return bool(select_best)
+
+    # ---- evaluation -----------------------------------------------------------------------------------
+    def upsampled(self, logits, labels):
+        """``logits`` (B, C, h, w) as float32 at the labels' (H, W) size, bilinear (spec §0)."""
+        return losses.upsample(logits.float(), labels.shape[-2:])
+
+    def eval_convention(self):
+        """MiB/PLOP/RCIL's StreamSegMetrics (spec §6): background counted in "old", classes absent from the
+        test ground truth excluded from the means; on ADE class 0 ignored (MiB, 150 classes) or scored
+        (PLOP/RCIL, 151 classes); future classes ignored (MiB) or background (PLOP/RCIL) at intermediate steps."""
+        protocol = self.protocol()
+        mib = protocol == MIB_LABELS
+        convention = {"background_in_old": True, "exclude_absent": True,
+                      "future_classes": "ignored" if mib else "background", "labels": protocol}
+        if self.dataset == "ade":
+            convention["ade_class0"] = "ignored" if mib else "scored"
+        return convention
+
+
+# ---- MiB (methods spec §4.8) -----------------------------------------------------------------------------------
+
+@dataclass
+class MiBHyper:
+    loss_kd: float = hyper(losses.MIB_W_KD, "t>0: weight of the unbiased knowledge distillation", low=0.0)
+    alpha: float = hyper(losses.KD_ALPHA, "teacher logits are multiplied by it before the softmax (MiB's --alpha)",
+                         positive=True)
+    init_balanced: bool = hyper(True, "t>0: background initialisation of the new classifier (weights and biases,"
+                                      " b <- b_bg - log(N+1))")
+    protocol: str = protocol_field()
+
+
+class MiB(MiBFamily):
+    """MiB (methods spec §4.8): step 0 plain CE over all pixels; at t > 0 the unbiased CE + ``loss_kd`` ·
+    unbiased KD (teacher logits upsampled, all pixels), new classifier initialised from the background."""
+
+    name = "mib"
+    Hyper = MiBHyper
+
+    def background_init(self, ctx):
+        return INIT_FULL if self.hp.init_balanced else None
+
+    def loss(self, outputs, teacher_outputs, batch, ctx):
+        logits = self.upsampled(outputs[0], batch.labels)
+        if ctx.step == 0:
+            ce = losses.ce_all_pixels(logits, batch.labels)
+            return {"total": ce, "ce": ce}
+        unce = losses.unbiased_ce(logits, batch.labels, ctx.num_old)
+        unkd = losses.unbiased_kd(logits, self.upsampled(teacher_outputs[0], batch.labels), alpha=self.hp.alpha)
+        return {"total": unce + self.hp.loss_kd * unkd, "unce": unce, "unkd": unkd}

@@ -7,13 +7,19 @@ The thresholds are approximate medians of an entropy histogram gathered over the
 first epoch, computed with the reference's loop, bugs included (spec §4.9(a), §9 PLOP 1). Local POD
 distils width/height pooled statistics of squared intermediate maps at several scales (§4.9(c)).
 
-This module holds the loss terms as pure functions of tensors (methods spec §4.9, §5); shapes use the
-notation of spec §0: B images, K_old teacher channels, K_t student channels, N_new = K_t − K_old.
+This module holds the loss terms as pure functions of tensors (methods spec §4.9, §5) and the method
+:class:`PLOP` (``--method plop``) at its end; shapes use the notation of spec §0: B images, K_old teacher
+channels, K_t student channels, N_new = K_t − K_old.
 """
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from methods.base import hyper
+from methods.losses import ce_all_pixels
+from methods.mib import INIT_FULL, PLOP_LABELS, MiBFamily, protocol_field
 
 IGNORE_INDEX = 255
 
@@ -84,8 +90,9 @@ def median_thresholds(histogram, min_threshold=ENTROPY_THRESHOLD_MIN):
     histogram's device. For each class c with n_c = Σ H[c] > 0, half = n_c / 2 and r = 0; for k = 0 … n_bins − 1:
     ℓ = k / n_bins, b = int(ℓ·n_bins); stop if half ≥ r and half ≤ r + H[c, b]; otherwise r += ℓ·n_bins. Then
     median_c = ℓ + (half − r) / H[c, b] · (1 / n_bins) with the ℓ, b, r at the stop (if it never stops: ℓ and b
-    of k = n_bins − 1 and r after its last increment, i.e. Σ_k k = 4950 for 100 bins); τ_c = max(median_c, min_threshold) with Python's
-    ``max(tensor, float)`` semantics; a class with n_c = 0 gets min_threshold.
+    of k = n_bins − 1 and r after its last increment, i.e. Σ_k k = 4950 for 100 bins);
+    τ_c = max(median_c, min_threshold) with Python's ``max(tensor, float)`` semantics; a class with n_c = 0 gets
+    min_threshold.
 
     This is *not* a median: every quirk below is reproduced on purpose, because the thresholds decide which
     pixels are pseudo-labelled. Arithmetic is float32 like the reference's tensors (half is a float32 tensor,
@@ -224,3 +231,102 @@ def local_pod(old_maps, new_maps, factors, n_classes_total, n_new, scales=POD_SC
         distance = torch.linalg.vector_norm(old_emb - new_emb, ord=2, dim=-1).mean()
         total = total + factor * schedule * distance
     return total / len(old_maps)
+
+
+# ======================================================================================================
+# The method (methods spec §4.9, §5, §10)
+# ======================================================================================================
+
+@dataclass
+class PLOPHyper:
+    pod_factor: float = hyper(POD_FACTOR_VOC, "t>0: Local POD weight of the four stages and x_pl (VOC 0.01, ADE"
+                                              " 0.001)", low=0.0)
+    pod_logits_factor: float = hyper(POD_LOGITS_FACTOR_VOC, "t>0: Local POD weight of the collapsed small logits"
+                                                            " (VOC 0.0005, ADE 1e-5)", low=0.0)
+    threshold: float = hyper(ENTROPY_THRESHOLD_MIN, "lower bound of every class's entropy threshold", low=0.0)
+    classif_adaptive_factor: bool = hyper(True, "t>0: scale each image's cross-entropy by the fraction of its"
+                                                " background pixels that were pseudo-labelled")
+    init_balanced: bool = hyper(True, "t>0: background initialisation of the new classifier (weights and biases,"
+                                      " b <- b_bg - log(N+1))")
+    protocol: str = protocol_field(PLOP_LABELS)
+
+
+class PLOP(MiBFamily):
+    """PLOP (methods spec §4.9): MiB's network with the pre-activation taps, PLOP's label tables (void
+    ignored, ADE class 0 scored, future classes background at test).
+
+    * step 0: plain CE over all pixels;
+    * before the first epoch of a step t ≥ 1 (``before_step``): the teacher's entropy histogram over one
+      pass of the training loader (training augmentation), summed over the processes, and the per-class
+      thresholds of :func:`median_thresholds` (kept in the method's state);
+    * t ≥ 1: ``a_b`` · CE on the entropy pseudo-labels (:func:`entropy_pseudo_labels`,
+      :func:`weighted_ce_all_pixels`) + Local POD (:func:`local_pod`) over the five ``attentions`` and the
+      small logits (the student's collapsed by :func:`collapse_logits`), weights (``pod_factor`` × 5,
+      ``pod_logits_factor``);
+    * new classifier: MiB's background initialisation (``--no_init_balanced`` keeps PyTorch's).
+    """
+
+    name = "plop"
+    Hyper = PLOPHyper
+    label_convention = PLOP_LABELS
+
+    def __init__(self, hyper=None, dataset="voc"):
+        super().__init__(hyper, dataset)
+        self.thresholds = None  # (K_t,) float32 CPU, from before_step
+
+    @classmethod
+    def default_hyper(cls, dataset):
+        factor, logits_factor = POD_FACTORS.get(dataset, POD_FACTORS["voc"])
+        return cls.Hyper(pod_factor=factor, pod_logits_factor=logits_factor)
+
+    def build_network(self, spec, classes_per_step, pretrained=None, layout_step=None):
+        model = super().build_network(spec, classes_per_step, pretrained, layout_step)
+        model.return_attentions = True  # the pre-activation taps of Local POD (spec §4.9)
+        return model
+
+    def background_init(self, ctx):
+        return INIT_FULL if self.hp.init_balanced else None
+
+    def before_step(self, model, teacher, data, ctx):
+        """The per-class entropy thresholds (spec §4.9(a)); a deliberate difference: the histogram is summed
+        over the processes (the reference kept one per process), so every process uses the same thresholds."""
+        if ctx.step == 0:
+            return
+        histogram = torch.zeros(ctx.num_classes, ENTROPY_BINS, dtype=torch.int64, device=data.device)
+        with torch.no_grad(), data.eval_mode(teacher):
+            for batch in data.train_batches():
+                with data.autocast():
+                    logits = teacher(batch.images)[0]
+                probs = torch.softmax(self.upsampled(logits, batch.labels), dim=1)
+                histogram += entropy_histogram(probs, batch.labels, ctx.num_classes)
+        data.all_reduce(histogram)
+        self.thresholds = median_thresholds(histogram, self.hp.threshold).cpu()
+
+    def loss(self, outputs, teacher_outputs, batch, ctx):
+        logits, features = outputs
+        logits_up = self.upsampled(logits, batch.labels)
+        if ctx.step == 0:
+            ce = ce_all_pixels(logits_up, batch.labels)
+            return {"total": ce, "ce": ce}
+        if self.thresholds is None or self.thresholds.numel() != ctx.num_classes:
+            raise RuntimeError("PLOP.loss at t > 0 needs the thresholds of before_step (or of a resumed state)")
+        old_logits, old_features = teacher_outputs
+        labels, factor = entropy_pseudo_labels(self.upsampled(old_logits, batch.labels), batch.labels,
+                                               self.thresholds, ctx.num_old)
+        if not self.hp.classif_adaptive_factor:
+            factor = torch.ones_like(factor)
+        ce = weighted_ce_all_pixels(logits_up, labels, factor)
+        old_maps = list(old_features["attentions"]) + [old_features["sem_logits_small"]]
+        new_maps = list(features["attentions"]) + [collapse_logits(features["sem_logits_small"], ctx.num_old)]
+        factors = layer_factors(len(old_maps), self.hp.pod_factor, self.hp.pod_logits_factor)
+        pod = local_pod(old_maps, new_maps, factors, ctx.num_classes, ctx.num_new)
+        return {"total": ce + pod, "ce": ce, "pod": pod}
+
+    def state_dict(self):
+        return {"thresholds": self.thresholds}
+
+    def load_state_dict(self, state):
+        self.thresholds = state.get("thresholds")
+
+    def load_previous_state(self, state, ctx):
+        """Nothing is carried across steps: the thresholds are recomputed at every step."""

@@ -32,12 +32,25 @@ State tensors are float32 and live on the device of the parameters they belong t
 parameter or gradient on another device shows up). Penalties are computed in float32 and are
 differentiable with respect to ``params``. In the reference only rank 0 updates the statistics; the
 penalty uses only the carried statistics, identical on every rank.
+
+The methods ``ewc``, ``pi`` and ``rw`` (:class:`EWCMethod`, :class:`PIMethod`, :class:`RWMethod`, at the end of
+this file) are FT under MiB's protocol (CE over all pixels, no teacher forward, default initialisation of
+the new classifier) plus ``reg_importance`` · R, the penalty's gradients added after the task-loss backward
+(a second backward pass, as the reference). Differences from the reference: every rank updates the
+statistics from the all-reduced gradients (the reference: rank 0 only, so only rank 0's statistics were
+saved), so every rank holds the same ones; a step t ≥ 1 whose previous checkpoint holds no statistics of
+the method is refused (the reference silently trained without penalty).
 """
 import logging
 
+from dataclasses import dataclass
+
 import torch
 
-from methods.losses import EWC_ALPHA, RW_ALPHA, RW_ITERATIONS
+from methods.base import hyper
+from methods.losses import (EWC_ALPHA, EWC_IMPORTANCE, PI_IMPORTANCE, RW_ALPHA, RW_IMPORTANCE, RW_ITERATIONS,
+                            ce_all_pixels)
+from methods.mib import MiBFamily, protocol_field
 from utils.errors import UserError
 
 log = logging.getLogger("ciss")
@@ -362,3 +375,154 @@ class RW(_Regularizer):
         self.score = _cpu(state["score"])
         self.theta_tmp = _cpu(state["theta_tmp"])
         self.count = int(state["count"])
+
+
+# ======================================================================================================
+# The methods ewc, pi, rw (methods spec §4.5-§4.7, §5)
+# ======================================================================================================
+
+class RegularizedMethod(MiBFamily):
+    """FT + a parameter regulariser (methods spec §4.5-§4.7), the base of :class:`EWCMethod`,
+    :class:`PIMethod` and :class:`RWMethod`.
+
+    * Step 0 must be trained with the same method: its checkpoint carries the statistics
+      (``method_state["carry"]``); a step t ≥ 1 without them is a :class:`UserError`.
+    * ``prepare_student`` keeps θ* (the step t−1 weights, on the CPU); ``configure`` builds the statistics
+      object (:attr:`regularizer_cls`) from the student's parameters at that moment (PI's reference for
+      parameters θ* lacks), θ* and the carried statistics.
+    * ``after_backward``: the statistics are updated from ``p.grad`` (the task loss's unscaled,
+      all-reduced gradients) when they are finite; returns ``{"total": λ·R, "reg": λ·R}`` (R from the
+      carried statistics, None at step 0).
+    * ``end_of_step`` computes the carry; ``state_dict`` holds the running statistics (``--resume``) and the
+      carry (the next step's :meth:`load_previous_state`).
+    """
+
+    uses_gradients = True
+    regularizer_cls = None
+
+    def __init__(self, hyper=None, dataset="voc"):
+        super().__init__(hyper, dataset)
+        self.reference = None  # θ*: name -> step t-1 weight (CPU), t >= 1
+        self.previous = None  # the statistics carried from step t-1
+        self.regularizer = None
+        self.carry = None  # the statistics for step t+1, after end_of_step
+
+    def needs_teacher(self, ctx):
+        return False  # the penalty needs θ* only, kept by prepare_student
+
+    def regularizer_options(self):
+        """Keyword arguments of :attr:`regularizer_cls` besides ``params``, ``reference``, ``previous``."""
+        return {"normalize": self.hp.reg_normalize}
+
+    def load_previous_state(self, state, ctx):
+        carry = (state or {}).get("carry")
+        kind = self.regularizer_cls.kind
+        if not carry or carry.get("kind") != kind:
+            raise UserError(f"step {ctx.step} of --method {self.name} needs the {kind.upper()} statistics of step"
+                            f" {ctx.step - 1}, which its checkpoint does not hold: train step 0 (and every step)"
+                            f" with --method {self.name}")
+        self.previous = carry
+
+    def prepare_student(self, model, previous, ctx):
+        super().prepare_student(model, previous, ctx)
+        self.reference = {name: p.detach().to("cpu", torch.float32, copy=True)
+                          for name, p in previous.named_parameters()}
+
+    def configure(self, model, ctx):
+        super().configure(model, ctx)
+        reference = self.reference if ctx.step > 0 else None
+        previous = self.previous if ctx.step > 0 else None
+        self.regularizer = self.regularizer_cls(dict(model.named_parameters()), reference=reference,
+                                                previous=previous, **self.regularizer_options())
+        self.carry = None
+
+    def loss(self, outputs, teacher_outputs, batch, ctx):
+        ce = ce_all_pixels(self.upsampled(outputs[0], batch.labels), batch.labels)
+        return {"total": ce, "ce": ce}
+
+    def after_backward(self, model, ctx, finite):
+        params = dict(model.named_parameters())
+        if finite:
+            self.regularizer.update(params, {name: p.grad for name, p in params.items() if p.requires_grad})
+        penalty = self.regularizer.penalty(params)
+        if penalty is None:
+            return None
+        weighted = self.hp.reg_importance * penalty
+        return {"total": weighted, "reg": weighted}
+
+    def end_of_step(self, model, ctx):
+        """The carry for step t+1; the running statistics are dropped (``final.pth`` needs only the carry)."""
+        self.carry = self.regularizer.end_step(dict(model.named_parameters()))
+        self.regularizer = None
+
+    def state_dict(self):
+        running = self.regularizer.state_dict() if self.regularizer is not None else None
+        return {"kind": self.regularizer_cls.kind, "running": running, "carry": self.carry}
+
+    def load_state_dict(self, state):
+        if state.get("kind") != self.regularizer_cls.kind:
+            raise UserError(f"the saved method state is '{state.get('kind')}', expected"
+                            f" '{self.regularizer_cls.kind}' (--method {self.name})")
+        if state.get("running") is not None:
+            self.regularizer.load_state_dict(state["running"])
+        self.carry = state.get("carry")
+
+
+
+_NORMALIZE_HELP = "min-max normalise the carried statistics per tensor before the penalty (MiB's default)"
+
+
+@dataclass
+class EWCHyper:
+    reg_importance: float = hyper(EWC_IMPORTANCE, "t>0: weight λ of the EWC penalty (MiB 500; PLOP/RCIL argparsers"
+                                                  " 100)", low=0.0)
+    reg_alpha: float = hyper(EWC_ALPHA, "EMA factor of the Fisher update F <- a·g² + (1-a)·F", low=0.0, high=1.0)
+    reg_normalize: bool = hyper(True, _NORMALIZE_HELP)
+    protocol: str = protocol_field()
+
+
+class EWCMethod(RegularizedMethod):
+    """EWC (methods spec §4.5): CE + ``reg_importance`` · Σ F̂ ⊙ (θ − θ*)²."""
+
+    name = "ewc"
+    Hyper = EWCHyper
+    regularizer_cls = EWC
+
+    def regularizer_options(self):
+        return {**super().regularizer_options(), "alpha": self.hp.reg_alpha}
+
+
+@dataclass
+class PIHyper:
+    reg_importance: float = hyper(PI_IMPORTANCE, "t>0: weight λ of the path-integral penalty (MiB 500; PLOP/RCIL"
+                                                 " argparsers 100)", low=0.0)
+    reg_normalize: bool = hyper(True, _NORMALIZE_HELP)
+    protocol: str = protocol_field()
+
+
+class PIMethod(RegularizedMethod):
+    """PI / synaptic intelligence (methods spec §4.6): CE + ``reg_importance`` · Σ ω̂ ⊙ (θ − θ_ref)²."""
+
+    name = "pi"
+    Hyper = PIHyper
+    regularizer_cls = PI
+
+
+@dataclass
+class RWHyper:
+    reg_importance: float = hyper(RW_IMPORTANCE, "t>0: weight λ of the Riemannian-walk penalty", low=0.0)
+    reg_alpha: float = hyper(RW_ALPHA, "EMA factor of the Fisher update F <- a·g² + (1-a)·F", low=0.0, high=1.0)
+    reg_iterations: int = hyper(RW_ITERATIONS, "the RW score is updated every this many iterations", positive=True)
+    reg_normalize: bool = hyper(True, _NORMALIZE_HELP)
+    protocol: str = protocol_field()
+
+
+class RWMethod(RegularizedMethod):
+    """RW (methods spec §4.7): CE + ``reg_importance`` · Σ (F̂ + Ŝ) ⊙ (θ − θ*)²."""
+
+    name = "rw"
+    Hyper = RWHyper
+    regularizer_cls = RW
+
+    def regularizer_options(self):
+        return {**super().regularizer_options(), "alpha": self.hp.reg_alpha, "iterations": self.hp.reg_iterations}

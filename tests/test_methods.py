@@ -115,15 +115,20 @@ def test_prediction_upsamples_probabilities_for_barm_and_logits_for_ft():
 
 
 def test_ft_trains_everything_with_one_group():
-    method = get_method("ft")
-    assert method.hp.loss_type == "ce_loss" and not method.needs_teacher(StepContext("voc", STEPS, 1))
-    model = build_model("deeplabv3inc_resnet18", [16, 1])
+    method = get_method("ft")  # FT under MiB's protocol (methods spec §4.1): MiB's network, CE over all pixels
+    assert method.model_family == "mib" and not method.needs_teacher(StepContext("voc", STEPS, 1))
+    model = build_model("mib_resnet18", [16, 1])
     groups = method.param_groups(model, StepContext("voc", STEPS, 1), lr=0.001)
     assert len(groups) == 1 and groups[0]["lr"] == 0.001
     assert ids(groups[0]["params"]) == ids(model.parameters())
     images, labels = torch.randn(2, 3, 33, 33), torch.randint(0, 17, (2, 33, 33))
+    labels[0, :4] = 255
     loss = method.loss(model(images), None, Batch(images, labels), StepContext("voc", STEPS, 1))
-    assert set(loss) == {"total", "std"} and torch.isfinite(loss["total"])
+    assert set(loss) == {"total", "ce"} and torch.isfinite(loss["total"])
+    # the mean runs over all pixels, ignored ones included (reduction 'none' then .mean(), spec §0)
+    logits = nn.functional.interpolate(model(images)[0], size=(33, 33), mode="bilinear", align_corners=False)
+    valid = nn.functional.cross_entropy(logits, labels, ignore_index=255)
+    torch.testing.assert_close(loss["total"], valid * (labels != 255).float().mean(), rtol=1e-5, atol=1e-6)
 
 
 def test_barm_validation_rule():
