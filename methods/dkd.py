@@ -1,22 +1,49 @@
-"""DKD: decomposed knowledge distillation (methods spec §4.11, §4.12 DKD-M, §5). PLACEHOLDER: the method
-class is added later; for now this module holds DKD's loss terms, its prediction rule and its reference
-hyper-parameters.
+"""DKD and DKD-M: decomposed knowledge distillation, with an optional exemplar memory (methods spec §4.11,
+§4.12, §5, §6). This module holds DKD's loss terms, its prediction rule, its label policy, its reference
+hyper-parameters and the method class :class:`DKD` (``--method dkd``; ``--mem_size N`` makes it DKD-M).
 
 DKD's model (:mod:`network.dkd`) has sigmoid outputs and no background channel: channel 0 is an auxiliary
 classifier, channel p ≥ 1 is the class at position p of the concatenated class order. Labels are channel
-positions as well (0 = background, 255 = void). With K_old = number of outputs of the step t−1 model (1 at
-step 0: the aux channel alone) and K_t = outputs now, the current classes are channels K_old..K_t−1, the old
-classes channels 1..K_old−1.
+positions as well (0 = background, 255 = void): for natural orders these are DKD's raw ids, and shuffled
+orders work too. With K_old = number of outputs of the step t−1 model (1 at step 0: the aux channel alone) and
+K_t = outputs now, the current classes are channels K_old..K_t−1, the old classes channels 1..K_old−1.
 
 Every loss is BCE-with-logits per element, averaged over the B·H·W positions of each class (void pixels
 included), then summed over classes (DKD's ``.mean(dim=[0, 2, 3]).sum()``). Logits "_up" are upsampled
 bilinearly (align_corners=False) to the label size, as DKD's model does; the positive / negative parts stay at
 feature resolution. Every function computes in float32 whatever the input dtype.
+
+The method (:class:`DKD`):
+
+* model ``dkd`` (:func:`network.dkd.build_dkd_model`); at t > 0 the new classifier copies the auxiliary one
+  (:func:`network.dkd.init_novel_classifier`, only when ``--w_ac`` > 0, as DKD); teacher = step t−1 model;
+* t > 0: every BN on running statistics with its affine parameters out of the optimizer, dropout off;
+* parameter groups (spec §5): backbone at ``--lr``, ASPP + ``last_conv`` and the classifiers at
+  ``head_lr_factor`` × ``--lr``; step 0: ``--weight_decay`` everywhere; t > 0: weight decay 0 except on the new
+  classifier; poly without a floor (ADE: a 20 % linear warm-up, not rounded, with ``--lr_policy warm_poly``);
+* labels (spec §3.3, :func:`dkd_lut`), prediction (:func:`dkd_predict`), evaluation on the images with a seen
+  class, classes without ground truth counted as 0, hIoU (spec §6);
+* DKD-M (spec §4.12): before step t ≥ 1 the memory is chosen from the step t−1 training images (classes of a
+  randomly augmented, masked crop; at t > 1 teacher pseudo-labels ≥ ``mem_pseudo_thresh`` on background first)
+  and the previous memory, with :class:`methods.memory.Memory` (SSUL-M's class-balanced selection); it joins the
+  training set with labels masked like the current data, and is kept in the method state and ``memory.json``.
 """
+import logging
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from datasets.incremental import IGNORE, LUT_SIZE, channel_order
+from datasets.transforms import eval_transform, mib_train_transform
+from methods.base import Method, hyper
 from methods.losses import upsample
+from methods.memory import Memory, collect_candidates
+from network.dkd import init_novel_classifier, reference_checkpoint_state
+from utils.checkpoint import strip_module_prefix
+
+log = logging.getLogger("ciss")
 
 IGNORE_INDEX = 255
 
@@ -59,6 +86,12 @@ MEMORY_PSEUDO_THRESHOLD = 0.9
 
 # Inference (spec §4.11): a pixel is background unless some non-aux sigmoid exceeds this
 PREDICTION_THRESHOLD = 0.5
+
+# Labels (spec §3.3 DKD rows, configs' ``masking_value``): at training, classes other than the step's become
+# background; at validation and test the classes DKD leaves out become background on VOC, void on ADE
+BACKGROUND = 0
+TRAIN_MASKING_VALUE = BACKGROUND
+EVAL_MASKING_VALUE = {"voc": BACKGROUND, "ade": IGNORE}
 
 
 def default_pos_weight(dataset, step):
@@ -218,3 +251,269 @@ def dkd_predict(logits, size=None, threshold=PREDICTION_THRESHOLD):
     scores = torch.sigmoid(logits)[:, 1:]
     pred = scores.argmax(dim=1) + 1
     return torch.where((scores > threshold).any(dim=1), pred, torch.zeros_like(pred))
+
+
+# ---- labels (methods spec §3.3) --------------------------------------------------------------------------
+
+def dkd_lut(steps, step, split, dataset):
+    """DKD's label table (methods spec §3.3 DKD rows; ``transform_target_masking`` with the configs'
+    ``masking_value``): a 256-entry uint8 table from raw label values to channel positions.
+
+    * train (and memory: DKD-M's memory labels are masked like the current data, spec §4.12): the step's classes
+      → their channel; background, old and future classes → 0; void 255 stays 255 (it is a negative in the
+      mBCE, never ignored: spec §9 DKD 1);
+    * val: the step's classes → their channel, background → 0, old and future classes → 0 on VOC, 255 on ADE;
+    * test: every seen class (steps 0..t) → its channel, background → 0 (ADE 0 is scored), future classes → 0
+      on VOC, 255 on ADE.
+
+    Channel positions equal DKD's raw ids for natural class orders (no re-indexing in DKD).
+    """
+    if dataset not in EVAL_MASKING_VALUE:
+        raise ValueError(f"dkd_lut: unknown dataset {dataset!r}: expected one of {sorted(EVAL_MASKING_VALUE)}")
+    order = channel_order(steps)
+    if split == "test":
+        kept, fill = [c for s in steps[:step + 1] for c in s], EVAL_MASKING_VALUE[dataset]
+    elif split == "val":
+        kept, fill = list(steps[step]), EVAL_MASKING_VALUE[dataset]
+    else:
+        kept, fill = list(steps[step]), TRAIN_MASKING_VALUE
+    lut = np.full(LUT_SIZE, fill, dtype=np.uint8)
+    lut[BACKGROUND] = BACKGROUND
+    lut[kept] = order[kept]
+    lut[IGNORE] = IGNORE
+    return lut
+
+
+# ---- DKD-M memory candidates (methods spec §4.12) ------------------------------------------------------------
+
+def dkd_memory_pseudo_labels(logits, labels, threshold=MEMORY_PSEUDO_THRESHOLD):
+    """DKD-M's pseudo-labels of a memory candidate at t > 1 (methods spec §4.12, ``memory_sampling_balanced``).
+
+    ``logits`` (B, K, h, w): the step t−1 model's logits at feature resolution (channel 0 = aux); ``labels``
+    (B, H, W): the masked step t−1 labels of the same crops. The logits are upsampled to H × W (as DKD's model
+    does), then in float32 with s = σ(z)::
+
+        ŷ = 1 + argmax_{c ≥ 1} s_c,   m = max_{c ≥ 1} s_c
+        y' = ŷ  where y = 0 and m ≥ threshold,   else y
+
+    Void (255) and labelled pixels are kept. Returns int64 (B, H, W).
+    """
+    scores = torch.sigmoid(upsample(logits.float(), tuple(labels.shape[-2:])))[:, 1:]
+    best, predicted = scores.max(dim=1)
+    relabel = (labels == BACKGROUND) & (best >= threshold)
+    return torch.where(relabel, predicted + 1, labels.long())
+
+
+# ---- the method (methods spec §4.11, §4.12, §5, §6) ------------------------------------------------------------
+
+@dataclass
+class DKDHyper:
+    w_mbce: float = hyper(W_MBCE, "weight of the mBCE on the current classes", low=0.0)
+    w_kd: float = hyper(W_KD, "t>0: weight of the KD on the old classes' sigmoid outputs", low=0.0)
+    w_dkd_pos: float = hyper(W_DKD_POS, "t>0: weight of the decomposed KD on the positive logit parts", low=0.0)
+    w_dkd_neg: float = hyper(W_DKD_NEG, "t>0: weight of the decomposed KD on the negative logit parts", low=0.0)
+    w_ac: float = hyper(W_AC, "weight of the auxiliary-classifier loss; 0 also leaves the new classifiers randomly"
+                              " initialised instead of copying the auxiliary one (as DKD)", low=0.0)
+    pos_weight_base: float = hyper(POS_WEIGHT_VOC_BASE, "step 0: mBCE pos_weight (DKD's --pos_weight at step 0)",
+                                   low=0.0)
+    pos_weight: float = hyper(POS_WEIGHT_VOC_INCREMENTAL, "t>0: mBCE pos_weight (DKD's config value)", low=0.0)
+    head_lr_factor: float = hyper(HEAD_LR_FACTOR, "ASPP, last_conv and every classifier train at this x --lr"
+                                                  " (--lr: the backbone's)", positive=True)
+    mem_size: int = hyper(0, "DKD-M: memory images in total, chosen before every step t>0 (0: DKD; published:"
+                             " 100 on VOC, 300 on ADE)", low=0)
+    mem_pseudo_thresh: float = hyper(MEMORY_PSEUDO_THRESHOLD, "DKD-M at t>1: background pixels of a memory"
+                                                              " candidate take the teacher's class when its"
+                                                              " sigmoid reaches this", low=0.0, high=1.0)
+
+
+def memory_key(step):
+    """The key of step ``step``'s memory in ``memory.json`` and in the method state (DKD's ``step_{t}``)."""
+    return f"step_{step}"
+
+
+class DKD(Method):
+    """DKD / DKD-M (methods spec §4.11, §4.12; see the module docstring)."""
+
+    name = "dkd"
+    Hyper = DKDHyper
+    model_family = "dkd"
+    compatible_families = ("dkd",)
+    test_split = "test_seen"  # validation images containing a seen class (spec §3.2)
+    memory_mode = "concat"  # DKD-M: ConcatDataset(current, memory) (spec §4.12)
+    memory_split = "train"  # memory labels masked like the current data (spec §4.12)
+    upsample_probabilities = False  # predict() is DKD's own rule
+
+    def __init__(self, hyper=None, dataset="voc"):
+        super().__init__(hyper, dataset)
+        self.step = None  # the step being trained (whose memory the trainer reads)
+        self.memories = {}  # memory_key(t) -> Memory.state_dict() of every DKD-M step so far
+
+    @classmethod
+    def default_hyper(cls, dataset):
+        """DKD's values for ``dataset``: pos_weight 2 at step 0 and 1 after on VOC, 35 at every step on ADE."""
+        base, incremental = POS_WEIGHTS[dataset]
+        return cls.Hyper(pos_weight_base=base, pos_weight=incremental)
+
+    # ---- model ----------------------------------------------------------------------------------------
+    def prepare_student(self, model, previous, ctx):
+        """New classifier ← auxiliary classifier (spec §4.11), only when ``w_ac`` > 0 as in DKD's train scripts."""
+        if self.hp.w_ac > 0:  # quirk (spec §4.11: ``hyperparameter.ac > 0``): otherwise PyTorch's default init
+            init_novel_classifier(model)
+
+    def bn_frozen(self, ctx):
+        """t > 0: every BN on running statistics, its affine parameters out of the optimizer (``--freeze_bn``)."""
+        return ctx.step > 0
+
+    def set_train_mode(self, model, ctx):
+        """Training mode; at t > 0 every BN and every dropout in eval mode (DKD's ``freeze_bn``, ``freeze_dropout``)."""
+        super().set_train_mode(model, ctx)
+        if ctx.step > 0:
+            for module in model.modules():
+                if isinstance(module, torch.nn.Dropout):
+                    module.eval()
+
+    def param_groups(self, model, ctx, lr):
+        """DKD's groups (spec §5, ``train_voc.py``): backbone at ``lr``; ASPP with ``last_conv`` and the
+        classifiers (aux included) at ``head_lr_factor`` · lr. Step 0: three groups, every one with the trainer's
+        ``--weight_decay``. t > 0: backbone, ASPP and the old classifiers (aux included) with weight decay 0, the
+        new classifier with ``--weight_decay``. Frozen parameters (BN at t > 0) are left out."""
+        head = model.classifier
+        head_lr = lr * self.hp.head_lr_factor
+
+        def params(*modules):
+            return [p for m in modules for p in m.parameters() if p.requires_grad]
+
+        if ctx.step == 0:
+            return [{"params": params(model.backbone), "lr": lr},
+                    {"params": params(head.aspp, head.last_conv), "lr": head_lr},
+                    {"params": params(head.cls), "lr": head_lr}]
+        return [{"params": params(model.backbone), "lr": lr, "weight_decay": INCREMENTAL_WEIGHT_DECAY},
+                {"params": params(head.aspp, head.last_conv), "lr": head_lr,
+                 "weight_decay": INCREMENTAL_WEIGHT_DECAY},
+                {"params": params(*head.cls[:-1]), "lr": head_lr, "weight_decay": INCREMENTAL_WEIGHT_DECAY},
+                {"params": params(head.cls[-1]), "lr": head_lr}]
+
+    def schedule_options(self, ctx):
+        """DKD's PolyLR has no floor; on ADE its ``WarmupPolyLR`` warms up over 0.2·I iterations, not rounded
+        (spec §5), with ``--lr_policy warm_poly``."""
+        options = {"min_lr": 0.0}
+        if WARMUP_FRACTION[self.dataset] > 0:
+            options.update(warmup=WARMUP_FRACTION[self.dataset], round_warmup=False)
+        return options
+
+    def convert_previous_state(self, checkpoint):
+        """The model state of a step t−1 checkpoint: a ciss checkpoint's ``model_state`` (or bare state dict)
+        without ``module.`` prefixes, or, for a checkpoint written by DKD's code (``state_dict`` and no
+        ``model_state``), its weights in ciss's key layout (:func:`network.dkd.reference_checkpoint_state`).
+        """
+        if isinstance(checkpoint, dict) and "model_state" not in checkpoint and "state_dict" in checkpoint:
+            return reference_checkpoint_state(checkpoint)
+        return strip_module_prefix(checkpoint.get("model_state", checkpoint))
+
+    # ---- data -----------------------------------------------------------------------------------------
+    def label_policy(self, steps, step, split):
+        """DKD's label table for this dataset (:func:`dkd_lut`)."""
+        return dkd_lut(steps, step, split, self.dataset)
+
+    def train_transform(self, crop_size):
+        """RandomResizedCrop(crop, scale 0.5-2, ratio 3/4-4/3) + flip, as MiB's (spec §3.1)."""
+        return mib_train_transform(crop_size)
+
+    def eval_transform(self, crop_size, crop_val):
+        """Resize + centre crop with ``crop_val`` (DKD's ``transform_val`` for val and test, spec §3.1)."""
+        return eval_transform(crop_size, crop_val)
+
+    def memory_ids(self):
+        """DKD-M: the image ids of the step's memory (empty for DKD and at step 0)."""
+        if not self.hp.mem_size or self.step is None:
+            return []
+        return list(self.memories.get(memory_key(self.step), {}).get("memory_list", []))
+
+    def before_step(self, model, teacher, data, ctx):
+        """DKD-M's memory selection before step t ≥ 1 (spec §4.12).
+
+        Candidates: the previous memory's records (t > 1), then one record per image of step t−1's training
+        list, with the classes of its masked step t−1 label on a randomly augmented crop (the training
+        transform); at t > 1 background pixels first take the teacher's class where its sigmoid reaches
+        ``mem_pseudo_thresh`` (:func:`dkd_memory_pseudo_labels`). Selection: :meth:`methods.memory.Memory.select`
+        over the old classes 1..K_old−1 with the step's seed (stops early when the candidates run out). Every
+        process computes it; rank 0's result is used."""
+        self.step = ctx.step
+        if ctx.step == 0 or not self.hp.mem_size:
+            return
+        previous = self.memories.get(memory_key(ctx.step - 1), {}).get("memory_candidates", [])
+        def pseudo_labelled(batch):
+            with torch.no_grad():
+                logits, _ = teacher(batch.images)  # fp32, as DKD's memory pass (no autocast there)
+            return dkd_memory_pseudo_labels(logits, batch.labels, self.hp.mem_pseudo_thresh)
+
+        relabel = pseudo_labelled if ctx.step > 1 else None
+        batches = data.batches(data.previous_samples(), split="train", step=ctx.step - 1, transform="train")
+        candidates = list(previous) + collect_candidates(batches, relabel=relabel)
+        memory = Memory.select(candidates, range(1, ctx.num_old), self.hp.mem_size, data.seed)
+        self.memories[memory_key(ctx.step)] = data.broadcast(memory.state_dict())
+        if len(memory.ids) < self.hp.mem_size:
+            log.warning("DKD-M step %d: only %d memory images (--mem_size %d): the %d candidates ran out of old"
+                        " classes", ctx.step, len(memory.ids), self.hp.mem_size, len(candidates))
+        else:
+            log.info("DKD-M step %d: %d memory images chosen from %d candidates", ctx.step, len(memory.ids),
+                     len(candidates))
+
+    # ---- per batch ------------------------------------------------------------------------------------
+    def loss(self, outputs, teacher_outputs, batch, ctx):
+        """:func:`dkd_loss_terms` with the step's pos_weight: step 0 ``mbce``, ``ac``; t > 0 also ``kd``,
+        ``dkd_pos``, ``dkd_neg``."""
+        logits, features = outputs
+        hp = self.hp
+        weights = dict(w_mbce=hp.w_mbce, w_kd=hp.w_kd, w_dkd_pos=hp.w_dkd_pos, w_dkd_neg=hp.w_dkd_neg, w_ac=hp.w_ac)
+        if ctx.step == 0:
+            return dkd_loss_terms(logits, features, batch.labels, 1, pos_weight=hp.pos_weight_base, **weights)
+        logits_old, features_old = teacher_outputs
+        return dkd_loss_terms(logits, features, batch.labels, ctx.num_old, logits_old, features_old,
+                              pos_weight=hp.pos_weight, **weights)
+
+    # ---- validation and checkpoint selection ----------------------------------------------------------
+    def validation_due(self, iteration, iterations_per_epoch, total_iterations, val_interval):
+        """Never by default (DKD's configs: ``validation_period`` −1, ``monitor`` off); ``--val_interval N``:
+        after every N-th epoch."""
+        if not val_interval or iteration % iterations_per_epoch:
+            return False
+        return (iteration // iterations_per_epoch) % val_interval == 0
+
+    def selects_best(self, ctx, select_best):
+        """The last-epoch weights, as DKD (spec §5); the best-validated ones only with ``--select_best``."""
+        return bool(select_best)
+
+    # ---- prediction and evaluation --------------------------------------------------------------------
+    def predict(self, logits, size):
+        """DKD's rule (:func:`dkd_predict`): upsampled logits, σ, the best non-aux class where one exceeds 0.5."""
+        return dkd_predict(logits, size)
+
+    def eval_convention(self):
+        """DKD's Evaluator (spec §6): background counted in "old", every seen class averaged (a class without
+        ground truth counts as 0), hIoU reported; future classes background on VOC, ignored on ADE; ADE 0 scored."""
+        convention = {"background_in_old": True, "exclude_absent": False,
+                      "future_classes": "background" if EVAL_MASKING_VALUE[self.dataset] == BACKGROUND else "ignored"}
+        if self.dataset == "ade":
+            convention["ade_class0"] = "scored"
+        return convention
+
+    def step_files(self):
+        """DKD-M: ``memory.json`` = every step's memory so far (``{"step_t": {"memory_list", "memory_candidates"}}``,
+        DKD's file)."""
+        if memory_key(self.step) not in self.memories:
+            return {}
+        return {"memory.json": {key: value for key, value in self.memories.items()}}
+
+    # ---- state ----------------------------------------------------------------------------------------
+    def state_dict(self):
+        return {"step": self.step, "memories": {k: dict(v) for k, v in self.memories.items()}}
+
+    def load_state_dict(self, state):
+        self.step = state.get("step")
+        self.memories = {k: dict(v) for k, v in state.get("memories", {}).items()}
+
+    def load_previous_state(self, state, ctx):
+        """Step t−1's memories (DKD-M's candidates of step t start with step t−1's memory)."""
+        self.load_state_dict(state)
+        self.step = ctx.step

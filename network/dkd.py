@@ -184,3 +184,15 @@ def convert_reference_state_dict(state_dict):
                 f"unexpected key {key!r} in a DKD state dict: expected keys under backbone., aspp. or cls."
             )
     return converted
+
+
+def reference_checkpoint_state(checkpoint):
+    """The ciss model state of a checkpoint written by DKD's code (``BaseTrainer._save_checkpoint``: a dict with
+    ``state_dict``, ``optimizer``, ``lr_scheduler``, ...), or of a bare DKD state dict: the ``state_dict`` entry
+    with its keys converted by :func:`convert_reference_state_dict`. Raises UserError on anything else."""
+    if not isinstance(checkpoint, dict):
+        raise UserError(f"a DKD checkpoint is a dict with 'state_dict', got {type(checkpoint).__name__}")
+    state = checkpoint.get("state_dict", checkpoint)
+    if not isinstance(state, dict):
+        raise UserError("the 'state_dict' of a DKD checkpoint is not a dict of tensors")
+    return convert_reference_state_dict(state)
