@@ -6,10 +6,20 @@
 import dataclasses
 
 from methods.barm import BARM
+from methods.dkd import DKD
 from methods.finetune import FineTune
+from methods.ilt import ILT
+from methods.kproba import KProBA
+from methods.lwf import LwF, LwFMC
+from methods.mib import MiB
+from methods.plop import PLOP
+from methods.rcil import RCIL
+from methods.regularizers import EWCMethod, PIMethod, RWMethod
+from methods.ssul import SSUL
 from utils.errors import UserError
 
-METHODS = {cls.name: cls for cls in (BARM, FineTune)}
+METHODS = {cls.name: cls for cls in (BARM, FineTune, MiB, PLOP, LwF, LwFMC, ILT, EWCMethod, PIMethod, RWMethod, DKD,
+                                     RCIL, SSUL, KProBA)}
 
 
 def list_methods():

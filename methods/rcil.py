@@ -1,22 +1,41 @@
 """RCIL: representation compensation and pooled-cube knowledge distillation (methods spec §4.10).
 
-RCIL trains a dual-branch network (a second 3×3 convolution per block and a second ASPP, mixed by random
-gates) whose branches are merged into the frozen one at the start of each step; its loss at step t ≥ 1 is
-MiB's unbiased CE + 100 · unbiased KD (spec §4.8) plus the pooled-cube KD (PCKD): a spatial term comparing
-average-pooled squared maps at six kernel sizes and a channel term comparing squared maps averaged over
-windows of three channels (§4.10).
+RCIL trains a dual-branch network (:mod:`network.rcil`: a second 3×3 convolution per block and a second ASPP,
+mixed by random per-channel gates) whose branches are merged into the frozen first branch at the start of each
+step t ≥ 1; its loss at step t ≥ 1 is MiB's unbiased CE + 100 · unbiased KD (spec §4.8) plus the pooled-cube
+KD (PCKD): a spatial term comparing average-pooled squared maps at six kernel sizes and a channel term comparing
+squared maps averaged over windows of three channels (§4.10).
 
-This module holds the PCKD terms as pure functions of tensors; the student's small logits are collapsed to
-the teacher's channels as in PLOP (:func:`methods.plop.collapse_logits`). Shapes use the notation of
-spec §0: B images, K_t current classes, N_new classes added at this step.
+* :class:`RCIL` — the method: MiB family protocol (:class:`methods.mib.MiBFamily`) with PLOP's label tables,
+  model family ``rcil``, weight-only background initialisation of the new classifier, the branch merge in
+  ``prepare_student``, the merged layers frozen and in eval mode every epoch, the gates' generator seeded from
+  ``--random_seed`` and the step and carried in the method state (``--resume``).
+* The PCKD terms as pure functions of tensors (:func:`pooled_cube_spatial`, :func:`pooled_cube_channel`); the
+  student's small logits are collapsed to the teacher's channels as in PLOP (:func:`methods.plop.collapse_logits`).
+
+Shapes use the notation of spec §0: B images, K_t current classes, N_new classes added at this step.
 """
 import math
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from methods import losses
+from methods.base import hyper
+from methods.mib import INIT_WEIGHTS, PLOP_LABELS, MiBFamily
 # collapse_logits is re-exported: RCIL collapses the student's small logits exactly as PLOP (spec §4.10)
 from methods.plop import check_map_pairs, collapse_logits, layer_factors  # noqa: F401
+from network import build_model
+from network.rcil import freeze_merged, merge_branches
+
+RCIL_W_KD = 100.0  # L = UNCE + 100·UNKD + PCKD (methods spec §4.10, §5: --loss_kd 100)
+# The reference validates every 15 epochs (RCIL's --val_interval default, spec §2); validation never selects.
+RCIL_VAL_INTERVAL = 15
+# Tag of the gates' seed sequence [--random_seed, step, tag] (any constant: it only separates the stream).
+GATE_SEED_TAG = 4
+GATE_STATE_KEY = "gate_generator"
 
 # PCKD weights (methods spec §4.10, §5; hard-coded in the reference, --pod_factor is ignored, spec §9 RCIL 2):
 # (every map but the last, the last map). Spatial: ℓ = 1..5 / ℓ = 6 (collapsed small logits);
@@ -101,3 +120,163 @@ def pooled_cube_channel(old_maps, new_maps, factors, n_classes_total, n_new):
         distance = _per_sample_distance(_channel_pool(old.float().pow(2)), _channel_pool(new.float().pow(2)))
         total = total + factor * schedule * distance
     return total / len(old_maps)
+
+
+# ---- the method (methods spec §4.10) ------------------------------------------------------------------------------
+
+def gate_seed(seed, step):
+    """The seed of the student's gate generator at ``step`` from ``--random_seed`` (a SeedSequence of both)."""
+    return int(np.random.SeedSequence([int(seed), int(step), GATE_SEED_TAG]).generate_state(1)[0])
+
+
+@dataclass
+class RCILHyper:
+    loss_kd: float = hyper(RCIL_W_KD, "t>0: weight of the unbiased knowledge distillation", low=0.0)
+    alpha: float = hyper(losses.KD_ALPHA, "teacher logits are multiplied by it before the softmax (--alpha)",
+                         positive=True)
+    pckd_factor: float = hyper(PCKD_FACTOR_VOC, "t>0: pooled-cube KD weight of the four backbone stages (spatial and"
+                                                " channel terms) and of x_pl (spatial term); ADE default 5e-6",
+                               low=0.0)
+    pckd_last_factor: float = hyper(PCKD_LAST_FACTOR_VOC, "t>0: pooled-cube KD weight of the last map of each term:"
+                                                          " the small logits (spatial), x_pl (channel); ADE default"
+                                                          " 5e-7", low=0.0)
+    init_balanced: bool = hyper(True, "t>0: new classifier weights copied from the background's (RCIL's"
+                                      " weight-only variant; biases keep their random init)")
+
+
+class RCIL(MiBFamily):
+    """RCIL (methods spec §4.10) on the MiB family protocol (:class:`methods.mib.MiBFamily`).
+
+    * Model: family ``rcil`` (:func:`network.rcil.build_rcil_model`); a model built for the checkpoint of a
+      merged step (``layout_step`` ≥ 1) has the merged conv biases.
+    * Step t ≥ 1 start (``prepare_student``): weight-only background init of ``cls[-1]``, then the branch merge
+      (:func:`network.rcil.merge_branches`); the merged ``conv2``/``bn2``/``map_convs``/``map_bn`` stay frozen
+      and in eval mode (``configure``, ``set_train_mode`` every epoch); the ``_new`` branches train on.
+    * Gates: the student's generator is seeded with :func:`gate_seed` (``--random_seed``, step) before the first
+      epoch; its state is the method state, so ``--resume`` draws the same gates. Eval-mode models (the teacher,
+      validation, the test) use ½/½.
+    * Loss: step 0 CE over all pixels; t ≥ 1 UNCE + ``loss_kd``·UNKD (upsampled logits) + spatial PCKD (6 maps:
+      mod2..mod5 outputs, x_pl, collapsed small logits) + channel PCKD (5 maps: mod2..mod5 outputs, x_pl), with
+      λ = ``pckd_factor`` / ``pckd_last_factor`` and √(K_t / N_new).
+    * Validation every 15 epochs for the logs (RCIL's default; ``--val_interval`` overrides), never selecting.
+    """
+
+    name = "rcil"
+    Hyper = RCILHyper
+    model_family = "rcil"
+    compatible_families = ("rcil",)
+    label_convention = PLOP_LABELS
+
+    def __init__(self, hyper=None, dataset="voc"):
+        super().__init__(hyper, dataset)
+        self._gates = None  # the student's network.rcil.BranchGates, once configured
+        self._pending_gate_state = None
+
+    @classmethod
+    def default_hyper(cls, dataset):
+        """PCKD weights per dataset (spec §4.10, §5: 0.01 / 0.0005 on VOC, 5e-6 / 5e-7 on ADE)."""
+        factor, last_factor = PCKD_FACTORS[dataset]
+        return RCILHyper(pckd_factor=factor, pckd_last_factor=last_factor)
+
+    # ---- model ----------------------------------------------------------------------------------------
+    def build_network(self, spec, classes_per_step, pretrained=None, layout_step=None):
+        """RCIL's network; ``layout_step`` ≥ 1: the merged layout (conv biases) of that step's checkpoint."""
+        merged = layout_step is not None and layout_step >= 1
+        return build_model(spec.name, classes_per_step, backbone=spec.backbone, output_stride=spec.output_stride,
+                           pretrained=pretrained, merged=merged)
+
+    def background_init(self, ctx):
+        return INIT_WEIGHTS if self.hp.init_balanced else None
+
+    def prepare_student(self, model, previous, ctx):
+        """Weight-only background init of the new classifier, then the branch merge (spec §4.10)."""
+        super().prepare_student(model, previous, ctx)
+        merge_branches(model)
+
+    def configure(self, model, ctx):
+        """Merged layers frozen at t > 0; the student's gates attached to the method state (and a state restored
+        before the student existed applied to them)."""
+        super().configure(model, ctx)
+        if ctx.step > 0:
+            freeze_merged(model)
+        self._gates = model.gates
+        if self._pending_gate_state is not None:
+            self._gates.set_state(self._pending_gate_state)
+            self._pending_gate_state = None
+
+    def set_train_mode(self, model, ctx):
+        """``model.train()``, then the merged layers back to eval and frozen (spec §4.10 merge item 4)."""
+        super().set_train_mode(model, ctx)
+        if ctx.step > 0:
+            freeze_merged(model)
+
+    # ---- passes before the first epoch ----------------------------------------------------------------
+    def before_step(self, model, teacher, data, ctx):
+        """Seed the student's gate generator from ``--random_seed`` and the step (:func:`gate_seed`)."""
+        super().before_step(model, teacher, data, ctx)
+        model.gates.seed(gate_seed(data.seed, ctx.step))
+
+    # ---- per batch ------------------------------------------------------------------------------------
+    def loss(self, outputs, teacher_outputs, batch, ctx):
+        """RCIL's loss (methods spec §4.10). ``outputs`` / ``teacher_outputs``: ``(z^s, features)`` of the student
+        (K_t channels) and the teacher (K_old), logits at feature resolution; ``batch.labels`` (B, H, W), 255 ignored.
+
+        Step 0: ``ce`` = mean over all B·H·W pixels of CE(up(z), y). Step t ≥ 1, with up(·) the bilinear upsampling
+        to (H, W) and A_ℓ / A'_ℓ the teacher / student ``attentions`` (mod2..mod5 outputs, x_pl)::
+
+            total = unce(up(z), y) + loss_kd · unkd(up(z), up(z^old))
+                    + pooled_cube_spatial([A_1..A_5, z^old], [A'_1..A'_5, collapse(z)], λ_sp, K_t, N_new)
+                    + pooled_cube_channel([A_1..A_5], [A'_1..A'_5], λ_ch, K_t, N_new)
+
+        λ_sp = (pckd_factor ×5, pckd_last_factor), λ_ch = (pckd_factor ×4, pckd_last_factor). Returns the named
+        float32 terms with ``total``.
+        """
+        logits, features = outputs
+        labels = batch.labels
+        up = self.upsampled(logits, labels)
+        if ctx.step == 0:
+            ce = losses.ce_all_pixels(up, labels)
+            return {"total": ce, "ce": ce}
+        old_logits, old_features = teacher_outputs
+        unce = losses.unbiased_ce(up, labels, ctx.num_old)
+        unkd = losses.unbiased_kd(up, self.upsampled(old_logits, labels), alpha=self.hp.alpha)
+        new_maps, old_maps = list(features["attentions"]), list(old_features["attentions"])
+        spatial = pooled_cube_spatial(
+            old_maps + [old_features["sem_logits_small"]],
+            new_maps + [collapse_logits(features["sem_logits_small"], ctx.num_old)],
+            layer_factors(PCKD_SPATIAL_MAPS, self.hp.pckd_factor, self.hp.pckd_last_factor),
+            ctx.num_classes, ctx.num_new)
+        channel = pooled_cube_channel(old_maps, new_maps,
+                                      layer_factors(PCKD_CHANNEL_MAPS, self.hp.pckd_factor, self.hp.pckd_last_factor),
+                                      ctx.num_classes, ctx.num_new)
+        total = unce + self.hp.loss_kd * unkd + spatial + channel
+        return {"total": total, "unce": unce, "unkd": unkd, "pckd_spatial": spatial, "pckd_channel": channel}
+
+    # ---- validation -----------------------------------------------------------------------------------
+    def validation_due(self, iteration, iterations_per_epoch, total_iterations, val_interval):
+        """Every 15 epochs (RCIL's ``--val_interval`` default, spec §2), or every ``--val_interval`` epochs."""
+        every = RCIL_VAL_INTERVAL if val_interval is None else val_interval
+        return super().validation_due(iteration, iterations_per_epoch, total_iterations, every)
+
+    # ---- state ----------------------------------------------------------------------------------------
+    def state_dict(self):
+        """The student's gate-generator state (``--resume`` draws the same gates)."""
+        state = super().state_dict()
+        if self._gates is not None:
+            state[GATE_STATE_KEY] = self._gates.get_state()
+        return state
+
+    def load_state_dict(self, state):
+        state = dict(state)
+        gate_state = state.pop(GATE_STATE_KEY, None)
+        super().load_state_dict(state)
+        if gate_state is None:
+            return
+        if self._gates is not None:
+            self._gates.set_state(gate_state)
+        else:
+            self._pending_gate_state = gate_state  # applied when the student is configured
+
+    def load_previous_state(self, state, ctx):
+        """Step t-1's gate state is not carried: step t seeds its own generator (:meth:`before_step`)."""
+        super().load_previous_state({k: v for k, v in state.items() if k != GATE_STATE_KEY}, ctx)

@@ -9,6 +9,7 @@ that family's reference key layout. A model name is a family, optionally suffixe
 * ``deeplabv3inc``: a plain incremental head (``head_pre`` + one 1x1 classifier per step);
 * ``mib``: MiB/PLOP's DeepLab-v3 (``mod1..mod5`` ResNet, InPlace-ABN computed with standard layers, methods
   spec §1; :mod:`network.mib`);
+* ``rcil``: RCIL's dual-branch MiB network (:mod:`network.rcil`);
 * ``dkd``: DKD's head (torchvision ASPP with ``last_conv``, auxiliary classifier, no background channel,
   methods spec §4.11; :mod:`network.dkd`).
 
@@ -23,6 +24,7 @@ from network.deeplab import DeepLabV3
 from network.dkd import build_dkd_model
 from network.heads import BackgroundAdaptationHead, IncrementalHead, SSULHead, check_classes_per_step
 from network.mib import build_mib_model
+from network.rcil import build_rcil_model
 from network.pretrained import load_pretrained_backbone
 from utils.errors import UserError
 
@@ -55,6 +57,7 @@ FAMILIES = {
     "deeplabv3inc": _torchvision_deeplab(IncrementalHead),
     "mib": build_mib_model,
     "dkd": build_dkd_model,
+    "rcil": build_rcil_model,
 }
 
 

@@ -50,6 +50,15 @@ def test_every_flag_is_read(tiny_voc, tmp_path):
     train.run(recorded(common + [
         "--curr_step", "1", "--end_step", "1", "--no_pretrained", "--train_epoch", "1", "--prev_ckpt", str(best),
         "--pseudo", "--pseudo_thresh", "0.6", "--bn_freeze", "--resume", "--lr_policy", "warm_poly"]))
-    train.run(recorded(common + ["--test", "--curr_step", "1"]))
+    train.run(recorded(common + ["--test", "--curr_step", "1", "--visualize", "1"]))
     unread = parser_dests(build_parser("barm", "voc")) - RecordingNamespace.reads
     assert not unread, f"flags never read: {sorted(unread)}"
+
+
+def test_boolean_hyper_parameters_take_both_spellings():
+    """A method switch that defaults to on accepts --name (as the reference scripts pass it) and --no_name."""
+    common = ["--data_root", "x", "--method", "ssul"]
+    assert parse_args(common).freeze is True
+    assert parse_args(common + ["--freeze"]).freeze is True
+    assert parse_args(common + ["--no_freeze"]).freeze is False
+    assert parse_args(["--data_root", "x", "--pseudo"]).pseudo is True  # off by default for BARM
