@@ -72,7 +72,7 @@ def train(args, dist_info, status):
                 log.info("step %d is finished (%s): skipped", step, plan.step_dir())
                 continue
             run_step(plan, args, method_cls(method_hyper(args, method_cls), dataset=args.dataset), dist_info, first,
-                     run_folder)
+                     run_folder, last)
             if dist_info.is_main:
                 rows = write_summary(plan.root, step)
         if rows:

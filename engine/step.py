@@ -34,6 +34,8 @@ from engine.evaluate import evaluate, evaluate_state
 from engine.models import (adopt_recorded_model, build_step_models, load_exact, model_spec, read_previous,
                            to_device, use_channels_last)
 from engine.passes import StepData, autocast
+from engine.plan import make_plan
+from engine.progress import TaskProgress, duration, planned_iterations
 from engine.results import format_step, step_results, write_json, write_step_results
 from utils.checkpoint import CHECKPOINT_FORMAT, load_checkpoint_file, rng_state, save_atomic, set_rng_state
 from utils.distributed import all_gather_objects, barrier, main_first
@@ -213,7 +215,7 @@ def parameter_digest(model):
 class StepRun:
     """Everything of one step's training: models, data, optimisation state, logging."""
 
-    def __init__(self, plan, args, method, dist_info, first_step, run_folder):
+    def __init__(self, plan, args, method, dist_info, first_step, run_folder, last_step=None):
         self.plan, self.args, self.method, self.dist = plan, args, method, dist_info
         device = dist_info.device
         sync_bn = dist_info.distributed and device.type == "cuda" and method.bn_trains(plan)
@@ -228,6 +230,9 @@ class StepRun:
             adopt_recorded_model(args, previous[1], previous[0])
         self.spec = model_spec(args, type(method))
         self.data = TrainData(plan, args, dist_info, method)
+        later = range(plan.step + 1, (plan.step if last_step is None else last_step) + 1)
+        self.progress = TaskProgress(sum(planned_iterations(args, make_plan(args, t), dist_info.world_size)
+                                         for t in later) if dist_info.is_main else 0)
         resume = self._read_last() if args.resume and os.path.exists(plan.last_path()) else None
         run_folder.open()  # inputs are valid: lock the run folder, start its log file
         if dist_info.is_main:
@@ -368,20 +373,25 @@ class StepRun:
             raise UserError(f"the loss was not finite in {longest} consecutive iterations (step {self.plan.step},"
                             f" epoch {epoch + 1}): lower --lr, try without --amp, or check the data")
 
-    def _report(self, writer, batches, meter, epoch, index):
-        """Running means of the loss terms since the epoch began: tensorboard, and the progress bar on a
-        terminal or one log line otherwise (BARM printed every 10 iterations)."""
+    def _images_per_second(self, index, start):
+        return index * self.args.batch_size * self.dist.world_size / max(time.time() - start, 1e-9)
+
+    def _report(self, writer, batches, meter, epoch, index, start):
+        """Running means of the loss terms since the epoch began, the learning rate and the speed: tensorboard,
+        and the progress bar on a terminal; without one, a log line only when ``--print_interval`` was given
+        (one summary line per epoch otherwise)."""
         means, _, longest = meter.read()
         self._check_nonfinite(longest, epoch)
         lr = self.optimizer.param_groups[0]["lr"]
+        speed = self._images_per_second(index, start)
         writer.scalars(means, self.iteration, "loss/")
-        writer.scalars({"lr": lr}, self.iteration)
+        writer.scalars({"lr": lr, "speed/images_per_s": speed}, self.iteration)
         text = " ".join(f"{k} {v:.4f}" for k, v in means.items())
         if hasattr(batches, "set_postfix_str"):
-            batches.set_postfix_str(f"{text} lr {lr:.2e}", refresh=False)
-        else:
-            log.info("step %d epoch %d/%d iteration %d/%d: %s | lr %.2e", self.plan.step, epoch + 1,
-                     self.args.train_epoch, index, len(self.data), text, lr)
+            batches.set_postfix_str(f"{text} | lr {lr:.2e} | {speed:.1f} img/s", refresh=False)
+        elif "print_interval" in getattr(self.args, "explicit", ()):
+            log.info("step %d epoch %d/%d iteration %d/%d: %s | lr %.2e | %.1f images/s", self.plan.step, epoch + 1,
+                     self.args.train_epoch, index, len(self.data), text, lr, speed)
 
     def _validate(self, writer, val_loader, epoch):
         """Score the validation split; keep the best weights when the step selects them."""
@@ -407,6 +417,7 @@ class StepRun:
         self._log_header()
         writer = self.writer = ScalarWriter(plan.step_dir(), self.dist.is_main, purge_step=self.iteration or None)
         val_loader = None
+        self.progress.start_step(self.iteration)
         for epoch in range(self.start_epoch, args.train_epoch):
             start = time.time()
             self.method.set_train_mode(self.student, plan)
@@ -423,7 +434,7 @@ class StepRun:
                 meter.add(terms, nonfinite)
                 self.iteration += 1
                 if self.iteration % args.print_interval == 0:
-                    self._report(writer, batches, meter, epoch, index)
+                    self._report(writer, batches, meter, epoch, index, start)
                 if self.method.validation_due(self.iteration, len(self.data), self.total_iters, args.val_interval):
                     if index == len(self.data):
                         self._sync_buffers()
@@ -433,11 +444,10 @@ class StepRun:
             means, skipped, longest = meter.read()
             self.skipped += skipped
             self._check_nonfinite(longest, epoch)
-            seconds = time.time() - start
-            log.info("step %d epoch %d/%d: %s | lr %.2e | %d skipped | %.0f s, %.1f images/s", plan.step,
-                     epoch + 1, args.train_epoch, " ".join(f"{k} {v:.4f}" for k, v in means.items()),
-                     self.optimizer.param_groups[0]["lr"], self.skipped, seconds,
-                     len(self.data) * args.batch_size * self.dist.world_size / max(seconds, 1e-9))
+            log.info("step %d epoch %d/%d: %s | lr %.2e | %d skipped | %s, %.1f images/s%s", plan.step, epoch + 1,
+                     args.train_epoch, " ".join(f"{k} {v:.4f}" for k, v in means.items()),
+                     self.optimizer.param_groups[0]["lr"], self.skipped, duration(time.time() - start),
+                     self._images_per_second(len(self.data), start), self.progress.text(self.iteration, self.total_iters))
             self._sync_buffers()
             self._save_last(epoch + 1)
         return writer
@@ -519,8 +529,9 @@ def prune_earlier_checkpoints(plan, parent_id):
         parent_id = recorded.get("parent_id")
 
 
-def run_step(plan, args, method, dist_info, first_step, run_folder):
-    run = StepRun(plan, args, method, dist_info, first_step, run_folder)
+def run_step(plan, args, method, dist_info, first_step, run_folder, last_step=None):
+    """Train and test one step (``last_step``: the run's last step, for the time-left estimates)."""
+    run = StepRun(plan, args, method, dist_info, first_step, run_folder, last_step)
     try:
         return run.finish(run.train())
     finally:

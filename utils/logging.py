@@ -4,6 +4,7 @@ import logging
 import logging.handlers
 import os
 import sys
+import uuid
 
 from tqdm import tqdm
 
@@ -78,7 +79,9 @@ class ScalarWriter:
             return
         if self.writer is None:
             from tensorboardX import SummaryWriter
-            self.writer = SummaryWriter(self.folder, purge_step=self.purge_step)
+            # a suffix of its own: two runs within one second would otherwise write the same events file
+            self.writer = SummaryWriter(self.folder, purge_step=self.purge_step,
+                                        filename_suffix=f".{uuid.uuid4().hex[:8]}")
         for name, value in values.items():
             if value is not None:
                 self.writer.add_scalar(f"{prefix}{name}", value, step)

@@ -1,0 +1,56 @@
+"""Time left: the planned iterations of the steps a run trains, and estimates for the step and the task.
+
+The plan counts ``epochs × ⌊images per process / batch⌋`` for every step still to train (the step lists come
+from the cached class index; a method's memory joining the training set is not counted). Estimates use the
+current step's measured time per iteration for the rest of the task, so they are rough until the teacher's
+steps have started (step 0 has none).
+"""
+import math
+import time
+
+from datasets import step_samples
+
+
+def planned_iterations(args, plan, world_size):
+    """Iterations of ``plan``'s step at ``--train_epoch`` and ``--batch_size`` on ``world_size`` processes."""
+    samples = step_samples(plan.dataset, plan.data_root, [list(s) for s in plan.steps], plan.step, plan.overlap,
+                           "train", cache_dir=args.cache_dir)
+    return args.train_epoch * (math.ceil(len(samples) / world_size) // args.batch_size)
+
+
+def duration(seconds):
+    """``"42 s"``, ``"3 min 20 s"``, ``"5 h 07 min"``."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+class TaskProgress:
+    """The iterations left after the current step (``later``) and the current step's pace."""
+
+    def __init__(self, later_iterations=0):
+        self.later = later_iterations
+        self.start = self.done_at_start = None
+
+    def start_step(self, iteration):
+        self.start, self.done_at_start = time.time(), iteration
+
+    def estimates(self, iteration, total):
+        """``(seconds left in the step, seconds left in the task)`` at ``iteration`` of ``total``, or None
+        before the first measured iteration."""
+        done = iteration - self.done_at_start
+        if self.start is None or done <= 0:
+            return None
+        per_iteration = (time.time() - self.start) / done
+        step_left = (total - iteration) * per_iteration
+        return step_left, step_left + self.later * per_iteration
+
+    def text(self, iteration, total):
+        estimate = self.estimates(iteration, total)
+        if estimate is None:
+            return ""
+        step_left, task_left = estimate
+        return f" | left: step {duration(step_left)}, task about {duration(task_left)}"
