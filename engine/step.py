@@ -38,7 +38,7 @@ from engine.plan import make_plan
 from engine.progress import TaskProgress, duration, planned_iterations
 from engine.results import format_step, step_results, write_json, write_step_results
 from utils.checkpoint import CHECKPOINT_FORMAT, load_checkpoint_file, rng_state, save_atomic, set_rng_state
-from utils.distributed import all_gather_objects, barrier, main_first
+from utils.distributed import all_gather_objects, all_true, barrier, main_first
 from utils.errors import UserError
 from utils.logging import ScalarWriter, plural, progress
 from utils.schedulers import build_scheduler
@@ -61,10 +61,14 @@ GUARD_SCALE = 1.0
 
 
 def grad_scaler(device, amp):
-    """The scaler that applies every update: fp16 training on CUDA gets a dynamic loss scale; every other
-    precision a fixed scale of 1, used only for its check of the gradients on the device, so that an update
-    with non-finite gradients is skipped without a host synchronisation (with a fused optimizer)."""
-    if amp and device.type == "cuda":
+    """The scaler that applies every update. On CUDA, fp16 gets a dynamic loss scale and fp32/bf16 a fixed
+    scale of 1, used only for its check of the gradients on the device, so that an update with non-finite
+    gradients is skipped without waiting for the device (with a fused optimizer). On the CPU there is no
+    device to wait for: the scaler is off and the host checks the loss itself (a pass over the gradients
+    would cost more)."""
+    if device.type != "cuda":
+        return torch.amp.GradScaler(device.type, enabled=False)
+    if amp:
         return torch.amp.GradScaler(device.type)
     guard = torch.amp.GradScaler(device.type, init_scale=GUARD_SCALE, growth_interval=np.iinfo(np.int32).max)
     guard.fixed_scale = GUARD_SCALE
@@ -124,6 +128,8 @@ def train_iteration(model, student, teacher, method, ctx, batch, optimizer, sche
         outputs = model(batch.images)
     terms = method.loss(outputs, teacher_outputs, batch, ctx)
     nonfinite = ~torch.isfinite(terms["total"].detach())
+    # without a scaler (the CPU) the ranks agree on the loss here; with one, the all-reduced gradients decide
+    apply = scaler.is_enabled() or all_true(~nonfinite, device)
     scaler.scale(terms["total"]).backward()
     if method.uses_gradients:
         scaler.unscale_(optimizer)  # the hook sees the task loss's true gradients
@@ -135,7 +141,8 @@ def train_iteration(model, student, teacher, method, ctx, batch, optimizer, sche
                 add_gradients(penalty["total"], parameters)
             terms = {**terms, **{k: v for k, v in penalty.items() if k != "total"},
                      "total": terms["total"].detach() + penalty["total"].detach()}
-    scaler.step(optimizer)  # skipped (on the device) when the gradients are not finite
+    if apply:
+        scaler.step(optimizer)  # with a scaler, skipped on the device when the gradients are not finite
     close_scaler_iteration(scaler)
     with warnings.catch_warnings():  # the reference steps the schedule even when an update is skipped
         warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
