@@ -14,7 +14,10 @@ scale 0.5-2.0, aspect 3/4-4/3) → horizontal flip. Evaluation: with ``crop_val`
 the crop size then centre-crop (both families); otherwise the full image. All randomness comes from Python's
 ``random`` module, as in the references.
 
-The transforms end with uint8 tensors: the image (3, H, W), the label and every extra map (H, W).
+The transforms end with uint8 tensors: the image (3, H, W), the label and every extra map (H, W). The training
+transforms can also be split (``--device_augment``): :meth:`Compose.plan` draws their random parameters from
+the image size alone, in the same order, and :meth:`Compose.apply` applies them later to decoded tensors on
+any device (image bilinear with antialiasing, as PIL's filter; maps nearest).
 Normalisation with the ImageNet mean and std happens on the device, batched, with :func:`normalize` (the same
 arithmetic as ``to_tensor`` + ``Normalize`` on the CPU, at a quarter of the host-to-device traffic).
 """
@@ -50,6 +53,35 @@ class Compose:
             image, label, *extras = transform(image, label, *extras)
         return (image, label, *extras)
 
+    @property
+    def deferrable(self):
+        """Whether every step can draw its parameters without the pixels and apply them to tensors later."""
+        return all(hasattr(t, "plan") for t in self.transforms)
+
+    def plan(self, size):
+        """The random parameters of every step for an image of ``size`` = (width, height), drawn from Python's
+        ``random`` in the order ``__call__`` draws them: applying them with :meth:`apply` to the decoded tensors
+        gives the same geometry as ``__call__`` on the PIL images."""
+        plans = []
+        for transform in self.transforms:
+            params, size = transform.plan(size)
+            plans.append(params)
+        return plans
+
+    def apply(self, plans, image, maps):
+        """The planned transform on tensors (any device): ``image`` uint8 (3, H, W), ``maps`` (label and extras)
+        uint8 (H, W); returns ``(image, maps)``."""
+        for transform, params in zip(self.transforms, plans):
+            image, maps = transform.apply(params, image, maps)
+        return image, maps
+
+
+def _resize_tensors(image, maps, size):
+    """Image bilinear with antialiasing (as PIL's bilinear filter), maps nearest (sampling pixel centres, as
+    PIL), to ``size`` = [h, w]."""
+    image = TF.resize(image, size, InterpolationMode.BILINEAR, antialias=True)
+    return image, [TF.resize(m[None], size, InterpolationMode.NEAREST_EXACT)[0] for m in maps]  # as PIL's nearest
+
 
 class RandomScale:
     """Scale all by ``s ~ U(lo, hi)`` to ``(int(H·s), int(W·s))`` (image bilinear, label/extras nearest)."""
@@ -62,6 +94,14 @@ class RandomScale:
         size = (int(image.size[1] * scale), int(image.size[0] * scale))
         return (TF.resize(image, size, InterpolationMode.BILINEAR),
                 *_maps(lambda m: TF.resize(m, size, InterpolationMode.NEAREST), label, extras))
+
+    def plan(self, size):
+        scale = random.uniform(*self.scale_range)
+        height, width = int(size[1] * scale), int(size[0] * scale)
+        return [height, width], (width, height)
+
+    def apply(self, params, image, maps):
+        return _resize_tensors(image, maps, params)
 
 
 class RandomCrop:
@@ -90,6 +130,31 @@ class RandomCrop:
         left = random.randint(0, width - self.size)
         return tuple(TF.crop(x, top, left, self.size, self.size) for x in (image, *maps))
 
+    def plan(self, size):
+        width, height = size
+        pads = []
+        if width < self.size:
+            pads.append(int((1 + self.size - width) / 2))
+            width, height = width + 2 * pads[-1], height + 2 * pads[-1]
+        if height < self.size:
+            pads.append(int((1 + self.size - height) / 2))
+            width, height = width + 2 * pads[-1], height + 2 * pads[-1]
+        corner = None
+        if not (width == self.size and height == self.size):
+            corner = (random.randint(0, height - self.size), random.randint(0, width - self.size))
+        return (pads, corner), (self.size, self.size)
+
+    def apply(self, params, image, maps):
+        pads, corner = params
+        for pad in pads:
+            image = torch.nn.functional.pad(image, (pad, pad, pad, pad))
+            maps = [torch.nn.functional.pad(m, (pad, pad, pad, pad)) for m in maps]
+        if corner is not None:
+            top, left = corner
+            image = image[:, top:top + self.size, left:left + self.size]
+            maps = [m[top:top + self.size, left:left + self.size] for m in maps]
+        return image, maps
+
 
 class RandomHorizontalFlip:
     def __init__(self, p=FLIP_PROBABILITY):
@@ -99,6 +164,14 @@ class RandomHorizontalFlip:
         if random.random() < self.p:
             return tuple(TF.hflip(x) for x in (image, label, *extras))
         return (image, label, *extras)
+
+    def plan(self, size):
+        return random.random() < self.p, size
+
+    def apply(self, flip, image, maps):
+        if flip:
+            return image.flip(-1), [m.flip(-1) for m in maps]
+        return image, maps
 
 
 def resized_crop_box(width, height, scale=RESIZED_CROP_SCALE, ratio=RESIZED_CROP_RATIO,
@@ -147,6 +220,14 @@ class RandomResizedCrop:
                 *_maps(lambda m: TF.resized_crop(m, top, left, h, w, size, InterpolationMode.NEAREST),
                        label, extras))
 
+    def plan(self, size):
+        return resized_crop_box(size[0], size[1], self.scale, self.ratio), (self.size, self.size)
+
+    def apply(self, box, image, maps):
+        top, left, h, w = box
+        image, maps = image[:, top:top + h, left:left + w], [m[top:top + h, left:left + w] for m in maps]
+        return _resize_tensors(image, maps, [self.size, self.size])
+
 
 class Resize:
     """Shorter side to ``size``, the longer one to ``int(size · long / short)`` (label/extras nearest)."""
@@ -173,6 +254,12 @@ class ToUint8Tensor:
     def __call__(self, image, label, *extras):
         image = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
         return (image, *(torch.from_numpy(np.array(m, dtype=np.uint8)) for m in (label, *extras)))
+
+    def plan(self, size):
+        return None, size
+
+    def apply(self, params, image, maps):
+        return image, maps
 
 
 def train_transform(crop_size):

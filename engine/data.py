@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler, Subset
 
 from datasets import get_layout, step_samples
+from datasets.deferred import DeferredBatch, DeferredSegmentation, deferred_collate
 from datasets.incremental import IncrementalSegmentation, label_lut
 from datasets.transforms import normalize
 from methods.base import Batch
@@ -82,12 +83,15 @@ class SeededDataset(torch.utils.data.Dataset):
         index, seed = item
         random.seed(seed)  # the transforms draw from Python's random (as the references')
         image, label, extras, image_id = self.dataset[index]
-        return image, label, {**extras, MEMORY_KEY: torch.tensor(index >= self.memory_from)}, image_id
+        return image, label, {**extras, MEMORY_KEY: index >= self.memory_from}, image_id
 
 
 def to_batch(raw, device, channels_last):
-    """A loader batch ``(images uint8, labels uint8, extras, ids)`` as a :class:`Batch` on ``device``:
-    images normalised (float32, channels-last when asked), labels int64, extras uint8."""
+    """A loader batch ``(images uint8, labels uint8, extras, ids)`` (or a ``--device_augment``
+    :class:`datasets.deferred.DeferredBatch`, decoded and transformed on ``device`` first) as a :class:`Batch` on
+    ``device``: images normalised (float32, channels-last when asked), labels int64, extras uint8."""
+    if isinstance(raw, DeferredBatch):
+        raw = raw.materialize(device)
     images, labels, extras, ids = raw
     images = normalize(images.to(device, non_blocking=True))
     if channels_last:
@@ -117,9 +121,11 @@ class TrainData:
         steps = [list(s) for s in plan.steps]
         samples = _samples(plan, "train", args, dist_info)
         check_images_nonempty(samples)
-        self.current = IncrementalSegmentation(samples,
-                                               label_lut(steps, plan.step, "train", method.label_policy),
-                                               self.transform, extra_maps=self.extra_maps)
+        # --device_augment: the workers read and plan, the training device decodes and transforms
+        self.dataset_class = DeferredSegmentation if args.device_augment else IncrementalSegmentation
+        self.collate = deferred_collate(self.transform) if args.device_augment else None
+        self.current = self.dataset_class(samples, label_lut(steps, plan.step, "train", method.label_policy),
+                                          self.transform, extra_maps=self.extra_maps)
         self.memory = None  # the memory dataset, once set
         self.memory_loader = None
         self.seed, self.step, self.rank = args.random_seed, plan.step, dist_info.rank
@@ -129,8 +135,9 @@ class TrainData:
         sampler = SeededSampler(dataset, self.dist.world_size, self.dist.rank, self.seed, self.step, tag)
         workers = self.args.num_workers
         loader = DataLoader(dataset, batch_size=self.args.batch_size, sampler=sampler, num_workers=workers,
-                            pin_memory=self.dist.device.type == "cuda", drop_last=True,
-                            persistent_workers=workers > 0)  # workers live for the step: no restart per epoch
+                            pin_memory=self.dist.device.type == "cuda" and self.collate is None, drop_last=True,
+                            persistent_workers=workers > 0,  # workers live for the step: no restart per epoch
+                            collate_fn=self.collate)
         return sampler, loader
 
     def _build(self, dataset):
@@ -153,7 +160,7 @@ class TrainData:
             raise UserError(f"memory image {missing[0]} is not in the training list of {plan.data_root}")
         steps = [list(s) for s in plan.steps]
         lut = label_lut(steps, plan.step, method.memory_split, method.label_policy)
-        self.memory = IncrementalSegmentation(samples, lut, self.transform, extra_maps=self.extra_maps)
+        self.memory = self.dataset_class(samples, lut, self.transform, extra_maps=self.extra_maps)
         if method.memory_mode == "concat":
             self._build(SeededDataset(ConcatDataset([self.current, self.memory]), len(self.current)))
             return

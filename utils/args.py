@@ -101,6 +101,9 @@ def build_parser(method="barm", dataset="voc"):
     train.add_argument("--random_seed", type=int, default=1, help="re-applied at every step (default: %(default)s)")
     train.add_argument("--amp", action="store_true",
                        help="mixed precision: fp16 autocast + GradScaler on CUDA, bf16 autocast on CPU")
+    train.add_argument("--device_augment", action="store_true",
+                       help="decode the training JPEGs and augment them on the training device (GPU: nvJPEG and"
+                            " tensor ops) instead of in the loader's workers, for GPUs the CPU cannot feed")
     train.add_argument("--compile", action="store_true",
                        help="torch.compile the student's training forward (the first iterations of every step"
                             " are slow while it compiles; see the README's benchmarks)")
