@@ -13,8 +13,9 @@ step-0 checkpoint the benchmark trains for a few iterations on synthetic data so
 state), and the evaluation forward with the method's prediction. Each case runs in a fresh process (its peak
 memory is its own) and reports images/s, seconds per iteration, peak memory (CUDA: max allocated; CPU: the
 process's resident set), FLOPs per image (``torch.utils.flop_counter`` on one iteration of the exact step),
-the achieved FLOP/s and its fraction of a peak measured in the same process: a 4096x4096 matrix product in
-the case's dtype (fp32, or bf16 / fp16 under ``amp``) on the same device. Medians over ``--repeats`` after a
+the achieved FLOP/s and its fraction of peaks measured in the same process: a 4096x4096 matrix product in the
+case's dtype (fp32, or bf16 / fp16 under ``amp``) on the same device, and a 3x3 convolution of the network's
+shape in that dtype and the case's memory format. Medians over ``--repeats`` after a
 warm-up; compare figures only within one run (the machines are noisy).
 
 ``data`` measures decoding and augmentation alone (one process, i.e. per DataLoader worker) on VOC-sized
@@ -73,19 +74,31 @@ def amp_dtype(device):
     return torch.float16 if device.type == "cuda" else torch.bfloat16
 
 
-def matmul_peak(device, dtype, repeats=5):
-    """FLOP/s of a PEAK_SIZE² matrix product in ``dtype`` on ``device`` (median of ``repeats``)."""
-    import torch
-    a = torch.randn(PEAK_SIZE, PEAK_SIZE, device=device).to(dtype)
-    b = torch.randn(PEAK_SIZE, PEAK_SIZE, device=device).to(dtype)
-
-    def product():
-        torch.mm(a, b)
+def rate(function, flops, device, repeats):
+    def run():
+        function()
         synchronize(device)
 
-    product()
-    seconds, _ = timed(product, repeats)
-    return 2 * PEAK_SIZE ** 3 / seconds
+    run()
+    seconds, _ = timed(run, repeats)
+    return flops / seconds
+
+
+def measured_peaks(device, dtype, channels_last, repeats=5):
+    """``(matrix product, convolution)`` FLOP/s measured now: a PEAK_SIZE² ``torch.mm`` in ``dtype``, and a
+    3x3 convolution of the network's shape (2 x 256 x 65², 256 filters) in ``dtype`` and the case's memory
+    format. On CPUs where the BLAS behind ``torch.mm`` is slower than oneDNN's convolutions (MKL on AMD), the
+    second is the achievable rate."""
+    import torch
+    import torch.nn.functional as F
+    a = torch.randn(PEAK_SIZE, PEAK_SIZE, device=device).to(dtype)
+    b = torch.randn(PEAK_SIZE, PEAK_SIZE, device=device).to(dtype)
+    matmul = rate(lambda: torch.mm(a, b), 2 * PEAK_SIZE ** 3, device, repeats)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, 256, 65, 65, device=device).to(dtype).contiguous(memory_format=memory_format)
+    w = torch.randn(256, 256, 3, 3, device=device).to(dtype).contiguous(memory_format=memory_format)
+    conv = rate(lambda: F.conv2d(x, w, padding=1), 2 * 2 * 256 * 256 * 9 * 65 * 65, device, repeats)
+    return matmul, conv
 
 
 # ---- train: the trainer's own steps ---------------------------------------------------------------------
@@ -168,24 +181,26 @@ def _train_case(data_root, ckpt_dir, method_name, case, precision, channels_last
         iteration()
     flops = counter.get_total_flops() / args.batch
     seconds, _ = timed(iteration, args.repeats)
-    peak = matmul_peak(device, amp_dtype(device) if amp else torch.float32)
+    peak, conv_peak = measured_peaks(device, amp_dtype(device) if amp else torch.float32, run.channels_last)
     images_per_second = args.batch / seconds
     return {"method": method_name, "case": case, "precision": precision, "channels_last": channels_last,
             "compile": compile_model, "device": str(device), "threads": torch.get_num_threads(),
             "batch": args.batch, "crop": args.crop, "backbone": args.backbone, "images_per_s": images_per_second,
             "s_per_iteration": seconds, "peak_memory_mib": peak_memory_mib(device), "gflop_per_image": flops / 1e9,
             "achieved_gflops": flops * images_per_second / 1e9, "peak_gflops": peak / 1e9,
-            "fraction_of_peak": flops * images_per_second / peak}
+            "fraction_of_peak": flops * images_per_second / peak, "conv_peak_gflops": conv_peak / 1e9,
+            "fraction_of_conv_peak": flops * images_per_second / conv_peak}
 
 
 def markdown(rows):
     lines = ["| method | case | precision | channels_last | compile | images/s | s/iter | peak MiB | GFLOP/img |"
-             " GFLOP/s | of peak |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             " GFLOP/s | of matmul peak | of conv peak |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['method']} | {r['case']} | {r['precision']} | {'yes' if r['channels_last'] else 'no'} |"
                      f" {'yes' if r['compile'] else 'no'} | {r['images_per_s']:.2f} | {r['s_per_iteration']:.3f} |"
                      f" {r['peak_memory_mib']:.0f} | {r['gflop_per_image']:.1f} | {r['achieved_gflops']:.0f} |"
-                     f" {100 * r['fraction_of_peak']:.0f}% of {r['peak_gflops']:.0f} |")
+                     f" {100 * r['fraction_of_peak']:.0f}% of {r['peak_gflops']:.0f} |"
+                     f" {100 * r['fraction_of_conv_peak']:.0f}% of {r['conv_peak_gflops']:.0f} |")
     return "\n".join(lines)
 
 
@@ -199,7 +214,7 @@ def bench_train(args):
     rows = []
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         data_root = os.path.join(tmp, "VOC2012")
-        generate("voc", data_root, n_train=args.images, n_val=2, size=max(64, args.crop), seed=0)
+        generate("voc", data_root, n_train=args.images or 16 * args.batch, n_val=2, size=max(64, args.crop), seed=0)
         ckpt_dir = os.path.join(tmp, "checkpoints")
         for method in args.methods:
             if "step1" in args.cases:
@@ -215,8 +230,9 @@ def bench_train(args):
                         print(f"  {method:<7} {case:<6} {precision:<5} cl={channels_last:<3}"
                               f" {row['images_per_s']:6.2f} images/s {row['s_per_iteration']:7.3f} s/it"
                               f" peak {row['peak_memory_mib']:6.0f} MiB {row['gflop_per_image']:6.1f} GFLOP/img"
-                              f" {row['achieved_gflops']:6.0f} GFLOP/s = {100 * row['fraction_of_peak']:3.0f}% of"
-                              f" {row['peak_gflops']:.0f}", flush=True)
+                              f" {row['achieved_gflops']:6.0f} GFLOP/s = {100 * row['fraction_of_peak']:3.0f}% of mm"
+                              f" {row['peak_gflops']:.0f}, {100 * row['fraction_of_conv_peak']:3.0f}% of conv"
+                              f" {row['conv_peak_gflops']:.0f}", flush=True)
     print()
     print(markdown(rows))
     if args.json:
@@ -300,7 +316,8 @@ def main():
     train.add_argument("--channels_last", nargs="+", default=["off", "on"], choices=("off", "on"))
     train.add_argument("--compile", action="store_true", help="torch.compile the student (warm-up excluded)")
     train.add_argument("--repeats", type=int, default=5)
-    train.add_argument("--images", type=int, default=24, help="synthetic training images (step 0 trains on them)")
+    train.add_argument("--images", type=int, default=None,
+                       help="synthetic training images (default 16 x batch: step 1 then has a few batches)")
     train.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
     train.add_argument("--json", default=None, help="write the rows as JSON")
     train.add_argument("--markdown", default=None, help="write the Markdown table")
