@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Every method on the same synthetic VOC 15-1 overlap task, on the CPU, then one report (scripts/report.py):
+#   PYTHON=.venv/bin/python bash scripts/compare_methods.sh          (about 25 minutes on 2 cores)
+# OUT (default compare/) holds the data, the runs and the report (report.md, report.csv, PNG figures).
+# METHODS picks a subset. The setting is small (ResNet-18 from scratch, 97-pixel crops, 200 images), the
+# protocol each method's own: its network, labels, losses, and its published learning rates of the
+# incremental steps (step 0 trains every backbone at 0.01, since none starts from ImageNet weights here).
+# FT, LwF, ILT and MiB share one step 0 (the same CE training on the same network and labels); every other
+# method trains its own. bf16 autocast (--amp) is used when the CPU computes bf16 natively.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+OUT=${OUT:-compare}
+METHODS=${METHODS:-"ft lwf lwf-mc ilt ewc pi rw mib plop rcil dkd ssul barm kproba"}
+INIT_EPOCHS=${INIT_EPOCHS:-12}
+STEP_EPOCHS=${STEP_EPOCHS:-20}
+AMP=$("$PYTHON" -m utils.hardware --amp_flag)
+
+[ -d "$OUT/VOC2012" ] || "$PYTHON" -m datasets.synthetic --dataset voc --root "$OUT/VOC2012" --n_train 200 \
+    --n_val 50 --size 128 --seed 0
+CKPT="$OUT/checkpoints"
+COMMON=(--data_root "$OUT/VOC2012" --dataset voc --task 15-1 --overlap --backbone resnet18 --no_pretrained
+        --crop_size 97 --crop_val --batch_size 8 --val_batch_size 8 --num_workers 1 --lr_policy poly
+        --val_interval 0 --ckpt_dir "$CKPT" --device cpu $AMP)
+
+# per method: flags of step 0 and of steps 1-5 (from scratch, so the backbones learn at 0.01 at step 0)
+init_flags() {
+    case "$1" in
+        barm|kproba) echo "--backbone_lr0 0.01" ;;
+        ssul) echo "--backbone_lr0 0.01 --select_last" ;;
+        dkd) echo "--lr 0.01 --head_lr_factor 1" ;;
+        *) echo "--lr 0.01" ;;
+    esac
+}
+step_flags() {  # the published rates of the incremental steps
+    case "$1" in
+        barm|kproba) echo "--lr 0.001 --pseudo --bn_freeze" ;;
+        ssul) echo "--lr 0.01 --select_last" ;;
+        dkd) echo "--lr 0.0001" ;;
+        *) echo "--lr 0.001" ;;
+    esac
+}
+shared_step0() {  # methods whose step 0 is FT's (plain CE over all pixels, MiB's network and labels)
+    case "$1" in ft|lwf|ilt|mib) return 0 ;; *) return 1 ;; esac
+}
+
+start=$(date +%s)
+for method in $METHODS; do
+    folder="$CKPT/$method/15-1/overlap"
+    if shared_step0 "$method" && [ "$method" != ft ] && [ -f "$CKPT/ft/15-1/overlap/step0/final.pth" ] \
+            && [ ! -f "$folder/step0/final.pth" ]; then
+        mkdir -p "$folder" && cp -r "$CKPT/ft/15-1/overlap/step0" "$folder/"
+    fi
+    # shellcheck disable=SC2046
+    "$PYTHON" train.py --method "$method" "${COMMON[@]}" --initial --train_epoch "$INIT_EPOCHS" --resume \
+        $(init_flags "$method") > "$OUT/$method.log" 2>&1
+    # shellcheck disable=SC2046
+    "$PYTHON" train.py --method "$method" "${COMMON[@]}" --curr_step 1 --train_epoch "$STEP_EPOCHS" --resume \
+        $(step_flags "$method") >> "$OUT/$method.log" 2>&1
+    echo "$method done after $(( $(date +%s) - start )) s"
+done
+
+folders=()
+for method in $METHODS; do folders+=("$CKPT/$method/15-1/overlap"); done
+"$PYTHON" scripts/report.py "${folders[@]}" --out "$OUT/report" --allow_mixed_conventions
+echo "report: $OUT/report/report.md ($(( $(date +%s) - start )) s in all)"
