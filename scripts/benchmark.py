@@ -2,15 +2,17 @@
 
     python scripts/benchmark.py train [--methods barm ft ...] [--backbone resnet101] [--crop 321] [--batch 2]
                                       [--precisions fp32 amp] [--channels_last off on] [--compile]
-                                      [--cases step0 step1 eval] [--repeats 5] [--json FILE] [--markdown FILE]
-    python scripts/benchmark.py data  [--size 513] [--images 48] [--transforms barm mib]
+                                      [--cases step0 step1 teacher eval] [--repeats 5] [--json FILE] [--markdown FILE]
+    python scripts/benchmark.py data  [--size 513] [--images 48] [--transforms barm mib] [--batch 8] [--device D]
     python scripts/benchmark.py index [--n 20210] [--size 512]
 
 ``train`` measures, per method and configuration, the trainer's own iteration (``engine.step.train_iteration``:
 teacher forward, targets, losses, backward, the method's gradient hook and penalty, optimizer and scheduler)
 on a fixed batch already on the device, for step 0 and an incremental step (step 1 of VOC 15-1, started from a
 step-0 checkpoint the benchmark trains for a few iterations on synthetic data so that every method has its
-state), and the evaluation forward with the method's prediction. Each case runs in a fresh process (its peak
+state), the teacher's forward of that step alone (as the iteration runs it: no_grad, autocast under ``amp``),
+and the evaluation forward with the method's prediction; it then prints each incremental step's cost against
+step 0 and against step 0 + one teacher forward. Each case runs in a fresh process (its peak
 memory is its own) and reports images/s, seconds per iteration, peak memory (CUDA: max allocated; CPU: the
 process's resident set), FLOPs per image (``torch.utils.flop_counter`` on one iteration of the exact step),
 the achieved FLOP/s and its fraction of peaks measured in the same process: a 4096x4096 matrix product in the
@@ -19,7 +21,8 @@ shape in that dtype and the case's memory format. Medians over ``--repeats`` aft
 warm-up; compare figures only within one run (the machines are noisy).
 
 ``data`` measures decoding and augmentation alone (one process, i.e. per DataLoader worker) on VOC-sized
-(500x375) JPEGs at the given crop; ``index`` the class-index build and its cached reload.
+(500x375) JPEGs at the given crop, and the ``--device_augment`` split of the same work: what is left to each
+worker (read, label, plan) and what the device does (decode, transform); ``index`` the class-index build and its cached reload.
 """
 import argparse
 import json
@@ -35,6 +38,8 @@ sys.path.insert(0, REPO)
 PEAK_SIZE = 4096
 VOC_IMAGE_SIZE = (500, 375)
 TASK = "15-1"
+CASES = ("step0", "step1", "teacher", "eval")
+OVERHEAD_TOLERANCE = 0.05  # an incremental step should cost at most step 0 + one teacher forward + 5%
 
 
 def timed(function, repeats):
@@ -140,7 +145,7 @@ def _train_case(data_root, ckpt_dir, method_name, case, precision, channels_last
     from utils.logging import setup_logging
 
     amp = precision == "amp"
-    step = 0 if case == "step0" else 1
+    step = 0 if case == "step0" else 1  # eval: the step-1 model (its head has every channel of step 1)
     extra = ["--curr_step", str(step), "--end_step", str(step), "--train_epoch", "1",
              "--channels_last", "on" if channels_last else "off", *method_flags(method_name)]
     if amp:
@@ -160,7 +165,16 @@ def _train_case(data_root, ckpt_dir, method_name, case, precision, channels_last
     batch = to_batch(raw, device, run.channels_last)
     method.set_train_mode(run.student, plan)
 
-    if case == "eval":
+    if case == "teacher":  # the step-1 iteration's teacher forward alone, as train_iteration runs it
+        from engine.passes import autocast
+        if run.teacher is None:
+            return None  # the method trains without one
+
+        def iteration():
+            with autocast(device, amp), torch.no_grad():
+                run.teacher(batch.images)
+            synchronize(device)
+    elif case == "eval":
         model = run.student.eval()
 
         def iteration():
@@ -181,7 +195,8 @@ def _train_case(data_root, ckpt_dir, method_name, case, precision, channels_last
         iteration()
     flops = counter.get_total_flops() / args.batch
     seconds, _ = timed(iteration, args.repeats)
-    peak, conv_peak = measured_peaks(device, amp_dtype(device) if amp else torch.float32, run.channels_last)
+    peak, conv_peak = measured_peaks(device, amp_dtype(device) if amp else torch.float32, run.channels_last,
+                                     args.repeats)
     images_per_second = args.batch / seconds
     return {"method": method_name, "case": case, "precision": precision, "channels_last": channels_last,
             "compile": compile_model, "device": str(device), "threads": torch.get_num_threads(),
@@ -204,6 +219,30 @@ def markdown(rows):
     return "\n".join(lines)
 
 
+def incremental_costs(rows):
+    """Per method and configuration measured with step 0, step 1 and the teacher forward: the incremental
+    step's cost relative to step 0, and relative to step 0 + one teacher forward (the least it can cost)."""
+    by_key = {}
+    for r in rows:
+        by_key.setdefault((r["method"], r["precision"], r["channels_last"], r["compile"]), {})[r["case"]] = r
+    lines = []
+    for (method, precision, channels_last, compiled), cases in by_key.items():
+        if "step0" not in cases or "step1" not in cases:
+            continue
+        step0, step1 = cases["step0"]["s_per_iteration"], cases["step1"]["s_per_iteration"]
+        line = (f"  {method:<7} {precision:<5} cl={'on' if channels_last else 'off':<3}"
+                f"{' compiled' if compiled else ''}: step 1 = {step1 / step0:.2f}x step 0")
+        if "teacher" in cases:
+            floor = step0 + cases["teacher"]["s_per_iteration"]
+            verdict = "within" if step1 <= floor * (1 + OVERHEAD_TOLERANCE) else "over"
+            line += (f", {step1 / floor:.2f}x (step 0 + teacher forward) ({verdict} the"
+                     f" {100 * OVERHEAD_TOLERANCE:.0f}% allowance)")
+        lines.append(line)
+    if lines:
+        lines.insert(0, "incremental step vs step 0 (same run):")
+    return lines
+
+
 def bench_train(args):
     import torch
     from datasets.synthetic import generate
@@ -217,7 +256,7 @@ def bench_train(args):
         generate("voc", data_root, n_train=args.images or 16 * args.batch, n_val=2, size=max(64, args.crop), seed=0)
         ckpt_dir = os.path.join(tmp, "checkpoints")
         for method in args.methods:
-            if "step1" in args.cases:
+            if {"step1", "teacher"} & set(args.cases):
                 in_child(prepare_step0, data_root, ckpt_dir, method, args)
             for case in args.cases:
                 for precision in args.precisions:
@@ -226,6 +265,9 @@ def bench_train(args):
                             continue  # evaluation runs in fp32, as the references
                         row = in_child(_train_case, data_root, ckpt_dir, method, case, precision,
                                        channels_last == "on", args.compile, args)
+                        if row is None:
+                            print(f"  {method:<7} {case:<6} {precision:<5} cl={channels_last:<3} (no teacher)")
+                            continue
                         rows.append(row)
                         print(f"  {method:<7} {case:<6} {precision:<5} cl={channels_last:<3}"
                               f" {row['images_per_s']:6.2f} images/s {row['s_per_iteration']:7.3f} s/it"
@@ -233,6 +275,9 @@ def bench_train(args):
                               f" {row['achieved_gflops']:6.0f} GFLOP/s = {100 * row['fraction_of_peak']:3.0f}% of mm"
                               f" {row['peak_gflops']:.0f}, {100 * row['fraction_of_conv_peak']:3.0f}% of conv"
                               f" {row['conv_peak_gflops']:.0f}", flush=True)
+    print()
+    for line in incremental_costs(rows):
+        print(line)
     print()
     print(markdown(rows))
     if args.json:
@@ -247,7 +292,10 @@ def bench_train(args):
 
 def bench_data(args):
     import numpy as np
+    import torch
     from PIL import Image
+
+    from datasets.deferred import DeferredSegmentation, deferred_collate
 
     from datasets.incremental import IncrementalSegmentation, barm_lut
     from datasets.transforms import mib_train_transform, train_transform
@@ -270,10 +318,28 @@ def bench_data(args):
             samples.append((str(i), image_path, label_path))
         print(f"data pipeline, one process (= per DataLoader worker), {args.images} VOC-sized JPEGs"
               f" {width}x{height}, crop {args.size}, median of {args.repeats} passes")
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         for name in args.transforms:
-            dataset = IncrementalSegmentation(samples, barm_lut(steps, 0, "train"), transforms[name])
+            lut = barm_lut(steps, 0, "train")
+            dataset = IncrementalSegmentation(samples, lut, transforms[name])
             seconds, _ = timed(lambda: [dataset[i] for i in range(len(dataset))], args.repeats)
             print(f"  {name:<5} decode + augmentation: {len(dataset) / seconds:6.1f} images/s per worker")
+            # --device_augment: the workers read and plan, the device decodes and transforms a batch at a time
+            deferred = DeferredSegmentation(samples, lut, transforms[name])
+            seconds, items = timed(lambda: [deferred[i] for i in range(len(deferred))], args.repeats)
+            batches = [deferred_collate(transforms[name])(items[i:i + args.batch])
+                       for i in range(0, len(items) - args.batch + 1, args.batch)]
+
+            def materialize():
+                for batch in batches:
+                    batch.materialize(device)
+                synchronize(device)
+
+            materialize()  # warm-up (CUDA context, nvJPEG handles)
+            device_seconds, _ = timed(materialize, args.repeats)
+            print(f"  {name:<5} --device_augment: workers {len(deferred) / seconds:6.1f} images/s per worker,"
+                  f" {device} decode + augmentation {len(batches) * args.batch / device_seconds:6.1f} images/s"
+                  f" (batches of {args.batch})")
 
 
 # ---- class index ------------------------------------------------------------------------------------------
@@ -303,12 +369,12 @@ def bench_index(args):
         print(f"class index, cached reload: {reload:7.3f} s  (file listing + change check + load)")
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="the trainer's steps per method and configuration")
     train.add_argument("--methods", nargs="+", default=["barm"])
-    train.add_argument("--cases", nargs="+", default=["step0", "step1", "eval"], choices=("step0", "step1", "eval"))
+    train.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
     train.add_argument("--backbone", default="resnet101")
     train.add_argument("--crop", type=int, default=321)
     train.add_argument("--batch", type=int, default=2)
@@ -328,6 +394,9 @@ def main():
     data.add_argument("--images", type=int, default=48)
     data.add_argument("--transforms", nargs="+", default=["barm", "mib"], choices=("barm", "mib"))
     data.add_argument("--repeats", type=int, default=3)
+    data.add_argument("--batch", type=int, default=8, help="batch size of the --device_augment path")
+    data.add_argument("--device", default=None, help="device of the --device_augment path (default: cuda if"
+                                                     " available)")
     data.add_argument("--tmp", default=None)
     data.set_defaults(run=bench_data)
     index = commands.add_parser("index", help="class index build and cached reload on ADE-sized labels")
@@ -337,7 +406,7 @@ def main():
     index.add_argument("--repeats", type=int, default=1)
     index.add_argument("--tmp", default=None, help="scratch folder (default: the system's)")
     index.set_defaults(run=bench_index)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.run(args)
 
 

@@ -4,7 +4,9 @@
 #   bash scripts/gpu_check.sh OUT_DIR
 #   1. the CUDA-gated tests (fp16 GradScaler, channels-last under autocast, SyncBatchNorm, nccl);
 #   2. scripts/benchmark.py, BARM resnet101 step 0 at 513: fp32 NCHW eager, --amp channels-last, --compile;
-#   3. a 2-step run with --amp on synthetic data, then --test reproducing its numbers;
+#      step 1 and its teacher forward; the data pipeline per worker and --device_augment's decoding on the GPU;
+#   3. a 2-step run with --amp on synthetic data, then --test reproducing its numbers; one epoch with
+#      --device_augment;
 #   4. with two GPUs or more: the same 2 steps under torchrun (nccl).
 # Without CUDA it proves it works on the CPU: the CUDA tests skip, the benchmark and the runs use a ResNet-18
 # at small crops, torchrun is skipped. PYTHON picks the interpreter (default python3).
@@ -32,19 +34,22 @@ echo "== 2. benchmark"
 if [ "$GPUS" -gt 0 ]; then
     BENCH=(--backbone resnet101 --crop 513 --batch 8 --repeats 10)
     RUN=(--backbone resnet101 --crop_size 321 --batch_size 8)
+    DATA=(--size 513 --images 48 --batch 8)
 else
     BENCH=(--backbone resnet18 --crop 97 --batch 2 --repeats 2)
     RUN=(--backbone resnet18 --crop_size 65 --batch_size 4)
+    DATA=(--size 97 --images 8 --batch 4 --repeats 1)
 fi
 "$PYTHON" scripts/benchmark.py train --methods barm --cases step0 "${BENCH[@]}" --precisions fp32 \
     --channels_last off --json "$OUT/bench_fp32.json" --markdown "$OUT/bench_fp32.md" 2>&1 | tee "$OUT/benchmark.txt"
-"$PYTHON" scripts/benchmark.py train --methods barm --cases step0 step1 "${BENCH[@]}" --precisions amp \
+"$PYTHON" scripts/benchmark.py train --methods barm --cases step0 step1 teacher "${BENCH[@]}" --precisions amp \
     --channels_last on --json "$OUT/bench_amp.json" --markdown "$OUT/bench_amp.md" 2>&1 | tee -a "$OUT/benchmark.txt"
 if [ "$GPUS" -gt 0 ]; then
     "$PYTHON" scripts/benchmark.py train --methods barm --cases step0 "${BENCH[@]}" --precisions amp \
         --channels_last on --compile --json "$OUT/bench_compile.json" --markdown "$OUT/bench_compile.md" 2>&1 \
         | tee -a "$OUT/benchmark.txt"
 fi
+"$PYTHON" scripts/benchmark.py data "${DATA[@]}" 2>&1 | tee "$OUT/data_pipeline.txt"
 
 echo "== 3. a 2-step run with --amp, then --test"
 "$PYTHON" -m datasets.synthetic --dataset voc --root "$OUT/VOC2012" --n_train 60 --n_val 16 --size 128 --seed 0
@@ -64,6 +69,8 @@ for step in (0, 1):
     print(f"step {step}: --test reproduces the training's test: {same} (mIoU {100 * trained['Mean IoU']:.2f})")
     assert same
 EOF
+"$PYTHON" train.py "${COMMON[@]}" --train_epoch 1 --initial --device_augment --ckpt_dir "$OUT/checkpoints_device_augment" \
+    2>&1 | tee "$OUT/device_augment.txt"
 
 echo "== 4. torchrun (nccl)"
 if [ "$GPUS" -ge 2 ]; then
