@@ -217,7 +217,7 @@ def test_figures_are_pngs_of_the_expected_size(tmp_path):
             sizes[name] = image.size
             pixels = np.asarray(image.convert("RGB"))
         assert pixels.std() > 0  # something is drawn
-    assert sizes["miou_voc_2-1_overlap.png"] == (800, 500)
+    assert sizes["miou_voc_2-1_overlap.png"] == (1200, 450)
     assert sizes["heatmap_0_ft.png"] == (800, 200 + 20 * 4) == heatmap_size(4)
     text = open(written["report.md"], encoding="utf-8").read()
     assert "![mIoU per step](miou_voc_2-1_overlap.png)" in text and "(heatmap_1_barm.png)" in text

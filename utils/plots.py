@@ -1,6 +1,7 @@
 """Figures of the report (issue 13 item 1), drawn with matplotlib's Agg canvas (no display, no pyplot state).
 
-* :func:`plot_miou_per_step`: mIoU of the old, new and all classes per step, every run on one figure;
+* :func:`plot_miou_per_step`: mIoU of the old, new and all classes per step (three panels), every run on one
+  figure;
 * :func:`plot_class_heatmap`: one run's IoU per class (rows) and step (columns).
 
 Figures have a fixed size in pixels (documented per function), so reports stay comparable and tests can check
@@ -11,7 +12,7 @@ import math
 import numpy as np
 
 DPI = 100
-MIOU_FIGURE_PX = (800, 500)  # width, height
+MIOU_FIGURE_PX = (1200, 450)  # width, height
 HEATMAP_WIDTH_PX = 800
 HEATMAP_BASE_HEIGHT_PX = 200  # title, axis labels and colour bar
 HEATMAP_ROW_PX = 20  # per class
@@ -19,8 +20,11 @@ HEATMAP_ANNOTATE_MAX_CELLS = 400  # write the IoU in each cell up to this many c
 HEATMAP_MISSING_COLOUR = "lightgrey"  # class not yet introduced, or absent and left out by the convention
 HEATMAP_COLOUR_MAP = "viridis"
 PERCENT = 100.0
-LINE_STYLES = (("mIoU_old", "old", "--", "s"), ("mIoU_new", "new", ":", "^"), ("mIoU", "all", "-", "o"))
-RUN_COLOURS = "tab10"
+LINE_STYLES = (("mIoU_old", "old"), ("mIoU_new", "new"), ("mIoU", "all"))  # one panel each
+RUN_COLOURS = "tab10"  # up to 10 runs
+RUN_COLOURS_MANY = "tab20"  # more runs
+RUN_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+LEGEND_WIDTH_RATIO = 0.45  # the legend column's width relative to a panel
 
 
 def _figure(width_px, height_px):
@@ -45,36 +49,41 @@ def _percent(values):
 
 
 def plot_miou_per_step(series, path, title=""):
-    """mIoU of the old / new / all classes per step, every run on one figure (800 x 500 px PNG at ``path``).
+    """mIoU per step of every run, one panel per class set: old, new, all (1200 x 450 px PNG at ``path``).
 
     ``series``: ``[(label, steps, {"mIoU_old": [...], "mIoU_new": [...], "mIoU": [...]}), ...]`` with fractions
-    per step (None where undefined, e.g. new at step 0). One colour per run; line style per class set (old
-    dashed, new dotted, all solid). Returns ``path``.
+    per step (None where undefined, e.g. new at step 0). One colour and marker per run (the same in the three
+    panels; up to 20 distinct colours), one legend to the right. Returns ``path``.
     """
     from matplotlib import colormaps
     from matplotlib.lines import Line2D
 
     width, height = MIOU_FIGURE_PX
     figure = _figure(width, height)
-    axes = figure.add_subplot(1, 1, 1)
-    colours = colormaps[RUN_COLOURS]
-    all_steps = set()
-    for i, (label, steps, values) in enumerate(series):
-        colour = colours(i % colours.N)
-        all_steps.update(steps)
-        for key, _, style, marker in LINE_STYLES:
-            axes.plot(steps, _percent(values.get(key, [None] * len(steps))), linestyle=style, marker=marker,
-                      color=colour, markersize=4)
-    run_handles = [Line2D([], [], color=colours(i % colours.N), label=label) for i, (label, _, _) in enumerate(series)]
-    style_handles = [Line2D([], [], color="black", linestyle=style, marker=marker, label=name)
-                     for _, name, style, marker in LINE_STYLES]
-    axes.legend(handles=run_handles + style_handles, fontsize="small", loc="best")
-    axes.set_xticks(sorted(all_steps))
-    axes.set_xlabel("step")
-    axes.set_ylabel("mIoU (%)")
-    axes.set_ylim(0, PERCENT)
-    axes.grid(True, alpha=0.3)
-    axes.set_title(title)
+    colours = colormaps[RUN_COLOURS if len(series) <= colormaps[RUN_COLOURS].N else RUN_COLOURS_MANY]
+    style = [(colours(i % colours.N), RUN_MARKERS[i % len(RUN_MARKERS)]) for i in range(len(series))]
+    grid = figure.add_gridspec(1, len(LINE_STYLES) + 1, width_ratios=[1] * len(LINE_STYLES) + [LEGEND_WIDTH_RATIO])
+    all_steps = sorted({step for _, steps, _ in series for step in steps})
+    for k, (key, name) in enumerate(LINE_STYLES):
+        axes = figure.add_subplot(grid[0, k])
+        for (label, steps, values), (colour, marker) in zip(series, style):
+            axes.plot(steps, _percent(values.get(key, [None] * len(steps))), color=colour, marker=marker,
+                      markersize=4, linewidth=1.2)
+        axes.set_xticks(all_steps)
+        axes.set_xlabel("step")
+        axes.set_ylim(0, PERCENT)
+        axes.grid(True, alpha=0.3)
+        axes.set_title(f"{name} classes")
+        if k == 0:
+            axes.set_ylabel("mIoU (%)")
+        else:
+            axes.tick_params(labelleft=False)
+    legend = figure.add_subplot(grid[0, -1])
+    legend.axis("off")
+    legend.legend(handles=[Line2D([], [], color=colour, marker=marker, label=label)
+                           for (label, _, _), (colour, marker) in zip(series, style)],
+                  loc="center left", fontsize="small", frameon=False)
+    figure.suptitle(title)
     figure.tight_layout()
     return _save(figure, path, width, height)
 
