@@ -178,18 +178,23 @@ def collapse_logits(new_small_logits, n_old):
 
 
 def _local_pod_embedding(x, scales):
-    """Φ(X) of Local POD for squared maps ``x`` (B, C, H, W): per scale s (k = W // s) and region (i, j) in
-    row-major order, the means over the width axis then over the height axis, concatenated per sample."""
-    batch = x.shape[0]
-    width = x.shape[-1]
+    """Φ(X) of Local POD for squared maps ``x`` (B, C, H, W): per scale s (k = W // s) and region (i, j), the means
+    over the width axis and over the height axis, concatenated per sample.
+
+    The reference loops over the regions and interleaves their two means; here each scale's regions are one
+    (B, C, s, k, s, k) view of the top-left s·k × s·k block, reduced twice, so the elements come in another
+    order. Φ only enters a Euclidean norm of Φ(A²) − Φ(A'²), which the order does not change (the sums
+    agree to ~1e-7). Maps must be square, as PLOP's are (the region size comes from the last axis)."""
+    batch, channels, height, width = x.shape
+    if height != width:
+        raise ValueError(f"Local POD needs square maps, got {height}x{width}")
+    x = x.contiguous()  # the reductions below are several times slower on channels-last strides
     pieces = []
     for scale in scales:
-        k = width // scale  # as the reference, the region size comes from the last axis (maps are square)
-        for i in range(scale):
-            for j in range(scale):
-                region = x[:, :, i * k:(i + 1) * k, j * k:(j + 1) * k]
-                pieces.append(region.mean(dim=3).reshape(batch, -1))  # mean over the width axis
-                pieces.append(region.mean(dim=2).reshape(batch, -1))  # mean over the height axis
+        k = width // scale
+        regions = x[:, :, :scale * k, :scale * k].reshape(batch, channels, scale, k, scale, k)
+        pieces.append(regions.mean(dim=5).reshape(batch, -1))  # mean over each region's width axis
+        pieces.append(regions.mean(dim=3).reshape(batch, -1))  # mean over each region's height axis
     return torch.cat(pieces, dim=1)
 
 
