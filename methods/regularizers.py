@@ -95,9 +95,24 @@ def _on(store, name, device):
     return t
 
 
-def _snapshot(params, grads):
-    """θ of the parameters that have a gradient this iteration (the reference's model_temp)."""
-    return {name: _f32(p).clone() for name, p in params.items() if grads.get(name) is not None}
+def _ema_of_squares(fisher, g, alpha):
+    """F ← α·g² + (1 − α)·F in place (one pass over F, no temporaries: the statistics are as large as the model)."""
+    fisher.mul_(1 - alpha).addcmul_(g, g, value=alpha)
+
+
+def _snapshot(params, grads, into=None):
+    """θ of the parameters that have a gradient this iteration (the reference's model_temp), float32, copied
+    into the tensors of an earlier snapshot ``into`` where they fit (no model-sized allocation per iteration)."""
+    snapshot = {}
+    for name, p in params.items():
+        if grads.get(name) is None:
+            continue
+        earlier = None if into is None else into.get(name)
+        if earlier is not None and earlier.shape == p.shape and earlier.device == p.device:
+            snapshot[name] = earlier.copy_(p.detach())
+        else:
+            snapshot[name] = _f32(p).clone()
+    return snapshot
 
 
 class _Regularizer:
@@ -204,7 +219,7 @@ class EWC(_Regularizer):
             g = _f32(g)
             if name not in self.fisher:
                 self.fisher[name] = torch.ones_like(g)
-            self.fisher[name] = self.alpha * g ** 2 + (1 - self.alpha) * _on(self.fisher, name, g.device)
+            _ema_of_squares(_on(self.fisher, name, g.device), g, self.alpha)
 
     def end_step(self, params=None):
         """The carry for the next step: ``{"kind": "ewc", "fisher": F}`` (un-normalised, CPU)."""
@@ -258,9 +273,8 @@ class PI(_Regularizer):
                 g, theta = _f32(g), _f32(p)
                 if name not in self.delta:
                     self.delta[name] = torch.zeros_like(theta)
-                step = g * (_on(self.theta_prev, name, theta.device) - theta)
-                self.delta[name] = _on(self.delta, name, theta.device) + step
-        self.theta_prev = _snapshot(params, grads)
+                _on(self.delta, name, theta.device).addcmul_(g, _on(self.theta_prev, name, theta.device) - theta)
+        self.theta_prev = _snapshot(params, grads, into=self.theta_prev)
 
     def end_step(self, params):
         """The carry for the next step: ``{"kind": "pi", "score": ω}`` (CPU), ω over the parameters in
@@ -345,15 +359,16 @@ class RW(_Regularizer):
                     den = 0.5 * fisher * (theta - theta_tmp) ** 2 + RW_EPS
                     score = _on(self.score, name, theta.device) if name in self.score else torch.zeros_like(theta)
                     self.score[name] = score + gain / den
-            self.theta_tmp = _snapshot(params, grads)
+            self.theta_tmp = _snapshot(params, grads, into=self.theta_tmp)
         self.count += 1
         for name, p in params.items():
             g = grads.get(name)
             if g is None:
                 continue
             g = _f32(g)
-            fisher = _on(self.fisher, name, g.device) if name in self.fisher else torch.ones_like(g)
-            self.fisher[name] = self.alpha * g ** 2 + (1 - self.alpha) * fisher
+            if name not in self.fisher:
+                self.fisher[name] = torch.ones_like(g)
+            _ema_of_squares(_on(self.fisher, name, g.device), g, self.alpha)
 
     def end_step(self, params=None):
         """The carry for the next step: ``{"kind": "rw", "fisher": F, "score": S_save}`` (CPU)."""
