@@ -117,8 +117,9 @@ def train_argv(data_root, ckpt_dir, method, args, *extra):
 
 
 def method_flags(method):
-    """Flags a method's incremental step needs to run its full loss (BARM/KProBA: --pseudo)."""
-    return ["--pseudo"] if method in ("barm", "kproba") else []
+    """Flags a method needs here: its full incremental loss (BARM/KProBA: --pseudo); steps that never validate
+    keep their last weights (SSUL selects its best-validated ones by default)."""
+    return {"barm": ["--pseudo"], "kproba": ["--pseudo"], "ssul": ["--select_last"]}.get(method, [])
 
 
 def prepare_step0(data_root, ckpt_dir, method, args):
