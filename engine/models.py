@@ -140,7 +140,12 @@ def adopt_recorded_model(args, checkpoint, path):
             raise UserError(f"{path} was trained with --{key} {recorded}, but this run asks for --{key} {ours}: a step"
                             f" continues the model of the step before it (drop --{key})")
         if ours != recorded:
-            if ours is not None or key != "model":  # --model left out: the recorded name is the method's family
+            # nothing to say when the flag was left out and the model is the method's family, or when the
+            # user's own --model names the backbone (deeplabv3bga_resnet18)
+            implied = ours is None and (key == "model" or (
+                key == "backbone" and "model" in getattr(args, "explicit", ())
+                and args.model.partition("_")[2] == recorded))
+            if not implied:
                 log.info("%s was trained with --%s %s: continuing with it", path, key, recorded)
             setattr(args, key, recorded)
 

@@ -238,3 +238,20 @@ def test_more_processes_than_gpus_is_refused(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     with pytest.raises(UserError, match="2 processes on this node but 1 visible GPU"):
         distributed.setup("auto")
+
+
+def test_recorded_backbone_implied_by_the_model_name_is_not_announced(caplog):
+    import argparse
+    import logging
+
+    from engine.models import adopt_recorded_model
+    checkpoint = {"model": "deeplabv3bga_resnet18", "backbone": "resnet18", "output_stride": 16}
+    named = argparse.Namespace(model="deeplabv3bga_resnet18", backbone=None, output_stride=16, explicit={"model"})
+    with caplog.at_level(logging.INFO, logger="ciss"):
+        adopt_recorded_model(named, checkpoint, "prev.pth")
+    assert named.backbone == "resnet18" and "continuing with it" not in caplog.text
+    unnamed = argparse.Namespace(model=None, backbone=None, output_stride=16, explicit=set())
+    with caplog.at_level(logging.INFO, logger="ciss"):
+        adopt_recorded_model(unnamed, checkpoint, "prev.pth")
+    assert (unnamed.model, unnamed.backbone) == ("deeplabv3bga_resnet18", "resnet18")
+    assert "trained with --backbone resnet18: continuing with it" in caplog.text
