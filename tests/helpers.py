@@ -1,11 +1,15 @@
-"""Helpers of the end-to-end tests: train.py command lines on synthetic data (CPU, resnet18, small crops)."""
+"""Helpers of the tests: train.py command lines on synthetic data (CPU, resnet18, small crops), copies of trained
+run folders, scalar reference formulas (log-sum-exp, softmax) and randomised norm layers."""
 import json
+import math
 import os
+import shutil
 import subprocess
 import sys
 
 import torch
 
+from network.abn import ABN
 from utils.checkpoint import load_checkpoint_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,3 +54,35 @@ def assert_user_error(result, *fragments):
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
+
+
+def copy_run(source, tmp_path):
+    """A copy of a trained checkpoint folder (module fixtures train once; tests modify copies)."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(source, ckpt)
+    return ckpt
+
+
+def lse(values):
+    """log Σ exp of a list of floats, computed stably (reference for the losses' tests)."""
+    top = max(values)
+    return top + math.log(sum(math.exp(v - top) for v in values))
+
+
+def softmax(values):
+    d = lse(values)
+    return [math.exp(v - d) for v in values]
+
+
+def randomise_norm_layers(model, seed=3):
+    """Random γ (negative ones included), β and running statistics of every ABN layer; returns ``model``."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, ABN):
+                n = module.num_features
+                module.weight.copy_(torch.randn(n, generator=generator))
+                module.bias.copy_(torch.randn(n, generator=generator) * 0.1)
+                module.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
+                module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+    return model

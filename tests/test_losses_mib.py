@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import lse, softmax
 from methods import losses
 from methods.mib import init_new_classifier
 
@@ -29,16 +30,6 @@ def pixels():
 
 def z_at(logits, b, i, j):
     return [float(logits[b, c, i, j]) for c in range(logits.shape[1])]
-
-
-def lse(values):
-    top = max(values)
-    return top + math.log(sum(math.exp(v - top) for v in values))
-
-
-def softmax(values):
-    d = lse(values)
-    return [math.exp(v - d) for v in values]
 
 
 def softplus(x):

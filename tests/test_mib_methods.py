@@ -12,6 +12,7 @@ from torch import nn
 
 from datasets.incremental import label_lut
 from datasets.transforms import RandomResizedCrop
+from helpers import lse, softmax
 from methods import get_method, list_methods
 from methods.base import Batch, StepContext
 from methods.mib import MiBFamily, mib_ade_lut, mib_voc_lut, plop_lut
@@ -199,16 +200,6 @@ def test_mib_init_can_be_switched_off():
 
 
 # ---- losses of the methods, against explicit loops (methods spec §4.1-§4.4, §4.8) ------------------------------
-def lse(values):
-    top = max(values)
-    return top + math.log(sum(math.exp(v - top) for v in values))
-
-
-def softmax(values):
-    d = lse(values)
-    return [math.exp(v - d) for v in values]
-
-
 def bce(x, t):
     return math.log1p(math.exp(-abs(x))) + max(x, 0.0) - t * x
 

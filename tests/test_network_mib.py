@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 from torchvision import models
 
+from helpers import randomise_norm_layers
 from network.abn import ABN, SyncABN, convert_sync_abn, effective_weight, sync_batch_norm
 from network.mib import IABN_IMAGENET_URL, build_mib_model, image_pooling, load_mib_checkpoint
 from utils.errors import UserError
@@ -118,18 +119,6 @@ def test_torch_sync_converter_cannot_drop_the_abn_affine():
     converted = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     assert type(converted[1]) is ABN and not isinstance(converted[1], nn.modules.batchnorm._BatchNorm)
     torch.testing.assert_close(converted(x), before, rtol=0, atol=0)
-
-
-def randomise_norm_layers(model, seed=3):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, ABN):
-                n = module.num_features
-                module.weight.copy_(torch.randn(n, generator=generator))
-                module.bias.copy_(torch.randn(n, generator=generator) * 0.1)
-                module.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
-                module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
 
 
 def test_convert_sync_abn_keeps_state_dict_and_function():

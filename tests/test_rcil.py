@@ -12,10 +12,10 @@ from methods import get_method, losses
 from methods.base import Batch, ModelSpec, StepContext
 from methods.rcil import GATE_STATE_KEY, RCIL_VAL_INTERVAL, gate_seed
 from network import FAMILIES
-from network.abn import ABN
 from network.mib import build_mib_model
 from network.rcil import (BranchGates, DualBranchBlock, DualDeeplabV3Head, add_merge_biases, build_rcil_model,
                           fold_branch, gate_weights, merge_branches)
+from helpers import randomise_norm_layers as randomise
 from test_rcil_losses import channel_numpy, spatial_numpy
 
 EPS = 1e-5
@@ -29,20 +29,6 @@ def rcil_family(monkeypatch):
     """The ``rcil`` family, until ``network/__init__.py`` registers it."""
     if "rcil" not in FAMILIES:
         monkeypatch.setitem(FAMILIES, "rcil", build_rcil_model)
-
-
-def randomise(model, seed=3):
-    """Random γ (negative ones included), β, running statistics and conv weights of every layer."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, ABN):
-                n = module.num_features
-                module.weight.copy_(torch.randn(n, generator=generator))
-                module.bias.copy_(torch.randn(n, generator=generator) * 0.1)
-                module.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
-                module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
-    return model
 
 
 def images(shape=(2, 3, 33, 33), seed=7):

@@ -15,7 +15,7 @@ import torch
 
 import train
 from datasets import step_image_ids
-from helpers import REPO, assert_user_error, eval_results, run, step_dir, train_cmd
+from helpers import REPO, assert_user_error, copy_run, eval_results, run, step_dir, train_cmd
 from methods.barm import BARM
 from utils import distributed
 from utils.args import parse_args
@@ -29,12 +29,6 @@ def trained(tiny_voc, tmp_path_factory):
     ckpt = tmp_path_factory.mktemp("trained")
     result = run(train_cmd(tiny_voc, ckpt, "--end_step", "1", "--train_epoch", "1", "--print_interval", "1"))
     assert result.returncode == 0, result.stderr
-    return ckpt
-
-
-def copy_of(trained, tmp_path):
-    ckpt = tmp_path / "ckpt"
-    shutil.copytree(trained, ckpt)
     return ckpt
 
 
@@ -61,7 +55,7 @@ def test_interruption_ends_with_one_line_and_the_resume_command(tiny_voc, tmp_pa
 
 
 def test_a_failing_run_leaves_a_finished_step_untouched(tiny_voc, trained, tmp_path):
-    ckpt = copy_of(trained, tmp_path)
+    ckpt = copy_run(trained, tmp_path)
     data = tmp_path / "VOC2012"
     shutil.copytree(tiny_voc, data, ignore=shutil.ignore_patterns(".ciss_cache"))
     image = data / "JPEGImages" / "2012_000003.jpg"
@@ -100,7 +94,7 @@ def test_a_stale_lock_is_replaced(tiny_voc, tmp_path):
 
 
 def test_leftover_temporary_files_are_removed(tiny_voc, trained, tmp_path):
-    ckpt = copy_of(trained, tmp_path)
+    ckpt = copy_run(trained, tmp_path)
     leftover = os.path.join(step_dir(ckpt, 1), ".last.pth.999999.tmp")
     with open(leftover, "wb") as handle:
         handle.write(b"half a checkpoint")
@@ -110,7 +104,7 @@ def test_leftover_temporary_files_are_removed(tiny_voc, trained, tmp_path):
 
 
 def test_summary_follows_one_run_and_test_writes_beside(tiny_voc, trained, tmp_path):
-    ckpt = copy_of(trained, tmp_path)
+    ckpt = copy_run(trained, tmp_path)
     summary = os.path.join(str(ckpt), "barm", "15-1", "overlap", "summary.csv")
     assert [line.split(",")[0] for line in open(summary).read().splitlines()] == ["step", "0", "1"]
     # re-training step 0 makes step 1's results stale: the summary holds step 0 only
@@ -138,7 +132,7 @@ def test_the_readme_test_line_uses_the_recorded_settings(tiny_voc, trained):
 
 
 def test_a_step_continues_the_recorded_model(tiny_voc, trained, tmp_path):
-    ckpt = copy_of(trained, tmp_path)
+    ckpt = copy_run(trained, tmp_path)
     cmd = train_cmd(tiny_voc, ckpt, "--curr_step", "1", "--end_step", "1", "--train_epoch", "1")
     without = [a for a in cmd if a not in ("--backbone", "resnet18")]
     result = run(without)
@@ -190,7 +184,7 @@ def event_steps(path):
 
 
 def test_resume_refuses_changed_settings_and_continues_the_logs(tiny_voc, trained, tmp_path, monkeypatch):
-    ckpt = copy_of(trained, tmp_path)
+    ckpt = copy_run(trained, tmp_path)
     argv = interrupted_step1(tiny_voc, ckpt, monkeypatch)
     last = os.path.join(step_dir(ckpt, 1), "last.pth")
     assert os.path.exists(last)
@@ -222,7 +216,7 @@ def test_bad_data_root_is_reported_before_any_weights_are_fetched(tmp_path, monk
 
 
 def test_keep_only_the_last_checkpoint(tiny_voc, trained, tmp_path):
-    ckpt = copy_of(trained, tmp_path)
+    ckpt = copy_run(trained, tmp_path)
     result = run(train_cmd(tiny_voc, ckpt, "--curr_step", "2", "--end_step", "2", "--train_epoch", "1",
                            "--keep_checkpoints", "last"))
     assert result.returncode == 0, result.stderr

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from helpers import (REPO, assert_same_weights, assert_user_error, eval_results, run, step_dir, train_cmd,
+from helpers import (REPO, assert_same_weights, assert_user_error, copy_run, eval_results, run, step_dir, train_cmd,
                      weights)
 from utils.checkpoint import load_checkpoint_file
 
@@ -24,14 +24,8 @@ def step0(tiny_voc, tmp_path_factory):
     return ckpt
 
 
-def with_step0(step0, tmp_path):
-    ckpt = tmp_path / "ckpt"
-    shutil.copytree(step0, ckpt)
-    return ckpt
-
-
 def test_three_steps_then_test_reproduces_the_metrics(tiny_voc, step0, tmp_path):
-    ckpt = with_step0(step0, tmp_path)
+    ckpt = copy_run(step0, tmp_path)
     result = run(train_cmd(tiny_voc, ckpt, "--curr_step", "1", "--end_step", "2", "--train_epoch", "1"))
     assert result.returncode == 0, result.stderr
     assert "weights identical" not in result.stdout  # single process: no replica check
@@ -92,7 +86,7 @@ def check_barm_incremental_step(ckpt, log):
 
 
 def test_barm_without_pseudo_trains_without_teacher_and_auxiliary_losses(tiny_voc, step0, tmp_path):
-    ckpt = with_step0(step0, tmp_path)
+    ckpt = copy_run(step0, tmp_path)
     cmd = train_cmd(tiny_voc, ckpt, "--curr_step", "1", "--end_step", "1", "--train_epoch", "1")
     cmd.remove("--pseudo")
     result = run(cmd)
@@ -102,10 +96,10 @@ def test_barm_without_pseudo_trains_without_teacher_and_auxiliary_losses(tiny_vo
 
 def test_resume_after_a_kill_is_bitwise_identical(tiny_voc, step0, tmp_path):
     epochs = ["--train_epoch", "8", "--curr_step", "1", "--end_step", "1"]
-    straight = with_step0(step0, tmp_path / "a")
+    straight = copy_run(step0, tmp_path / "a")
     assert run(train_cmd(tiny_voc, straight, *epochs)).returncode == 0
 
-    killed = with_step0(step0, tmp_path / "b")
+    killed = copy_run(step0, tmp_path / "b")
     last, final = os.path.join(step_dir(killed, 1), "last.pth"), os.path.join(step_dir(killed, 1), "final.pth")
     process = subprocess.Popen(train_cmd(tiny_voc, killed, *epochs), cwd=REPO, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
@@ -124,7 +118,7 @@ def test_resume_after_a_kill_is_bitwise_identical(tiny_voc, step0, tmp_path):
 
 
 def test_resume_skips_finished_steps(tiny_voc, step0, tmp_path):
-    ckpt = with_step0(step0, tmp_path)
+    ckpt = copy_run(step0, tmp_path)
     result = run(train_cmd(tiny_voc, ckpt, "--initial", "--resume", "--train_epoch", "1"))
     assert result.returncode == 0 and "step 0 is finished" in result.stdout
 
