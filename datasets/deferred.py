@@ -9,6 +9,7 @@ bilinearly with antialiasing, as PIL's filter, and the maps nearest). Works on a
 the device is much faster than the CPU's decoding.
 """
 import functools
+import io
 import warnings
 
 import numpy as np
@@ -44,7 +45,9 @@ class DeferredSegmentation(IncrementalSegmentation):
     def __getitem__(self, i):
         image_id, image_path, label_path = self.samples[i]
         try:
-            with Image.open(image_path) as image:  # reads the header only
+            with open(image_path, "rb") as handle:
+                encoded = handle.read()
+            with Image.open(io.BytesIO(encoded)) as image:  # parses the header only
                 size = image.size
         except (OSError, SyntaxError, ValueError) as err:
             raise UserError(f"image {image_path} cannot be decoded ({err}): expected a JPEG or PNG image") from None
@@ -56,8 +59,7 @@ class DeferredSegmentation(IncrementalSegmentation):
                                 f"{size[1]}: expected the same size")
         plan = self.transform.plan(size)
         arrays = [np.array(m, dtype=np.uint8) for m in maps]
-        with open(image_path, "rb") as handle:
-            image = DeferredImage(handle.read(), size, plan, image_path)
+        image = DeferredImage(encoded, size, plan, image_path)
         return image, arrays[0], dict(zip(self.extra_maps, arrays[1:])), image_id
 
 

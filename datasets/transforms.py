@@ -90,8 +90,7 @@ class RandomScale:
         self.scale_range = scale_range
 
     def __call__(self, image, label, *extras):
-        scale = random.uniform(*self.scale_range)
-        size = (int(image.size[1] * scale), int(image.size[0] * scale))
+        size, _ = self.plan(image.size)
         return (TF.resize(image, size, InterpolationMode.BILINEAR),
                 *_maps(lambda m: TF.resize(m, size, InterpolationMode.NEAREST), label, extras))
 
@@ -116,21 +115,18 @@ class RandomCrop:
         self.size = size
 
     def __call__(self, image, label, *extras):
+        (pads, corner), _ = self.plan(image.size)
         maps = (label, *extras)
-        if image.size[0] < self.size:
-            pad = int((1 + self.size - image.size[0]) / 2)
+        for pad in pads:
             image, maps = TF.pad(image, pad, fill=0), tuple(TF.pad(m, pad, fill=0) for m in maps)
-        if image.size[1] < self.size:
-            pad = int((1 + self.size - image.size[1]) / 2)
-            image, maps = TF.pad(image, pad, fill=0), tuple(TF.pad(m, pad, fill=0) for m in maps)
-        width, height = image.size
-        if width == self.size and height == self.size:
+        if corner is None:
             return (image, *maps)
-        top = random.randint(0, height - self.size)
-        left = random.randint(0, width - self.size)
+        top, left = corner
         return tuple(TF.crop(x, top, left, self.size, self.size) for x in (image, *maps))
 
     def plan(self, size):
+        """``((pads, corner), (size, size))``: the paddings applied in turn (width short, then height short, of
+        the padded image) and the crop's ``(top, left)``, None when the padded image is the crop."""
         width, height = size
         pads = []
         if width < self.size:
@@ -161,7 +157,8 @@ class RandomHorizontalFlip:
         self.p = p
 
     def __call__(self, image, label, *extras):
-        if random.random() < self.p:
+        flip, _ = self.plan(image.size)
+        if flip:
             return tuple(TF.hflip(x) for x in (image, label, *extras))
         return (image, label, *extras)
 
@@ -214,7 +211,7 @@ class RandomResizedCrop:
         self.size, self.scale, self.ratio = size, scale, ratio
 
     def __call__(self, image, label, *extras):
-        top, left, h, w = resized_crop_box(image.size[0], image.size[1], self.scale, self.ratio)
+        (top, left, h, w), _ = self.plan(image.size)
         size = [self.size, self.size]
         return (TF.resized_crop(image, top, left, h, w, size, InterpolationMode.BILINEAR),
                 *_maps(lambda m: TF.resized_crop(m, top, left, h, w, size, InterpolationMode.NEAREST),
