@@ -1,4 +1,4 @@
-"""Segment a folder of images with the checkpoint of any step, on the CPU or a GPU (issue 13 item 2).
+"""Segment a folder of images with the checkpoint of any step, on the CPU or a GPU.
 
     python predict.py --ckpt checkpoints/BARM/15-1/overlap/step3/final.pth --images photos/ --out predictions/
                       [--device auto|cpu|cuda|cuda:N] [--crop_size N]

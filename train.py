@@ -181,7 +181,7 @@ def run(args, argv=None):
     dist_info = setup(args.device)
     setup_logging(dist_info.is_main)
     if dist_info.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # as the reference (spec §4.1): fastest kernels, not bitwise reproducible
+        torch.backends.cudnn.benchmark = True  # as BARM train.py: fastest kernels, not bitwise reproducible
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matrix products in TF32 on Ampere and later
         torch.backends.cudnn.allow_tf32 = True  # (convolutions: PyTorch's default)
     status = {"test": args.test}

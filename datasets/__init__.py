@@ -21,9 +21,9 @@ from utils.tasks import check_step, get_task
 
 LAYOUTS = {"voc": voc, "ade": ade}
 # "train": training list; "val": per-step validation; "test": the whole validation list (BARM/SSUL);
-# "test_seen": validation images with a seen class (MiB/PLOP/RCIL/DKD, methods spec §3.2)
+# "test_seen": validation images with a seen class (MiB/PLOP/RCIL/DKD; MiB dataset/utils.py::filter_images)
 SPLITS = ("train", "val", "test", "test_seen")
-SALIENCY_DIR = "saliency_map"  # SSUL's saliency maps inside the VOC2012 folder (spec barm-ssul-kproba §5.1)
+SALIENCY_DIR = "saliency_map"  # SSUL's saliency maps inside the VOC2012 folder (SSUL datasets/voc.py::__getitem__)
 MAX_DEFAULT_WORKERS = 4  # BARM's --num_workers default, the most the default ever picks
 
 
@@ -55,12 +55,12 @@ def split_class_index(dataset, data_root, split, cache_dir=None, workers=None):
 def step_samples(dataset, data_root, steps, step, overlap, split="train", cache_dir=None, workers=None):
     """``[(id, image_path, label_path)]`` of ``split`` at ``step`` of the task ``steps``, in file order.
 
-    * "train": the images the step trains on (overlap or disjoint rule, spec barm-ssul-kproba §5.2);
+    * "train": the images the step trains on (overlap or disjoint rule, BARM utils/tasks.py::get_dataset_list);
     * "val": the per-step validation images (the same rule on the validation list);
-    * "test": the whole validation list (BARM/SSUL, spec barm-ssul-kproba §5.2);
+    * "test": the whole validation list (BARM/SSUL; BARM datasets/voc.py, datasets/ade.py);
     * "test_seen": the validation images containing at least one **seen** class, i.e. a class of steps
-      0..step other than 0 (MiB/PLOP/RCIL/DKD's ``test_on_val-<t>``, methods spec §3.2); ``overlap`` does
-      not matter. At the last step of a task whose classes all occur it is the whole list.
+      0..step other than 0 (MiB/PLOP/RCIL/DKD's ``test_on_val-<t>``, MiB dataset/utils.py::filter_images);
+      ``overlap`` does not matter. At the last step of a task whose classes all occur it is the whole list.
     """
     check_step(steps, step)
     if split == "test":
@@ -83,8 +83,8 @@ def step_image_ids(dataset, data_root, task, step, overlap, split="train", cache
 
 
 def saliency_path(data_root, image_id):
-    """SSUL's saliency map of a VOC image: ``{data_root}/saliency_map/{image_id}.png`` (spec barm-ssul-kproba
-    §5.1, §12.2; 8-bit, 0 = not salient)."""
+    """SSUL's saliency map of a VOC image: ``{data_root}/saliency_map/{image_id}.png`` (SSUL
+    datasets/voc.py::__getitem__; 8-bit, 0 = not salient)."""
     return os.path.join(data_root, SALIENCY_DIR, f"{image_id}.png")
 
 

@@ -1,4 +1,4 @@
-"""ADE20K SceneParsing-150 (spec barm-ssul-kproba §5.1, methods §3.1).
+"""ADE20K SceneParsing-150 (BARM datasets/ade.py, MiB dataset/ade.py::AdeSegmentationIncremental).
 
 ``data_root`` is the ``ADEChallengeData2016`` folder::
 

@@ -1,8 +1,9 @@
 """One incremental step's data: which images a step uses and what their labels mean.
 
-* :func:`step_mask` — the overlap / disjoint image filters (spec barm-ssul-kproba §5.2, methods §3.2),
-  written with the classes of the earlier steps (not BARM's ``range(1, first new class)``, which is wrong
-  for shuffled orders, spec §10.17), so they are correct for any class order.
+* :func:`step_mask` — the overlap / disjoint image filters (BARM utils/tasks.py::get_dataset_list, MiB
+  dataset/utils.py::filter_images), written with the classes of the earlier steps (not BARM's
+  ``range(1, first new class)``, which is wrong for shuffled orders; docs/differences.md), so they are
+  correct for any class order.
 * :func:`label_lut` — a 256-entry lookup table from raw label values to training targets; the mapping is a
   label policy: a function ``(steps, step, split) -> table`` that a method passes itself, or the name of one
   registered with :func:`register_label_policy` (BARM's, "barm", is registered here).
@@ -61,12 +62,12 @@ def register_label_policy(name):
 
 @register_label_policy("barm")
 def barm_lut(steps, step, split):
-    """BARM/SSUL label mapping (spec barm-ssul-kproba §5.3, §12.4).
+    """BARM/SSUL label mapping (BARM datasets/voc.py::gt_label_mapping, SSUL datasets/voc.py::__init__).
 
     train / val: raw values that are not classes of the current step become background 0 (old and future
     classes included), void stays 255; then the channel order. test: the channel order only, so classes of
     later steps keep indices >= the current number of channels and the metric ignores them. memory (SSUL-M's
-    memory samples, spec §12.4 step 4): the classes of steps 0..step keep their channel, future classes
+    memory samples, SSUL datasets/voc.py::__init__): the classes of steps 0..step keep their channel, future classes
     become background 0, void stays 255.
     """
     order = channel_order(steps)

@@ -9,7 +9,7 @@ drawn half from the classes up to the first one and half from all classes, so im
 different incremental steps and the overlap and disjoint lists differ without either being empty. Image
 ``i`` depends only on ``(seed, split, i)``: a dataset is the same whatever the worker count.
 
-VOC folders also get SSUL's saliency maps, ``saliency_map/{id}.png`` (spec barm-ssul-kproba §12.2; 8-bit,
+VOC folders also get SSUL's saliency maps, ``saliency_map/{id}.png`` (SSUL datasets/voc.py::__getitem__; 8-bit,
 0 = not salient, 255 = salient) for the training and validation images: every labelled pixel (objects and
 their void border) is salient except for a random ``SALIENCY_MISS`` of them, and a random
 ``SALIENCY_FALSE`` of the background pixels is salient too. They come from a third random stream of the

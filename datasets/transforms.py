@@ -1,18 +1,19 @@
-"""Joint image/label transforms with the semantics of BARM's ``ext_transforms`` (spec barm-ssul-kproba §5.4),
-and MiB's training transform (methods spec §3.1).
+"""Joint image/label transforms with the semantics of BARM's ``ext_transforms`` (BARM utils/ext_transforms.py),
+and MiB's training transform (MiB dataset/transform.py).
 
 Every transform is called as ``transform(image, label, *extras)`` and returns ``(image, label, *extras)``:
-``extras`` are per-sample 8-bit maps (SSUL's saliency, spec barm-ssul-kproba §12.2) that are transformed
+``extras`` are per-sample 8-bit maps (SSUL's saliency, SSUL datasets/voc.py::__getitem__) that are transformed
 exactly like the label (nearest resize, the same crop, padding 0, the same flip). Without extras a transform
 returns ``(image, label)``; the extras never draw random numbers, so image and label are the same with or
 without them for the same state of Python's ``random``.
 
 BARM training: random scale 0.5-2.0 (image bilinear, label nearest) → pad to the crop size with 0 on both
-image and label (padded label pixels are background, not ignore: spec §10.7) → random crop → horizontal
-flip. MiB/PLOP/RCIL/DKD training (:func:`mib_train_transform`): RandomResizedCrop (torchvision's algorithm,
-scale 0.5-2.0, aspect 3/4-4/3) → horizontal flip. Evaluation: with ``crop_val``, resize the shorter side to
-the crop size then centre-crop (both families); otherwise the full image. All randomness comes from Python's
-``random`` module, as in the references.
+image and label (padded label pixels are background, not ignore, as in BARM
+utils/ext_transforms.py::ExtRandomCrop) → random crop → horizontal flip. MiB/PLOP/RCIL/DKD training
+(:func:`mib_train_transform`): RandomResizedCrop (torchvision's algorithm, scale 0.5-2.0, aspect 3/4-4/3) →
+horizontal flip. Evaluation: with ``crop_val``, resize the shorter side to the crop size then centre-crop
+(both families); otherwise the full image. All randomness comes from Python's ``random`` module, as in the
+references.
 
 The transforms end with uint8 tensors: the image (3, H, W), the label and every extra map (H, W). The training
 transforms can also be split (``--device_augment``): :meth:`Compose.plan` draws their random parameters from
@@ -33,7 +34,7 @@ MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 SCALE_RANGE = (0.5, 2.0)
 FLIP_PROBABILITY = 0.5
-# MiB-family RandomResizedCrop (methods spec §3.1)
+# MiB-family RandomResizedCrop (MiB dataset/transform.py)
 RESIZED_CROP_SCALE = (0.5, 2.0)  # crop area as a fraction of the image area
 RESIZED_CROP_RATIO = (3 / 4, 4 / 3)  # crop aspect (width / height), drawn log-uniformly
 RESIZED_CROP_ATTEMPTS = 10
@@ -174,7 +175,7 @@ class RandomHorizontalFlip:
 def resized_crop_box(width, height, scale=RESIZED_CROP_SCALE, ratio=RESIZED_CROP_RATIO,
                      attempts=RESIZED_CROP_ATTEMPTS):
     """``(top, left, h, w)`` of torchvision's RandomResizedCrop box in a ``width``×``height`` image, drawn
-    with Python's ``random`` (methods spec §3.1, MiB dataset/transform.py).
+    with Python's ``random`` (MiB dataset/transform.py).
 
     Up to ``attempts`` times: area ``A = W·H·U(scale)``, aspect ``r = exp(U(log ratio))``,
     ``w = round(√(A·r))``, ``h = round(√(A/r))``; the first box with ``0 < w <= W`` and ``0 < h <= H`` is
@@ -204,7 +205,7 @@ def resized_crop_box(width, height, scale=RESIZED_CROP_SCALE, ratio=RESIZED_CROP
 
 
 class RandomResizedCrop:
-    """MiB-family crop (methods spec §3.1): the box of :func:`resized_crop_box`, resized to ``size``×``size``
+    """MiB-family crop (MiB dataset/transform.py): the box of :func:`resized_crop_box`, resized to ``size``×``size``
     (image bilinear, label and extras nearest)."""
 
     def __init__(self, size, scale=RESIZED_CROP_SCALE, ratio=RESIZED_CROP_RATIO):
@@ -260,13 +261,14 @@ class ToUint8Tensor:
 
 
 def train_transform(crop_size):
-    """BARM/SSUL/KProBA training transform (spec barm-ssul-kproba §5.4)."""
+    """BARM/SSUL/KProBA training transform (BARM datasets/init_dataset.py::get_dataset)."""
     return Compose([RandomScale(), RandomCrop(crop_size), RandomHorizontalFlip(), ToUint8Tensor()])
 
 
 def mib_train_transform(size):
-    """MiB/PLOP/RCIL/DKD training transform (methods spec §3.1): RandomResizedCrop(size, scale 0.5-2.0,
-    aspect 3/4-4/3) → horizontal flip 0.5. Their evaluation transform is ``eval_transform(size, True)``."""
+    """MiB/PLOP/RCIL/DKD training transform (MiB run.py::get_dataset, DKD data_loader/custom_transforms.py):
+    RandomResizedCrop(size, scale 0.5-2.0, aspect 3/4-4/3) → horizontal flip 0.5. Their evaluation transform
+    is ``eval_transform(size, True)``."""
     return Compose([RandomResizedCrop(size), RandomHorizontalFlip(), ToUint8Tensor()])
 
 

@@ -1,4 +1,4 @@
-"""Pascal VOC 2012 with the SBD-augmented labels (spec barm-ssul-kproba §5.1, methods §3.1).
+"""Pascal VOC 2012 with the SBD-augmented labels (BARM datasets/voc.py, MiB dataset/voc.py::VOCSegmentationIncremental).
 
 ``data_root`` is the ``VOC2012`` folder itself::
 

@@ -166,7 +166,7 @@ class TrainData:
             return
         if method.memory_mode != "replace":
             raise ValueError(f"unknown memory_mode {method.memory_mode!r}")
-        # SSUL-M (spec §12.4): the list is repeated until it fills a batch on every process
+        # SSUL-M (SSUL datasets/voc.py::__init__): the list is repeated until it fills a batch on every process
         needed = self.args.batch_size * self.dist.world_size
         repeats = -(-needed // len(samples))
         memory = SeededDataset(ConcatDataset([self.memory] * repeats), 0)

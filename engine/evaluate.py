@@ -2,7 +2,7 @@
 
 The end-of-step test and ``--test`` both go through :func:`evaluate_state` (a fresh model built by the method
 and loaded with the step's weights), so they give the same numbers. Evaluation runs in fp32 without autocast
-(spec §7.2).
+(BARM trainer/trainer.py::Trainer.validate).
 """
 import contextlib
 

@@ -1,4 +1,4 @@
-"""Training of one incremental step (spec barm-ssul-kproba §4), method-agnostic.
+"""Training of one incremental step (BARM trainer/trainer.py::Trainer.train), method-agnostic.
 
 Set-up: the method builds the student (and the teacher at t > 0), freezes what it freezes, and gives the
 parameter groups; then either the method's before-step passes run (its results go into the method's state)
@@ -45,12 +45,12 @@ from utils.schedulers import build_scheduler
 
 log = logging.getLogger("ciss")
 
-MOMENTUM = 0.9  # SGD with Nesterov momentum, as every reference (spec §4.3)
+MOMENTUM = 0.9  # SGD with Nesterov momentum, as every reference (BARM trainer/trainer.py::Trainer.init_optimizer)
 MAX_CONSECUTIVE_NONFINITE = 20
 
 
 def seed_everything(seed):
-    """The reference re-seeds torch, numpy and Python at the start of every step (spec §1)."""
+    """The reference re-seeds torch, numpy and Python at the start of every step (BARM train.py::main)."""
     torch.manual_seed(seed)
     np.random.seed(seed)
     random.seed(seed)
@@ -81,8 +81,9 @@ def close_scaler_iteration(scaler):
 
 
 def build_optimizer(groups, lr, weight_decay):
-    """SGD with Nesterov momentum (every reference, spec §4.3), fused where this torch has a fused kernel for
-    the device (one kernel per step, and the scaler's skip decision stays on the device), else foreach."""
+    """SGD with Nesterov momentum (every reference, e.g. BARM trainer/trainer.py::Trainer.init_optimizer), fused
+    where this torch has a fused kernel for the device (one kernel per step, and the scaler's skip decision
+    stays on the device), else foreach."""
     try:
         return torch.optim.SGD(groups, lr=lr, momentum=MOMENTUM, nesterov=True, weight_decay=weight_decay, fused=True)
     except (RuntimeError, TypeError, ValueError):

@@ -1,17 +1,20 @@
-"""BARM: background adaptation with residual modelling (spec barm-ssul-kproba §2.3, §4).
+"""BARM: background adaptation with residual modelling (BARM network/_deeplab.py::DeepLabHeadBgA,
+trainer/trainer.py::Trainer.train_episode).
 
 * Model: ``deeplabv3bga`` (head_pre, one ear and one head with a background-residual channel per step).
 * New step: the new ear copies head_pre's conv weight and BN affine parameters but not its running
-  statistics, which stay at mean 0 / var 1 (spec §4.3, §10.3); the new head keeps its random init.
-* Step 0: two groups, backbone 0.001 and classifier 0.01 (``--lr`` is not used, spec §10.8).
-  Step t > 0: seven groups — new head and new ear at ``--lr``, ASPP 1e-3, old heads, old ears, head_pre
-  and backbone 1e-4 (spec §4.3).
+  statistics, which stay at mean 0 / var 1 (BARM trainer/trainer.py::Trainer.init_ckpt); the new head keeps
+  its random init.
+* Step 0: two groups, backbone 0.001 and classifier 0.01 (``--lr`` is not used, BARM
+  trainer/trainer.py::Trainer.init_optimizer). Step t > 0: seven groups — new head and new ear at ``--lr``,
+  ASPP 1e-3, old heads, old ears, head_pre and backbone 1e-4 (BARM trainer/trainer.py::Trainer.init_optimizer).
 * ``--bn_freeze`` at t > 0: every BN on running statistics with frozen affine parameters; ASPP dropout
-  stays active (spec §4.2, §10.4). Ignored at step 0, as in the reference.
+  stays active (BARM trainer/trainer.py::Trainer.init_models). Ignored at step 0, as in the reference.
 * Loss at t > 0 with ``--pseudo``: :func:`methods.losses.barm_loss` (PB-BCE on pseudo-labels + 5·L_tri +
   4·L_fd + 1·L_gkd + 1·L_ce); without ``--pseudo`` (or at step 0) the plain criterion on the labels —
-  ``--pseudo`` gates everything, as in the reference (spec §10.19).
-* Prediction: sigmoid (softmax for CE), then bilinear upsampling of the probabilities, then argmax (§7.2).
+  ``--pseudo`` gates everything, as in the reference (BARM trainer/trainer.py::Trainer.train_episode).
+* Prediction: sigmoid (softmax for CE), then bilinear upsampling of the probabilities, then argmax
+  (BARM trainer/trainer.py::Trainer.validate).
 """
 from dataclasses import dataclass
 
@@ -20,7 +23,7 @@ import torch
 from methods import losses
 from methods.base import Method, hyper, module_params
 
-# Learning rates hard-coded in BARM (spec §4.3, §10.8)
+# Learning rates hard-coded in BARM (BARM trainer/trainer.py::Trainer.init_optimizer)
 BARM_BACKBONE_LR0 = 0.001
 BARM_CLASSIFIER_LR0 = 0.01
 BARM_ASPP_LR = 1e-3

@@ -54,8 +54,8 @@ from network import build_model
 from network.abn import ABN
 from utils.checkpoint import strip_module_prefix
 
-# BARM's validation cadence (spec barm-ssul-kproba §4.7): after every epoch when an epoch has more than this
-# many iterations, else after every 5th epoch.
+# BARM's validation cadence (BARM trainer/trainer.py::Trainer.train): after every epoch when an epoch has more
+# than this many iterations, else after every 5th epoch.
 BARM_VALIDATION_ITERATIONS = 100
 BARM_VALIDATION_PERIOD = 5
 
@@ -138,7 +138,7 @@ def batchnorm_modules(model):
 
 
 def freeze_batchnorm_affine(model):
-    """Stop gradients to every BN weight and bias (BARM's ``freeze_bn``, spec §2.3)."""
+    """Stop gradients to every BN weight and bias (BARM network/utils.py::_SimpleSegmentationModel.freeze_bn)."""
     for module in batchnorm_modules(model):
         for parameter in (module.weight, module.bias):
             if parameter is not None:
@@ -173,7 +173,8 @@ class Method:
     test_split = "test"  # "test": the whole validation list (BARM/SSUL); "test_seen": images with a seen class
     memory_mode = "replace"  # "replace": part of every batch comes from the memory; "concat": joins the set
     memory_split = "memory"  # label split of memory samples (see datasets.incremental)
-    upsample_probabilities = True  # BARM/SSUL: activation, then upsample (spec §7.2); MiB: upsample logits
+    # BARM/SSUL: activation, then upsample (BARM trainer/trainer.py::Trainer.validate); MiB: upsample logits
+    upsample_probabilities = True
 
     def __init__(self, hyper=None, dataset="voc"):
         self.hp = hyper if hyper is not None else self.default_hyper(dataset)
@@ -252,7 +253,8 @@ class Method:
 
     # ---- data -----------------------------------------------------------------------------------------
     def label_policy(self, steps, step, split):
-        """The 256-entry table from raw label values to targets (default: BARM's, spec §5.3)."""
+        """The 256-entry table from raw label values to targets (default: BARM's,
+        BARM datasets/voc.py::gt_label_mapping)."""
         return barm_lut(steps, step, split)
 
     def train_transform(self, crop_size):
@@ -298,7 +300,8 @@ class Method:
     # ---- validation and checkpoint selection ----------------------------------------------------------
     def validation_due(self, iteration, iterations_per_epoch, total_iterations, val_interval):
         """Validate after ``iteration`` (1-based, counted over the step)? ``val_interval`` is ``--val_interval``
-        (epochs; None = the method's rule, 0 = never). Default: BARM's per-epoch rule (spec §4.7)."""
+        (epochs; None = the method's rule, 0 = never). Default: BARM's per-epoch rule
+        (BARM trainer/trainer.py::Trainer.train)."""
         if iteration % iterations_per_epoch:
             return False
         epoch = iteration // iterations_per_epoch  # epochs completed
@@ -308,15 +311,18 @@ class Method:
         return val_interval > 0 and epoch % val_interval == 0
 
     def validation_score(self, class_iou, ctx):
-        """Model-selection score from the validation split's per-class IoU (BARM, spec §4.7): mean IoU of
-        the step's new classes (at step 0: classes 0..n_0-1, background included)."""
+        """Model-selection score from the validation split's per-class IoU (BARM
+        trainer/trainer.py::Trainer.validate): mean IoU of the step's new classes (at step 0: classes 0..n_0-1,
+        background included)."""
         first = ctx.num_old if ctx.step > 0 else 0
         return float(np.mean([class_iou[c] for c in range(first, ctx.num_classes)]))
 
     def selects_best(self, ctx, select_best):
         """Whether step t's result (its ``final.pth``, test and successor) is its best-validated weights.
         ``select_best`` is ``--select_best`` (True), ``--select_last`` (False) or None (the method's
-        default). Default (BARM): only with ``--select_best`` and only at step 0 (spec §4.3)."""
+        default). Default (BARM): only with ``--select_best`` and only at step 0 (BARM
+        trainer/trainer.py::Trainer.init_ckpt loaded step 0's best file; ciss needs the flag:
+        docs/differences.md)."""
         return bool(select_best) and ctx.step == 0
 
     # ---- prediction and evaluation --------------------------------------------------------------------

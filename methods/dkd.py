@@ -1,6 +1,7 @@
-"""DKD and DKD-M: decomposed knowledge distillation, with an optional exemplar memory (methods spec §4.11,
-§4.12, §5, §6). This module holds DKD's loss terms, its prediction rule, its label policy, its reference
-hyper-parameters and the method class :class:`DKD` (``--method dkd``; ``--mem_size N`` makes it DKD-M).
+"""DKD and DKD-M: decomposed knowledge distillation, with an optional exemplar memory (DKD models/loss.py,
+train_voc.py, utils/memory.py::memory_sampling_balanced). This module holds DKD's loss terms, its prediction
+rule, its label policy, its reference hyper-parameters and the method class :class:`DKD` (``--method dkd``;
+``--mem_size N`` makes it DKD-M).
 
 DKD's model (:mod:`network.dkd`) has sigmoid outputs and no background channel: channel 0 is an auxiliary
 classifier, channel p ≥ 1 is the class at position p of the concatenated class order. Labels are channel
@@ -18,15 +19,16 @@ The method (:class:`DKD`):
 * model ``dkd`` (:func:`network.dkd.build_dkd_model`); at t > 0 the new classifier copies the auxiliary one
   (:func:`network.dkd.init_novel_classifier`, only when ``--w_ac`` > 0, as DKD); teacher = step t−1 model;
 * t > 0: every BN on running statistics with its affine parameters out of the optimizer, dropout off;
-* parameter groups (spec §5): backbone at ``--lr``, ASPP + ``last_conv`` and the classifiers at
+* parameter groups (DKD train_voc.py): backbone at ``--lr``, ASPP + ``last_conv`` and the classifiers at
   ``head_lr_factor`` × ``--lr``; step 0: ``--weight_decay`` everywhere; t > 0: weight decay 0 except on the new
   classifier; poly without a floor (ADE: a 20 % linear warm-up, not rounded, with ``--lr_policy warm_poly``);
-* labels (spec §3.3, :func:`dkd_lut`), prediction (:func:`dkd_predict`), evaluation on the images with a seen
-  class, classes without ground truth counted as 0, hIoU (spec §6);
-* DKD-M (spec §4.12): before step t ≥ 1 the memory is chosen from the step t−1 training images (classes of a
-  randomly augmented, masked crop; at t > 1 teacher pseudo-labels ≥ ``mem_pseudo_thresh`` on background first)
-  and the previous memory, with :class:`methods.memory.Memory` (SSUL-M's class-balanced selection); it joins the
-  training set with labels masked like the current data, and is kept in the method state and ``memory.json``.
+* labels (DKD data_loader/dataset.py, :func:`dkd_lut`), prediction (:func:`dkd_predict`), evaluation on the
+  images with a seen class, classes without ground truth counted as 0, hIoU (DKD utils/metric.py::Evaluator);
+* DKD-M (DKD utils/memory.py::memory_sampling_balanced): before step t ≥ 1 the memory is chosen from the
+  step t−1 training images (classes of a randomly augmented, masked crop; at t > 1 teacher pseudo-labels
+  ≥ ``mem_pseudo_thresh`` on background first) and the previous memory, with :class:`methods.memory.Memory`
+  (SSUL-M's class-balanced selection); it joins the training set with labels masked like the current data, and
+  is kept in the method state and ``memory.json``.
 """
 import logging
 from dataclasses import dataclass
@@ -47,29 +49,29 @@ log = logging.getLogger("ciss")
 
 IGNORE_INDEX = 255
 
-# Loss weights at step t ≥ 1 (methods spec §4.11, §5; DKD configs' ``hyperparameter``); step 0 uses mBCE + AC
+# Loss weights at step t ≥ 1 (DKD configs/config_{voc,ade}.json ``hyperparameter``); step 0 uses mBCE + AC
 W_MBCE = 1.0
 W_KD = 5.0
 W_DKD_POS = 5.0
 W_DKD_NEG = 5.0
 W_AC = 1.0
 
-# mBCE pos_weight (spec §4.11, §9 DKD 6): VOC 2 at step 0 (scripts' --pos_weight 2) and 1 after (config);
-# ADE 35 at every step (config, never overridden)
+# mBCE pos_weight (DKD scripts/voc/overlapped/*.sh, configs/config_{voc,ade}.json): VOC 2 at step 0 (scripts'
+# --pos_weight 2) and 1 after (config); ADE 35 at every step (config, never overridden)
 POS_WEIGHT_VOC_BASE = 2.0
 POS_WEIGHT_VOC_INCREMENTAL = 1.0
 POS_WEIGHT_ADE = 35.0
 POS_WEIGHTS = {"voc": (POS_WEIGHT_VOC_BASE, POS_WEIGHT_VOC_INCREMENTAL), "ade": (POS_WEIGHT_ADE, POS_WEIGHT_ADE)}
 
-# Optimisation (spec §5): SGD, Nesterov momentum 0.9; backbone lr (step 0, steps ≥ 1); ASPP + last_conv and
-# every classifier (aux included) at HEAD_LR_FACTOR × the backbone lr
+# Optimisation (DKD train_voc.py, configs/config_{voc,ade}.json): SGD, Nesterov momentum 0.9; backbone lr
+# (step 0, steps ≥ 1); ASPP + last_conv and every classifier (aux included) at HEAD_LR_FACTOR × the backbone lr
 BACKBONE_LR = {"voc": (1e-3, 1e-4), "ade": (2.5e-3, 2.5e-4)}
 HEAD_LR_FACTOR = 10.0
 MOMENTUM = 0.9
 NESTEROV = True
 # weight decay: step 0 WEIGHT_DECAY on every group; steps ≥ 1 only the new classifier keeps WEIGHT_DECAY,
 # backbone, ASPP and old classifiers (aux included) get INCREMENTAL_WEIGHT_DECAY; BN parameters are left out
-# of the optimizer at steps ≥ 1 (spec §4.11 BN policy)
+# of the optimizer at steps ≥ 1 (DKD train_voc.py, ``--freeze_bn``)
 WEIGHT_DECAY = 1e-4
 INCREMENTAL_WEIGHT_DECAY = 0.0
 EPOCHS = {"voc": 60, "ade": 100}
@@ -79,29 +81,32 @@ POLY_POWER = 0.9
 WARMUP_FRACTION = {"voc": 0.0, "ade": 0.2}
 WARMUP_START_FACTOR = 0.001
 
-# DKD-M (spec §4.12): memory images in total (not per class); teacher pseudo-labels of background pixels when
-# labelling memory candidates (t > 1): sigmoid max ≥ threshold
+# DKD-M (DKD utils/memory.py::memory_sampling_balanced): memory images in total (not per class); teacher
+# pseudo-labels of background pixels when labelling memory candidates (t > 1): sigmoid max ≥ threshold
 MEMORY_SIZE = {"voc": 100, "ade": 300}
 MEMORY_PSEUDO_THRESHOLD = 0.9
 
-# Inference (spec §4.11): a pixel is background unless some non-aux sigmoid exceeds this
+# Inference (DKD trainer/trainer_voc.py::_test): a pixel is background unless some non-aux sigmoid exceeds this
 PREDICTION_THRESHOLD = 0.5
 
-# Labels (spec §3.3 DKD rows, configs' ``masking_value``): at training, classes other than the step's become
-# background; at validation and test the classes DKD leaves out become background on VOC, void on ADE
+# Labels (DKD data_loader/dataset.py::*Incremental.transform_target_masking, configs' ``masking_value``): at
+# training, classes other than the step's become background; at validation and test the classes DKD leaves out
+# become background on VOC, void on ADE
 BACKGROUND = 0
 TRAIN_MASKING_VALUE = BACKGROUND
 EVAL_MASKING_VALUE = {"voc": BACKGROUND, "ade": IGNORE}
 
 
 def default_pos_weight(dataset, step):
-    """The reference mBCE pos_weight for ``dataset`` ("voc" or "ade") at ``step`` (spec §4.11, §9 DKD 6)."""
+    """The reference mBCE pos_weight for ``dataset`` ("voc" or "ade") at ``step`` (DKD configs/config_{voc,ade}.json;
+    VOC's step 0: scripts/voc/overlapped/*.sh)."""
     base, incremental = POS_WEIGHTS[dataset]
     return base if step == 0 else incremental
 
 
 def backbone_lr(dataset, step):
-    """The reference backbone learning rate for ``dataset`` at ``step``; heads use ``HEAD_LR_FACTOR`` × it (§5)."""
+    """The reference backbone learning rate for ``dataset`` at ``step``; heads use ``HEAD_LR_FACTOR`` × it
+    (DKD scripts/{voc,ade}/overlapped/*.sh, configs/config_{voc,ade}.json)."""
     base, incremental = BACKBONE_LR[dataset]
     return base if step == 0 else incremental
 
@@ -117,7 +122,7 @@ def _class_sum_of_means(loss):
 
 
 def mbce_loss(new_logits_up, labels, new_class_ids, pos_weight):
-    """DKD's weighted BCE on the current classes (methods spec §4.11 mBCE, ``WBCELoss``).
+    """DKD's weighted BCE on the current classes (DKD models/loss.py::WBCELoss).
 
     Args:
         new_logits_up: (B, N, H, W) logits of the current step's classifier (model channels K_old..K_t−1),
@@ -128,7 +133,7 @@ def mbce_loss(new_logits_up, labels, new_class_ids, pos_weight):
         pos_weight: w, a number or a tensor of N per-class values.
 
     With y_c = 1[label = new_class_ids[c]] — background, old-class, void (255) and any other pixels are
-    negatives for every current class (spec §4.11, §9 DKD 1: void is never masked out)::
+    negatives for every current class (DKD models/loss.py::WBCELoss: void is never masked out)::
 
         BCE_w(x, y) = −[w·y·log σ(x) + (1 − y)·log(1 − σ(x))]
         L_mbce = Σ_c mean_{B,H,W} BCE_w(z_c, y_c)
@@ -154,7 +159,7 @@ def _sigmoid_distillation(student, teacher):
 
 
 def kd_loss(old_logits_up_student, old_logits_up_teacher):
-    """DKD's KD on the old classes (methods spec §4.11)::
+    """DKD's KD on the old classes (DKD models/loss.py)::
 
         L_kd = Σ_{c old} mean_{B,H,W} BCE(z_c, σ(z^old_c))
              = Σ_c mean −[σ(z^old_c)·log σ(z_c) + (1 − σ(z^old_c))·log(1 − σ(z_c))]
@@ -167,7 +172,7 @@ def kd_loss(old_logits_up_student, old_logits_up_teacher):
 
 
 def dkd_loss(parts, parts_old):
-    """DKD's decomposed KD on one sign (methods spec §4.11): L_dkd± = Σ_{c old} mean_{B,h,w} BCE(P_c, σ(P^old_c)).
+    """DKD's decomposed KD on one sign (DKD models/loss.py): L_dkd± = Σ_{c old} mean_{B,h,w} BCE(P_c, σ(P^old_c)).
 
     Args: ``parts`` = the student's ``pos_logits`` (or ``neg_logits``) of the old classes, i.e. its first
     K_old − 1 part channels; ``parts_old`` = the teacher's (all its part channels); each (B, K_old − 1, h, w)
@@ -179,7 +184,7 @@ def dkd_loss(parts, parts_old):
 
 
 def ac_loss(aux_logits_up):
-    """DKD's auxiliary-classifier loss (methods spec §4.11): L_ac = mean_{B,H,W} BCE(z_aux, 0)
+    """DKD's auxiliary-classifier loss (DKD models/loss.py): L_ac = mean_{B,H,W} BCE(z_aux, 0)
     = mean −log(1 − σ(z_aux)); ``aux_logits_up`` is channel 0, (B, 1, H, W). Returns a float32 scalar."""
     logits = aux_logits_up.float()
     return _class_sum_of_means(F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits), reduction="none"))
@@ -187,7 +192,7 @@ def ac_loss(aux_logits_up):
 
 def dkd_loss_terms(logits, features, labels, num_old, logits_old=None, features_old=None, pos_weight=1.0,
                    w_mbce=W_MBCE, w_kd=W_KD, w_dkd_pos=W_DKD_POS, w_dkd_neg=W_DKD_NEG, w_ac=W_AC):
-    """DKD's training loss as named terms (methods spec §4.11).
+    """DKD's training loss as named terms (DKD models/loss.py, trainer/trainer_voc.py).
 
     Args:
         logits: (B, K_t, h, w) student logits at feature resolution (channel 0 = aux).
@@ -232,7 +237,7 @@ def dkd_loss_terms(logits, features, labels, num_old, logits_old=None, features_
 
 
 def dkd_predict(logits, size=None, threshold=PREDICTION_THRESHOLD):
-    """DKD's prediction rule (methods spec §4.11, trainer ``_test``): labels as channel positions.
+    """DKD's prediction rule (DKD trainer/trainer_voc.py::_test): labels as channel positions.
 
     ``logits`` (B, K, h, w) are upsampled to ``size`` (bilinear, align_corners=False; None keeps h × w) —
     the logits, not the probabilities, as DKD's model upsamples its output — then, in float32, s = σ(z)::
@@ -253,15 +258,15 @@ def dkd_predict(logits, size=None, threshold=PREDICTION_THRESHOLD):
     return torch.where((scores > threshold).any(dim=1), pred, torch.zeros_like(pred))
 
 
-# ---- labels (methods spec §3.3) --------------------------------------------------------------------------
+# ---- labels (DKD data_loader/dataset.py) ------------------------------------------------------------------
 
 def dkd_lut(steps, step, split, dataset):
-    """DKD's label table (methods spec §3.3 DKD rows; ``transform_target_masking`` with the configs'
+    """DKD's label table (DKD data_loader/dataset.py::*Incremental.transform_target_masking with the configs'
     ``masking_value``): a 256-entry uint8 table from raw label values to channel positions.
 
-    * train (and memory: DKD-M's memory labels are masked like the current data, spec §4.12): the step's classes
-      → their channel; background, old and future classes → 0; void 255 stays 255 (it is a negative in the
-      mBCE, never ignored: spec §9 DKD 1);
+    * train (and memory: DKD-M's memory labels are masked like the current data, DKD
+      data_loader/data_loaders.py::get_memory): the step's classes → their channel; background, old and future
+      classes → 0; void 255 stays 255 (it is a negative in the mBCE, never ignored: DKD models/loss.py::WBCELoss);
     * val: the step's classes → their channel, background → 0, old and future classes → 0 on VOC, 255 on ADE;
     * test: every seen class (steps 0..t) → its channel, background → 0 (ADE 0 is scored), future classes → 0
       on VOC, 255 on ADE.
@@ -284,10 +289,10 @@ def dkd_lut(steps, step, split, dataset):
     return lut
 
 
-# ---- DKD-M memory candidates (methods spec §4.12) ------------------------------------------------------------
+# ---- DKD-M memory candidates (DKD utils/memory.py::memory_sampling_balanced) --------------------------------
 
 def dkd_memory_pseudo_labels(logits, labels, threshold=MEMORY_PSEUDO_THRESHOLD):
-    """DKD-M's pseudo-labels of a memory candidate at t > 1 (methods spec §4.12, ``memory_sampling_balanced``).
+    """DKD-M's pseudo-labels of a memory candidate at t > 1 (DKD utils/memory.py::memory_sampling_balanced).
 
     ``logits`` (B, K, h, w): the step t−1 model's logits at feature resolution (channel 0 = aux); ``labels``
     (B, H, W): the masked step t−1 labels of the same crops. The logits are upsampled to H × W (as DKD's model
@@ -304,7 +309,7 @@ def dkd_memory_pseudo_labels(logits, labels, threshold=MEMORY_PSEUDO_THRESHOLD):
     return torch.where(relabel, predicted + 1, labels.long())
 
 
-# ---- the method (methods spec §4.11, §4.12, §5, §6) ------------------------------------------------------------
+# ---- the method (DKD train_voc.py, trainer/trainer_voc.py) ------------------------------------------------
 
 @dataclass
 class DKDHyper:
@@ -332,15 +337,15 @@ def memory_key(step):
 
 
 class DKD(Method):
-    """DKD / DKD-M (methods spec §4.11, §4.12; see the module docstring)."""
+    """DKD / DKD-M (DKD train_voc.py, utils/memory.py::memory_sampling_balanced; see the module docstring)."""
 
     name = "dkd"
     Hyper = DKDHyper
     model_family = "dkd"
     compatible_families = ("dkd",)
-    test_split = "test_seen"  # validation images containing a seen class (spec §3.2)
-    memory_mode = "concat"  # DKD-M: ConcatDataset(current, memory) (spec §4.12)
-    memory_split = "train"  # memory labels masked like the current data (spec §4.12)
+    test_split = "test_seen"  # validation images containing a seen class (DKD data_loader/dataset.py)
+    memory_mode = "concat"  # DKD-M: ConcatDataset(current, memory) (DKD data_loader/data_loaders.py::get_memory)
+    memory_split = "train"  # memory labels masked like the current data (DKD data_loader/data_loaders.py::get_memory)
     upsample_probabilities = False  # predict() is DKD's own rule
 
     def __init__(self, hyper=None, dataset="voc"):
@@ -356,8 +361,9 @@ class DKD(Method):
 
     # ---- model ----------------------------------------------------------------------------------------
     def prepare_student(self, model, previous, ctx):
-        """New classifier ← auxiliary classifier (spec §4.11), only when ``w_ac`` > 0 as in DKD's train scripts."""
-        if self.hp.w_ac > 0:  # quirk (spec §4.11: ``hyperparameter.ac > 0``): otherwise PyTorch's default init
+        """New classifier ← auxiliary classifier (DKD train_voc.py calls ``init_novel_classifier``), only when
+        ``w_ac`` > 0 as in DKD's train scripts."""
+        if self.hp.w_ac > 0:  # quirk (DKD train_voc.py: ``hyperparameter.ac > 0``): otherwise PyTorch's default init
             init_novel_classifier(model)
 
     def bn_frozen(self, ctx):
@@ -373,7 +379,7 @@ class DKD(Method):
                     module.eval()
 
     def param_groups(self, model, ctx, lr):
-        """DKD's groups (spec §5, ``train_voc.py``): backbone at ``lr``; ASPP with ``last_conv`` and the
+        """DKD's groups (DKD train_voc.py): backbone at ``lr``; ASPP with ``last_conv`` and the
         classifiers (aux included) at ``head_lr_factor`` · lr. Step 0: three groups, every one with the trainer's
         ``--weight_decay``. t > 0: backbone, ASPP and the old classifiers (aux included) with weight decay 0, the
         new classifier with ``--weight_decay``. Frozen parameters (BN at t > 0) are left out."""
@@ -395,7 +401,7 @@ class DKD(Method):
 
     def schedule_options(self, ctx):
         """DKD's PolyLR has no floor; on ADE its ``WarmupPolyLR`` warms up over 0.2·I iterations, not rounded
-        (spec §5), with ``--lr_policy warm_poly``."""
+        (DKD utils/lr_scheduler.py), with ``--lr_policy warm_poly``."""
         options = {"min_lr": 0.0}
         if WARMUP_FRACTION[self.dataset] > 0:
             options.update(warmup=WARMUP_FRACTION[self.dataset], round_warmup=False)
@@ -416,11 +422,12 @@ class DKD(Method):
         return dkd_lut(steps, step, split, self.dataset)
 
     def train_transform(self, crop_size):
-        """RandomResizedCrop(crop, scale 0.5-2, ratio 3/4-4/3) + flip, as MiB's (spec §3.1)."""
+        """RandomResizedCrop(crop, scale 0.5-2, ratio 3/4-4/3) + flip, as MiB's
+        (DKD data_loader/dataset.py::transform_tr)."""
         return mib_train_transform(crop_size)
 
     def eval_transform(self, crop_size, crop_val):
-        """Resize + centre crop with ``crop_val`` (DKD's ``transform_val`` for val and test, spec §3.1)."""
+        """Resize + centre crop with ``crop_val`` (DKD data_loader/dataset.py::transform_val, for val and test)."""
         return eval_transform(crop_size, crop_val)
 
     def memory_ids(self):
@@ -430,14 +437,14 @@ class DKD(Method):
         return list(self.memories.get(memory_key(self.step), {}).get("memory_list", []))
 
     def before_step(self, model, teacher, data, ctx):
-        """DKD-M's memory selection before step t ≥ 1 (spec §4.12).
+        """DKD-M's memory selection before step t ≥ 1 (DKD utils/memory.py::memory_sampling_balanced).
 
         Candidates: the previous memory's records (t > 1), then one record per image of step t−1's training
         list, with the classes of its masked step t−1 label on a randomly augmented crop (the training
         transform); at t > 1 background pixels first take the teacher's class where its sigmoid reaches
         ``mem_pseudo_thresh`` (:func:`dkd_memory_pseudo_labels`). Selection: :meth:`methods.memory.Memory.select`
-        over the old classes 1..K_old−1 with the step's seed (stops early when the candidates run out). Every
-        process computes it; rank 0's result is used."""
+        over the old classes 1..K_old−1 with the step's seed (stops early when the candidates run out, where DKD
+        loops forever: docs/differences.md). Every process computes it; rank 0's result is used."""
         self.step = ctx.step
         if ctx.step == 0 or not self.hp.mem_size:
             return
@@ -481,7 +488,8 @@ class DKD(Method):
         return (iteration // iterations_per_epoch) % val_interval == 0
 
     def selects_best(self, ctx, select_best):
-        """The last-epoch weights, as DKD (spec §5); the best-validated ones only with ``--select_best``."""
+        """The last-epoch weights, as DKD (DKD train_voc.py: ``checkpoint-epoch{epochs}``); the best-validated ones
+        only with ``--select_best``."""
         return bool(select_best)
 
     # ---- prediction and evaluation --------------------------------------------------------------------
@@ -490,8 +498,9 @@ class DKD(Method):
         return dkd_predict(logits, size)
 
     def eval_convention(self):
-        """DKD's Evaluator (spec §6): background counted in "old", every seen class averaged (a class without
-        ground truth counts as 0), hIoU reported; future classes background on VOC, ignored on ADE; ADE 0 scored."""
+        """DKD's Evaluator (DKD utils/metric.py::Evaluator): background counted in "old", every seen class
+        averaged (a class without ground truth counts as 0), hIoU reported; future classes background on VOC,
+        ignored on ADE; ADE 0 scored."""
         convention = {"background_in_old": True, "exclude_absent": False,
                       "future_classes": "background" if EVAL_MASKING_VALUE[self.dataset] == BACKGROUND else "ignored"}
         if self.dataset == "ade":

@@ -1,4 +1,4 @@
-"""FT: fine-tuning under MiB's protocol, the lower bound (methods spec §4.1).
+"""FT: fine-tuning under MiB's protocol, the lower bound (MiB argparser.py, train.py::Trainer.train).
 
 Every step trains all parameters of MiB's network with the softmax cross-entropy over all K_t channels,
 averaged over all pixels (ignored ones counted, :func:`methods.losses.ce_all_pixels`), one parameter group
@@ -14,7 +14,7 @@ from methods.mib import MiBFamily, protocol_field
 
 @dataclass
 class FineTuneHyper:
-    protocol: str = protocol_field()  # FT has no loss weight: CE only (methods spec §4.1, §5)
+    protocol: str = protocol_field()  # FT has no loss weight: CE only (MiB argparser.py)
 
 
 class FineTune(MiBFamily):

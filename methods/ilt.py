@@ -1,4 +1,4 @@
-"""ILT under MiB's protocol (methods spec §4.4).
+"""ILT under MiB's protocol (MiB utils/loss.py::KnowledgeDistillationLoss, train.py::Trainer).
 
 Step 0: plain CE over all pixels. At t > 0::
 
@@ -24,7 +24,8 @@ class ILTHyper(LwFHyper):
 
 
 class ILT(LwF):
-    """ILT (methods spec §4.4): LwF's CE + ``loss_kd`` · KD, plus ``loss_de`` · MSE(mod5)."""
+    """ILT (MiB utils/loss.py::KnowledgeDistillationLoss, train.py::Trainer): LwF's CE + ``loss_kd`` · KD,
+    plus ``loss_de`` · MSE(mod5)."""
 
     name = "ilt"
     Hyper = ILTHyper

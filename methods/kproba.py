@@ -1,19 +1,21 @@
-"""KProBA: BARM with kernel-prototype pseudo-labels (spec barm-ssul-kproba §11).
+"""KProBA: BARM with kernel-prototype pseudo-labels (KProBA trainer/trainer.py, KLDA.py).
 
 Everything is BARM's (model, losses, data, evaluation) except the pseudo-label rule at t > 0:
 
-* prototypes (§11.1, §11.2): before each step, one pass over the training set maps the layer-4 features
-  (``back_out``) of every pixel of the updated classes through three random-Fourier-feature maps (seeds 42,
-  43, 44; D = 5000; σ = 1e−4) and keeps per member a running class mean; the prototype of a class is the mean
-  over the members, blended with the stored one with momentum 0.9 (:class:`PrototypeAccumulator`);
-* pseudo-labels (§11.3): ground-truth background pixels get ``argmax_c κ_c · softmax(O')_c`` over the old
-  classes, κ from the distance of the *student's* features (member 0's map) to the prototypes
-  (:func:`kproba_pseudo_labels`); no threshold.
+* prototypes (KProBA KLDA.py::KLDA, trainer/trainer.py::Trainer.compute_class_feature_averages): before each step,
+  one pass over the training set maps the layer-4 features (``back_out``) of every pixel of the updated classes
+  through three random-Fourier-feature maps (seeds 42, 43, 44; D = 5000; σ = 1e−4) and keeps per member a
+  running class mean; the prototype of a class is the mean over the members, blended with the stored one with
+  momentum 0.9 (:class:`PrototypeAccumulator`);
+* pseudo-labels (KProBA trainer/trainer.py::generate_pseudo_labels): ground-truth background pixels get
+  ``argmax_c κ_c · softmax(O')_c`` over the old classes, κ from the distance of the *student's* features
+  (member 0's map) to the prototypes (:func:`kproba_pseudo_labels`); no threshold.
 
-Deliberate differences from the reference (issue 9 item 3): the scatter matrices and their pseudo-inverses
-(never used by KProBA) are left out; Ω and b are drawn from a dedicated ``torch.Generator`` seeded with the
-member's seed instead of reseeding the global RNG (the values are the same, the global RNG is left alone, so
-later draws follow ``--random_seed``); the random-feature maps and distances run in float32 even under AMP.
+Deliberate differences from the reference (KProBA KLDA.py::KLDA; docs/differences.md): the scatter matrices and
+their pseudo-inverses (never used by KProBA) are left out; Ω and b are drawn from a dedicated ``torch.Generator``
+seeded with the member's seed instead of reseeding the global RNG (the values are the same, the global RNG is
+left alone, so later draws follow ``--random_seed``); the random-feature maps and distances run in float32 even
+under AMP.
 
 The numerics are plain functions and small classes; :class:`KProBA` (a :class:`methods.barm.BARM`) assembles
 them as a method of the trainer. Prototypes are keyed by channel position (the class id in the natural orders),
@@ -30,27 +32,31 @@ from methods.barm import BARM, BarmHyper
 
 log = logging.getLogger("ciss")
 
-KPROBA_RFF_DIM = 5000  # D (§11.2)
-KPROBA_SIGMA = 1e-4  # kernel bandwidth σ: Ω ~ N(0, std = √(2σ)) (§11.1)
-KPROBA_SEEDS = (42, 43, 44)  # ensemble seeds: seed 42 + member index (§11.2)
-KPROBA_MOMENTUM = 0.9  # prototype momentum (§11.2)
-KPROBA_TAU = 1.0  # temperature τ of the similarity weights (§11.3)
-KPROBA_KAPPA_EPS = 1e-8  # denominator ε of κ, the reference's (§11.3)
+# settings of KProBA trainer/trainer.py::Trainer.compute_class_feature_averages and KLDA.py::KLDA_E
+KPROBA_RFF_DIM = 5000  # D
+KPROBA_SIGMA = 1e-4  # kernel bandwidth σ: Ω ~ N(0, std = √(2σ)) (KProBA KLDA.py::KLDA)
+KPROBA_SEEDS = (42, 43, 44)  # ensemble seeds: seed 42 + member index (KProBA KLDA.py::KLDA_E)
+KPROBA_MOMENTUM = 0.9  # prototype momentum
+# similarity weights (KProBA trainer/trainer.py::compute_similarity_weights)
+KPROBA_TAU = 1.0  # temperature τ of the similarity weights
+KPROBA_KAPPA_EPS = 1e-8  # denominator ε of κ, the reference's
 
 
 def _float32_matmul(x, omega):
-    """``x @ Ω`` in float32, with autocast off (the reference ran it in fp16 under AMP: a deviation, §11.3)."""
+    """``x @ Ω`` in float32, with autocast off (KProBA trainer/trainer.py::compute_similarity_weights ran it in
+    fp16 under AMP: a deviation, docs/differences.md)."""
     with torch.autocast(device_type=x.device.type, enabled=False):
         return x.float() @ omega
 
 
 class RandomFourierFeatures:
-    """Random Fourier features of an RBF kernel: one KLDA member's (Ω, b) (spec §11.1).
+    """Random Fourier features of an RBF kernel: one KLDA member's (Ω, b) (KProBA KLDA.py::KLDA).
 
     ``Ω ~ N(0, std = √(2σ))`` of shape (d, D), then ``b ~ U[0, 2π)`` of shape (D,), drawn on the CPU in that
     order from a ``torch.Generator`` seeded with ``seed``; the same values as the reference's
     ``torch.manual_seed(seed)`` followed by its two draws, without touching the global RNG (a deliberate
-    difference). ``φ(x) = √(2/D) · cos(xΩ + b)`` for x of shape (..., d), returning (..., D) in float32.
+    difference: docs/differences.md). ``φ(x) = √(2/D) · cos(xΩ + b)`` for x of shape (..., d), returning
+    (..., D) in float32.
     """
 
     def __init__(self, d, D=KPROBA_RFF_DIM, sigma=KPROBA_SIGMA, seed=KPROBA_SEEDS[0]):
@@ -74,7 +80,8 @@ class RandomFourierFeatures:
 
 
 class PrototypeAccumulator:
-    """KProBA's class prototypes in random-feature space (spec §11.1 ``batch_update``, §11.2).
+    """KProBA's class prototypes in random-feature space (KProBA KLDA.py::KLDA.batch_update,
+    trainer/trainer.py::Trainer.compute_class_feature_averages).
 
     ``classes``: the classes U updated this step (t = 0: 0 … n_0 − 1; t > 0: the new classes and 0); ``d``: the
     feature channels (2048 for ``back_out``); one :class:`RandomFourierFeatures` member per seed. Per member m
@@ -84,7 +91,7 @@ class PrototypeAccumulator:
 
     (X: the n feature rows of class y in one batch; unseen classes keep μ = 0). :meth:`finalize` averages the
     members and blends with the stored prototypes. Call it under ``torch.no_grad()``, without autocast, with the
-    model as the reference had it (train mode, §11.2).
+    model as the reference had it (train mode, KProBA trainer/trainer.py::Trainer.compute_class_feature_averages).
     """
 
     def __init__(self, classes, d, D=KPROBA_RFF_DIM, sigma=KPROBA_SIGMA, seeds=KPROBA_SEEDS):
@@ -106,7 +113,7 @@ class PrototypeAccumulator:
 
     @torch.no_grad()
     def update(self, features, labels):
-        """Add one batch (spec §11.2 "feature collection").
+        """Add one batch (the feature collection of KProBA trainer/trainer.py::Trainer.compute_class_feature_averages).
 
         ``features``: (B, d, h, w) ``back_out``; ``labels``: (B, H, W) ciss label positions, nearest-resized here
         to h×w as the reference (``F.interpolate(mode="nearest")``; identity when already h×w). For each class c
@@ -132,7 +139,8 @@ class PrototypeAccumulator:
                 means[c] = (means[c] * previous + batch_mean * n) / self.counts[c]
 
     def finalize(self, previous=None, momentum=KPROBA_MOMENTUM):
-        """The prototypes after this step (spec §11.2 "finalise"): a dict {class: tensor (D,)}.
+        """The prototypes after this step (the end of KProBA
+        trainer/trainer.py::Trainer.compute_class_feature_averages): a dict {class: tensor (D,)}.
 
         For c in ``classes``: ``μ̄_c = mean over members of μ_c`` (members live in different random feature
         spaces, yet are averaged: reproduced), then::
@@ -141,8 +149,8 @@ class PrototypeAccumulator:
             proto_c = μ̄_c                                            otherwise
 
         Classes of ``previous`` not in ``classes`` are kept unchanged. A class of ``classes`` that had no pixel
-        has μ̄_c = 0 (the reference's zero default, §11.1: reproduced). Tensors are on the accumulator's device;
-        ``previous`` may be on any device. ``previous`` is not modified.
+        has μ̄_c = 0 (the reference's zero default, KProBA KLDA.py::KLDA: reproduced). Tensors are on the
+        accumulator's device; ``previous`` may be on any device. ``previous`` is not modified.
         """
         result = {int(c): p.to(self.device) for c, p in (previous or {}).items()}
         for c in self.classes:
@@ -192,7 +200,8 @@ def prototypes_state(prototypes):
 
 
 def similarity_weights(features, prototypes, rff, n_old, tau=KPROBA_TAU):
-    """KProBA's similarity weights κ (spec §11.3 step 1): (B, n_old, h, w) from features (B, d, h, w).
+    """KProBA's similarity weights κ (KProBA trainer/trainer.py::compute_similarity_weights): (B, n_old, h, w)
+    from features (B, d, h, w).
 
     ``rff``: ensemble member 0's :class:`RandomFourierFeatures`; ``prototypes``: {class: tensor (D,)}. For every
     stored class c < n_old (others, and old classes without a prototype, get w_c = 0)::
@@ -213,7 +222,7 @@ def similarity_weights(features, prototypes, rff, n_old, tau=KPROBA_TAU):
 
 @torch.no_grad()
 def kproba_pseudo_labels(features, prototypes, rff, old_logits, labels, n_old, tau=KPROBA_TAU):
-    """KProBA's pseudo-labels (spec §11.3), at label resolution (B, H, W).
+    """KProBA's pseudo-labels (KProBA trainer/trainer.py::generate_pseudo_labels), at label resolution (B, H, W).
 
     ``features``: the **student's** ``back_out`` (B, d, h, w); ``prototypes``: {class: (D,)}; ``rff``: member 0's
     :class:`RandomFourierFeatures`; ``old_logits``: the teacher's logits (B, n_old, h', w') at any resolution;
@@ -240,7 +249,8 @@ def kproba_pseudo_labels(features, prototypes, rff, old_logits, labels, n_old, t
 
 
 def prototype_classes(classes_per_step, step):
-    """The classes U whose prototypes step ``step`` updates (spec §11.2), as channel positions.
+    """The classes U whose prototypes step ``step`` updates (KProBA
+    trainer/trainer.py::Trainer.compute_class_feature_averages), as channel positions.
 
     ``classes_per_step``: class counts of steps 0..t (step 0 with the background). Step 0: ``0 … n_0 − 1``;
     t > 0: the background 0 and the new classes ``C_{t−1} … C_t − 1``. (The reference wrote the step's class
@@ -257,7 +267,8 @@ def prototype_classes(classes_per_step, step):
 # The method
 # ======================================================================================================
 
-#: BARM's hyper-parameters that KProBA does not read: its pseudo-label rule has no threshold (spec §11.3).
+#: BARM's hyper-parameters that KProBA does not read: its pseudo-label rule has no threshold (KProBA
+#: trainer/trainer.py::generate_pseudo_labels).
 KPROBA_UNUSED_HYPER = ("pseudo_thresh",)
 
 KProbaHyper = dataclasses.make_dataclass(
@@ -265,11 +276,12 @@ KProbaHyper = dataclasses.make_dataclass(
     [(f.name, f.type, dataclasses.field(default=f.default, metadata=f.metadata))
      for f in dataclasses.fields(BarmHyper) if f.name not in KPROBA_UNUSED_HYPER])
 KProbaHyper.__module__ = __name__
-KProbaHyper.__doc__ = "BARM's hyper-parameters without --pseudo_thresh (dead in KProBA, spec §1, §11.3)."
+KProbaHyper.__doc__ = ("BARM's hyper-parameters without --pseudo_thresh (BARM utils/parser.py::get_argparser;"
+                       " dead in KProBA trainer/trainer.py::generate_pseudo_labels).")
 
 
 class KProBA(BARM):
-    """KProBA (spec §11): BARM with kernel-prototype pseudo-labels.
+    """KProBA (KProBA trainer/trainer.py, KLDA.py): BARM with kernel-prototype pseudo-labels.
 
     Before every step, one pass over the step's training batches (:meth:`before_step`) updates the prototypes
     of :func:`prototype_classes` with the student as the reference had it: train mode (BN on batch statistics,
@@ -289,21 +301,26 @@ class KProBA(BARM):
 
     # ---- before the step: the prototypes ----------------------------------------------------------------
     def before_step(self, model, teacher, data, ctx):
-        """Prototype pass (spec §11.2) over ``data.train_batches()`` with ``model`` in the mode the trainer set
-        (train mode, BN per ``--bn_freeze``); multi-process: the means over every process's pixels."""
+        """Prototype pass (KProBA trainer/trainer.py::Trainer.compute_class_feature_averages) over
+        ``data.train_batches()`` with ``model`` in the mode the trainer set (train mode, BN per ``--bn_freeze``);
+        multi-process: the means over every process's pixels (docs/differences.md)."""
         classes = prototype_classes(ctx.classes_per_step, ctx.step)
         accumulator = None
-        with torch.no_grad():  # fp32: no autocast (spec §11.2)
+        # fp32: no autocast (KProBA trainer/trainer.py::Trainer.compute_class_feature_averages)
+        with torch.no_grad():
             for index, batch in enumerate(data.train_batches()):
                 if index == 0:
-                    # quirk (spec §11.2): the reference's one-batch probe of the feature width is a forward in
-                    # train mode too, so at step 0 it moves the BN running statistics once more
+                    # quirk (KProBA trainer/trainer.py::Trainer.compute_class_feature_averages): the
+                    # reference's one-batch probe of the feature width is a forward in train mode too, so at
+                    # step 0 it moves the BN running statistics once more
                     model(batch.images)
                 back_out = model(batch.images)[1]["back_out"]
                 if accumulator is None:
                     accumulator = PrototypeAccumulator(classes, back_out.shape[1]).to(back_out.device)
                 accumulator.update(back_out, batch.labels)
-        if data.dist.distributed:  # deviation: the reference kept each rank's own statistics (spec §11.2)
+        # deviation (docs/differences.md): the reference kept each rank's own statistics (KProBA
+        # trainer/trainer.py::Trainer.compute_class_feature_averages)
+        if data.dist.distributed:
             accumulator.all_reduce(data.all_reduce)
         self.prototypes = prototypes_state(accumulator.finalize(self.previous_prototypes))
         self._device_prototypes = None
@@ -323,7 +340,8 @@ class KProBA(BARM):
         return self._device_prototypes[1]
 
     def pseudo_labels(self, back_out, old_logits, labels, ctx):
-        """:func:`kproba_pseudo_labels` with the stored prototypes and member 0's map (spec §11.3)."""
+        """:func:`kproba_pseudo_labels` with the stored prototypes and member 0's map (KProBA
+        trainer/trainer.py::generate_pseudo_labels)."""
         device = back_out.device
         return kproba_pseudo_labels(back_out, self._prototypes_on(device), self._feature_map(back_out.shape[1], device),
                                     old_logits, labels, ctx.num_old)

@@ -1,30 +1,32 @@
 """Loss terms of the reference implementations, as plain functions of tensors (no hidden state).
 
 Shapes: logits ``(B, C, H, W)``; labels ``(B, H, W)`` integer class indices with 255 = ignore. Every
-function computes in float32 whatever the input dtype (AMP-safe). Spec references are to
-``barm-ssul-kproba.md``, except in the "MiB family" section, which cites ``methods-mib-plop-rcil-dkd.md``
-as "methods spec".
+function computes in float32 whatever the input dtype (AMP-safe). Citations name the reference repository,
+file and function (``REPO path/file.py::Function``).
 """
 import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = 255
 
-# BARM's loss weights (spec §4.4: co_bg, co_tn, co_p, co_oc in the reference code)
+# BARM's loss weights (co_bg, co_tn, co_p, co_oc in BARM trainer/trainer.py::Trainer.train_episode)
 BARM_W_TRI = 5.0
 BARM_W_FD = 4.0
 BARM_W_GKD = 1.0
 BARM_W_BGA_CE = 1.0
 BARM_PSEUDO_THRESH = 0.7
 BGA_CE_EPS = 1e-8  # the reference's denominator epsilon of the background-adaptation CE
-TRI_EPS = 1e-8  # added here: the reference divides by the background-pixel count without one (spec §10.16)
-FOCAL_ALPHA = 1.0  # BARM's build_criterion: FocalLoss(alpha=1, gamma=0) (spec §4.4)
+# TRI_EPS is added here: BARM trainer/trainer.py::Trainer.train_episode divides by the background-pixel
+# count without one (docs/differences.md)
+TRI_EPS = 1e-8
+FOCAL_ALPHA = 1.0  # BARM utils/loss.py::build_criterion: FocalLoss(alpha=1, gamma=0)
 FOCAL_GAMMA = 0.0
 
 
 def bce_with_ignore(logits, labels, ignore_index=IGNORE_INDEX):
-    """BARM's ``BCEWithLogitsLossWithIgnoreIndex`` (spec §4.4): one-hot targets over the C channels, per
-    pixel the sum over channels of BCE, averaged over the pixels whose label is not ``ignore_index``."""
+    """BARM's BCE criterion (BARM utils/loss.py::BCEWithLogitsLossWithIgnoreIndex): one-hot targets over the
+    C channels, per pixel the sum over channels of BCE, averaged over the pixels whose label is not
+    ``ignore_index``."""
     return _masked_mean(_one_hot_bce_per_pixel(logits, labels, ignore_index), labels != ignore_index)
 
 
@@ -48,14 +50,16 @@ def _masked_mean(per_pixel, valid):
 
 
 def ce_with_ignore(logits, labels, ignore_index=IGNORE_INDEX):
-    """BARM's ``ce_loss`` (spec §4.4): softmax cross-entropy averaged over the non-ignored pixels only.
+    """BARM's ``ce_loss`` (BARM utils/loss.py::build_criterion): softmax cross-entropy averaged over the
+    non-ignored pixels only.
 
     Not the same as ``focal_loss`` (:func:`focal_with_ignore`), which divides by all pixels."""
     return F.cross_entropy(logits.float(), labels.long(), ignore_index=ignore_index)
 
 
 def focal_with_ignore(logits, labels, gamma=FOCAL_GAMMA, alpha=FOCAL_ALPHA, ignore_index=IGNORE_INDEX):
-    """BARM's ``focal_loss`` criterion (``FocalLoss(alpha=1, gamma=0, size_average=True)``, spec §4.4).
+    """BARM's ``focal_loss`` criterion (``FocalLoss(alpha=1, gamma=0, size_average=True)``, BARM
+    utils/loss.py::build_criterion).
 
     Per pixel p, with ``CE(p)`` the softmax cross-entropy (0 at ``ignore_index`` pixels) and
     ``p_t = exp(−CE(p))``::
@@ -63,11 +67,11 @@ def focal_with_ignore(logits, labels, gamma=FOCAL_GAMMA, alpha=FOCAL_ALPHA, igno
         focal = mean over ALL B·H·W pixels of  alpha · (1 − p_t)^gamma · CE(p)
 
     Ignored pixels count in the denominator with a loss of 0, so with the defaults (gamma 0) this is
-    ``ce_with_ignore × (valid-pixel fraction)``, not ``ce_with_ignore`` (the spec's "≡ CE" holds only
-    without ignored pixels). Shapes: logits (B, C, H, W), labels (B, H, W)."""
+    ``ce_with_ignore × (valid-pixel fraction)``, not ``ce_with_ignore`` (it equals CE only without ignored
+    pixels). Shapes: logits (B, C, H, W), labels (B, H, W)."""
     ce = F.cross_entropy(logits.float(), labels.long(), ignore_index=ignore_index, reduction="none")
     p_t = torch.exp(-ce)
-    # reference quirk (spec §4.4, FocalLoss with size_average): .mean() over all pixels, ignored ones as 0
+    # reference quirk (BARM utils/loss.py::FocalLoss with size_average): .mean() over all pixels, ignored ones as 0
     return (alpha * (1 - p_t) ** gamma * ce).mean()
 
 
@@ -85,31 +89,33 @@ def upsample(x, size):
 
 
 def barm_pseudo_labels(prev_logits_up, labels, thresh=BARM_PSEUDO_THRESH, loss_type="bce_loss"):
-    """BARM's pseudo-labels (spec §4.4.2): on ground-truth background pixels only, the teacher's most
-    confident class replaces 0 when it is a foreground class scoring at least ``thresh``."""
+    """BARM's pseudo-labels (BARM trainer/trainer.py::Trainer.train_episode): on ground-truth background
+    pixels only, the teacher's most confident class replaces 0 when it is a foreground class scoring at least
+    ``thresh``."""
     scores, predicted = activation(loss_type)(prev_logits_up.float()).max(dim=1)
     relabel = (labels == 0) & (predicted > 0) & (scores >= thresh)
     return torch.where(relabel, predicted.to(labels.dtype), labels)
 
 
 def bga_ce_loss(residual, fg_mask):
-    """Background-adaptation CE (spec §4.4.5): BCE(r, 0) averaged over current-foreground pixels."""
+    """Background-adaptation CE (BARM trainer/trainer.py::Trainer.train_episode): BCE(r, 0) averaged over
+    current-foreground pixels."""
     residual = residual.float()
     loss = F.binary_cross_entropy_with_logits(residual, torch.zeros_like(residual), reduction="none")
     return (loss * fg_mask).sum() / (fg_mask.sum() + BGA_CE_EPS)
 
 
 def tri_bg_loss(residual, bg_mask):
-    """Background-adaptation triplet-like term (spec §4.4.5): mean over background pixels of
-    ``max(0, (σ(r) − 1)² − σ(r)²)``, pushing the residual to be non-negative there."""
+    """Background-adaptation triplet-like term (BARM trainer/trainer.py::Trainer.train_episode): mean over
+    background pixels of ``max(0, (σ(r) − 1)² − σ(r)²)``, pushing the residual to be non-negative there."""
     prob = torch.sigmoid(residual.float())
     loss = torch.clamp((prob - 1) ** 2 - prob ** 2, min=0)
     return (loss * bg_mask).sum() / (bg_mask.sum() + TRI_EPS)
 
 
 def feature_distillation(features, prev_features, bg_mask):
-    """Background feature distillation (spec §4.4.6): Σ_i MSE(M·f_i, M·f'_i), each a mean over all
-    elements (masked zeros included)."""
+    """Background feature distillation (BARM trainer/trainer.py::Trainer.train_episode): Σ_i MSE(M·f_i, M·f'_i),
+    each a mean over all elements (masked zeros included)."""
     total = features[0].new_zeros((), dtype=torch.float32)
     for f, g in zip(features, prev_features):
         total = total + F.mse_loss(f.float() * bg_mask, g.float() * bg_mask)
@@ -117,7 +123,8 @@ def feature_distillation(features, prev_features, bg_mask):
 
 
 def group_kd(heads, prev_heads):
-    """Group knowledge distillation (spec §4.4.7): Σ_i Σ_c mean_{b,x,y} BCE(Z_i[:, c], σ(Z'_i[:, c]))."""
+    """Group knowledge distillation (BARM trainer/trainer.py::Trainer.train_episode):
+    Σ_i Σ_c mean_{b,x,y} BCE(Z_i[:, c], σ(Z'_i[:, c]))."""
     total = heads[0].new_zeros((), dtype=torch.float32)
     for z, z_prev in zip(heads, prev_heads):
         loss = F.binary_cross_entropy_with_logits(z.float(), torch.sigmoid(z_prev.float()), reduction="none")
@@ -128,15 +135,16 @@ def group_kd(heads, prev_heads):
 def barm_loss(logits, features, prev_logits, prev_features, labels, num_new, pseudo_thresh=BARM_PSEUDO_THRESH,
               loss_type="bce_loss", w_tri=BARM_W_TRI, w_fd=BARM_W_FD, w_gkd=BARM_W_GKD, w_bga_ce=BARM_W_BGA_CE,
               pseudo_labels=None):
-    """BARM's incremental-step loss with ``--pseudo`` (spec §4.4, steps 1-8).
+    """BARM's incremental-step loss with ``--pseudo`` (BARM trainer/trainer.py::Trainer.train_episode).
 
     ``logits``/``features`` and ``prev_logits``/``prev_features`` are the raw outputs of the student and of
     the teacher at feature resolution (features hold ``prev_heads`` and ``ear_feats``); ``labels`` are at
     image resolution; ``num_new`` is the number of classes of the current step. ``pseudo_labels`` (B, H, W):
-    the targets of ``std`` when given (KProBA's rule, spec §11.3: then ``pseudo_thresh`` is not used),
-    else BARM's :func:`barm_pseudo_labels` from ``prev_logits``; the masks of ``tri_bg``, ``fd`` and
-    ``bga_ce`` always come from ``labels`` (spec §4.4.4, §11.3.5). Returns ``(terms, pseudo_labels)``
-    where ``terms`` has ``total``, ``std``, ``tri_bg``, ``fd``, ``gkd`` and ``bga_ce``::
+    the targets of ``std`` when given (KProBA's rule, KProBA trainer/trainer.py::generate_pseudo_labels: then
+    ``pseudo_thresh`` is not used), else BARM's :func:`barm_pseudo_labels` from ``prev_logits``; the masks of
+    ``tri_bg``, ``fd`` and ``bga_ce`` always come from ``labels`` (BARM trainer/trainer.py::Trainer.train_episode,
+    unchanged in KProBA). Returns ``(terms, pseudo_labels)`` where ``terms`` has ``total``, ``std``, ``tri_bg``,
+    ``fd``, ``gkd`` and ``bga_ce``::
 
         total = std + w_tri·tri_bg + w_fd·fd + w_gkd·gkd + w_bga_ce·bga_ce
     """
@@ -175,23 +183,23 @@ def barm_loss(logits, features, prev_logits, prev_features, labels, num_new, pse
 
 
 # ======================================================================================================
-# MiB family: FT, LwF, LwF-MC, ILT, EWC, PI, RW, MiB (methods spec §4.1-§4.8, §5, §10)
+# MiB family: FT, LwF, LwF-MC, ILT, EWC, PI, RW, MiB (MiB utils/loss.py, train.py::Trainer.train)
 #
-# Notation (methods spec §0): logits z (B, K_t, H, W) already upsampled to the label size, K_old = the
-# teacher's channel count, N_new = K_t − K_old. "mean_Ω" is the mean over ALL B·H·W pixels, ignored
-# (255) pixels included with a loss of 0: the reference builds every classification loss with
-# reduction='none' and then calls .mean() (MiB:train.py::Trainer.train).
+# Notation: logits z (B, K_t, H, W) already upsampled to the label size, K_old = the teacher's channel
+# count, N_new = K_t − K_old. "mean_Ω" is the mean over ALL B·H·W pixels, ignored (255) pixels included
+# with a loss of 0: the reference builds every classification loss with reduction='none' and then calls
+# .mean() (MiB train.py::Trainer.train).
 # ======================================================================================================
 
-# Default loss weights at steps t ≥ 1 (methods spec §5 "Loss weights", §10), from MiB's argparser.
-LWF_W_KD = 100.0  # LwF: CE + 100·KD (§4.2)
-ILT_W_KD = 100.0  # ILT: CE + 100·KD + 100·MSE(mod5) (§4.4)
+# Default loss weights at steps t ≥ 1, from MiB argparser.py.
+LWF_W_KD = 100.0  # LwF: CE + 100·KD
+ILT_W_KD = 100.0  # ILT: CE + 100·KD + 100·MSE(mod5)
 ILT_W_DE = 100.0
-LWFMC_W_ICARL = 10.0  # LwF-MC: BCE + 10·icarl_distillation, itself already ×K_old (§4.3)
-MIB_W_KD = 10.0  # MiB: UNCE + 10·UNKD (§4.8)
-KD_ALPHA = 1.0  # --alpha: teacher logits are multiplied by it before the softmax (§0, §4.2, §4.8)
+LWFMC_W_ICARL = 10.0  # LwF-MC: BCE + 10·icarl_distillation, itself already ×K_old
+MIB_W_KD = 10.0  # MiB: UNCE + 10·UNKD
+KD_ALPHA = 1.0  # --alpha: teacher logits are multiplied by it before the softmax
 
-# Parameter regularisers (methods spec §4.5-§4.7): L = L_task + λ·R. λ (reg_importance) is MiB's value;
+# Parameter regularisers (MiB utils/regularizer.py): L = L_task + λ·R. λ (reg_importance) is MiB's value;
 # the PLOP/RCIL argparsers use 100 for all three.
 EWC_IMPORTANCE = 500.0
 EWC_ALPHA = 0.9  # EMA factor of the "Fisher" update F ← α·g² + (1 − α)·F
@@ -207,17 +215,17 @@ def _check_old_channels(n_old, n_channels, what):
 
 
 def ce_all_pixels(logits, labels, ignore_index=IGNORE_INDEX):
-    """Softmax cross-entropy over all K_t channels, averaged over ALL pixels (methods spec §0, §4.1).
+    """Softmax cross-entropy over all K_t channels, averaged over ALL pixels (MiB train.py::Trainer.train).
 
     ``L = mean_Ω CE(z, y)``, ignored pixels contributing 0 but counted in the B·H·W normaliser (unlike
     :func:`ce_with_ignore`, which divides by the valid pixels). Shapes: logits (B, C, H, W), labels
     (B, H, W). Used by FT, LwF, ILT, EWC, PI, RW and at step 0 of MiB."""
-    # reference normaliser (methods spec §0): reduction='none' then .mean(), ignored pixels included
+    # reference normaliser (MiB train.py::Trainer.train): reduction='none' then .mean(), ignored pixels included
     return F.cross_entropy(logits.float(), labels.long(), ignore_index=ignore_index, reduction="none").mean()
 
 
 def unbiased_ce(logits, labels, n_old, ignore_index=IGNORE_INDEX):
-    """MiB's unbiased cross-entropy (``UnbiasedCrossEntropy``, methods spec §4.8).
+    """MiB's unbiased cross-entropy (MiB utils/loss.py::UnbiasedCrossEntropy).
 
     With D = logsumexp over all K_t channels of z::
 
@@ -227,7 +235,7 @@ def unbiased_ce(logits, labels, n_old, ignore_index=IGNORE_INDEX):
 
     ``n_old`` = K_old (old channels, background included). At ``n_old == 0`` (step 0) this is
     :func:`ce_all_pixels`. Shapes: logits (B, K_t, H, W), labels (B, H, W). The caller's labels are not
-    modified (the reference's "Fix UnbiasedCE" commit, spec §9.2)."""
+    modified (MiB's "Fix UnbiasedCE" commit 1c58983)."""
     logits = logits.float()
     _check_old_channels(n_old, logits.shape[1], "unbiased_ce")
     if n_old == 0:
@@ -243,7 +251,7 @@ def unbiased_ce(logits, labels, n_old, ignore_index=IGNORE_INDEX):
 
 
 def unbiased_kd(logits, old_logits, alpha=KD_ALPHA):
-    """MiB's unbiased knowledge distillation (``UnbiasedKnowledgeDistillationLoss``, methods spec §4.8).
+    """MiB's unbiased knowledge distillation (MiB utils/loss.py::UnbiasedKnowledgeDistillationLoss).
 
     K_old = ``old_logits.shape[1]``, q = softmax(alpha·z^old) over the K_old channels, D = logsumexp over
     all K_t student channels::
@@ -266,7 +274,7 @@ def unbiased_kd(logits, old_logits, alpha=KD_ALPHA):
 
 
 def kd_old_channels(logits, old_logits, alpha=KD_ALPHA):
-    """LwF's / ILT's distillation (``KnowledgeDistillationLoss``, methods spec §4.2, §4.4).
+    """LwF's / ILT's distillation (MiB utils/loss.py::KnowledgeDistillationLoss).
 
     The first K_old = ``old_logits.shape[1]`` student channels are renormalised by a log-softmax over
     those channels only (log p̃), q = softmax(alpha·z^old)::
@@ -284,8 +292,8 @@ def kd_old_channels(logits, old_logits, alpha=KD_ALPHA):
 
 
 def bce_all_pixels(logits, labels, ignore_index=IGNORE_INDEX):
-    """LwF-MC's classification loss (MiB's ``BCEWithLogitsLossWithIgnoreIndex`` with reduction 'none'
-    then .mean(), methods spec §4.3), used at every step including step 0.
+    """LwF-MC's classification loss (MiB utils/loss.py::BCEWithLogitsLossWithIgnoreIndex with reduction
+    'none' then .mean()), used at every step including step 0.
 
     One-hot target over all K_t channels (background channel 0 a normal class)::
 
@@ -297,7 +305,7 @@ def bce_all_pixels(logits, labels, ignore_index=IGNORE_INDEX):
 
 
 def icarl_distillation(logits, old_logits):
-    """LwF-MC's distillation before its weight (methods spec §4.3)::
+    """LwF-MC's distillation before its weight (MiB train.py)::
 
         L = K_old · mean_{b, c<K_old, h, w} BCEwl(z_c, σ(z^old_c))
 
@@ -310,6 +318,6 @@ def icarl_distillation(logits, old_logits):
 
 
 def feature_mse(features, old_features):
-    """ILT's feature distillation (methods spec §4.4): ``nn.MSELoss()`` between the student's and the
+    """ILT's feature distillation (MiB train.py::Trainer): ``nn.MSELoss()`` between the student's and the
     teacher's ``body`` (mod5 output, (B, 2048, h, w)), a mean over all elements."""
     return F.mse_loss(features.float(), old_features.float())

@@ -1,4 +1,4 @@
-"""LwF and LwF-MC under MiB's protocol (methods spec §4.2, §4.3).
+"""LwF and LwF-MC under MiB's protocol (MiB utils/loss.py::KnowledgeDistillationLoss, train.py::Trainer).
 
 * **LwF** (``--method lwf``): step 0 plain CE; at t > 0 CE + ``loss_kd`` · KD, where KD renormalises the
   student's first K_old channels with a log-softmax over those channels and compares them with the
@@ -27,7 +27,7 @@ class LwFHyper:
 
 
 class LwF(MiBFamily):
-    """LwF (methods spec §4.2): CE + ``loss_kd`` · KD on the old channels."""
+    """LwF (MiB utils/loss.py::KnowledgeDistillationLoss): CE + ``loss_kd`` · KD on the old channels."""
 
     name = "lwf"
     Hyper = LwFHyper
@@ -49,8 +49,8 @@ class LwFMCHyper:
 
 
 class LwFMC(MiBFamily):
-    """LwF-MC (methods spec §4.3): BCE over all channels at every step + ``icarl_importance`` · K_old ·
-    BCE-distillation at t > 0."""
+    """LwF-MC (MiB utils/loss.py::BCEWithLogitsLossWithIgnoreIndex, train.py): BCE over all channels at every
+    step + ``icarl_importance`` · K_old · BCE-distillation at t > 0."""
 
     name = "lwf-mc"
     Hyper = LwFMCHyper

@@ -1,6 +1,7 @@
-"""Exemplar memory: class-balanced image selection and half-batch replacement (spec barm-ssul-kproba §12.4).
+"""Exemplar memory: class-balanced image selection and half-batch replacement (SSUL
+utils/memory.py::memory_sampling_balanced, main.py::main).
 
-SSUL-M's mechanism, kept generic so that DKD-M (methods spec §4.12) reuses it:
+SSUL-M's mechanism, kept generic so that DKD-M (DKD utils/memory.py::memory_sampling_balanced) reuses it:
 
 1. candidates: one record ``(image id, classes)`` per image of the step t−1 training list, with the foreground
    classes present in its label map (:func:`image_classes`, :func:`collect_candidates`); for t > 1 the list
@@ -20,13 +21,15 @@ IGNORE_INDEX = 255
 BACKGROUND = 0
 NOT_CLASSES = (BACKGROUND, IGNORE_INDEX)  # what is not a memory class in a ciss label map
 
-SSUL_MEMORY_VOC = 100  # SSUL-M's memory size (spec §12.5)
+SSUL_MEMORY_VOC = 100  # SSUL-M's memory size (SSUL README)
 SSUL_MEMORY_ADE = 300
-SSUL_MEMORY_PSEUDO_THRESH = 0.7  # the threshold of the candidates' pseudo-labels at t > 1, hard-coded (§12.4)
+# the threshold of the candidates' pseudo-labels at t > 1, hard-coded in SSUL utils/memory.py::memory_sampling_balanced
+SSUL_MEMORY_PSEUDO_THRESH = 0.7
 
 
 def image_classes(labels, ignore=NOT_CLASSES, shifted=False):
-    """Foreground classes present in each label map (spec §12.4 step 1, the ``labels`` of a candidate record).
+    """Foreground classes present in each label map (the ``labels`` of a candidate record in SSUL
+    utils/memory.py::memory_sampling_balanced).
 
     ``labels``: integer tensor (B, H, W) (or one map (H, W)) of ciss label positions. Returns one sorted list of
     ints per image (a list of lists; one list for a single map)::
@@ -55,7 +58,7 @@ def image_classes(labels, ignore=NOT_CLASSES, shifted=False):
 
 def collect_candidates(batches, relabel=None, shifted=False):
     """Memory candidate records ``[image id, classes present]``, one per image of ``batches`` in their order
-    (spec §12.4 step 1; methods spec §4.12 for DKD-M).
+    (SSUL utils/memory.py::memory_sampling_balanced; DKD-M: DKD utils/memory.py::memory_sampling_balanced).
 
     ``batches``: :class:`methods.base.Batch` objects (``ids``, ``labels`` (B, H, W)). ``relabel(batch) -> labels``
     (optional) replaces a batch's labels before their classes are read: the previous model's pseudo-labels at
@@ -92,13 +95,15 @@ def _select(candidates, classes, mem_size, seed):
                     break
             if len(picks) >= mem_size:
                 break
-        if not picked_any:  # fix: SSUL loops forever once no remaining candidate has an old class (§12.4)
+        # fix: SSUL utils/memory.py::memory_sampling_balanced loops forever once no remaining candidate has an
+        # old class; here the selection stops (docs/differences.md)
+        if not picked_any:
             break
     return picks
 
 
 def select_balanced(candidates, classes, mem_size, seed, with_classes=False):
-    """SSUL-M's class-balanced memory selection (spec §12.4 step 2).
+    """SSUL-M's class-balanced memory selection (SSUL utils/memory.py::memory_sampling_balanced).
 
     ``candidates``: sequence of ``(image id, classes present)`` records; ``classes``: the old foreground classes
     1 … C_{t−1} − 1 in that order; ``mem_size``: images to select; ``seed``: the step's random seed.
@@ -114,8 +119,8 @@ def select_balanced(candidates, classes, mem_size, seed, with_classes=False):
     list and of the class list, provided no other numpy draw happens between its seeding and the selection (in
     SSUL none does). Differences: SSUL loops forever when no remaining candidate contains a class still in the
     rotation (too few candidates, or classes no candidate has); here the selection stops there, with fewer
-    than ``mem_size`` images (a fix). Duplicate ids in ``candidates`` are treated as different records, as in
-    SSUL.
+    than ``mem_size`` images (a fix: docs/differences.md). Duplicate ids in ``candidates`` are treated as
+    different records, as in SSUL.
     """
     picks = _select(candidates, classes, mem_size, seed)
     return [(record[0], cls) for record, cls in picks] if with_classes else [record[0] for record, _ in picks]
@@ -133,7 +138,7 @@ def _record(record):
 
 @dataclass
 class Memory:
-    """The memory of one step (spec §12.4 step 3): SSUL's ``memory.json[step_t]``.
+    """The memory of one step (SSUL utils/memory.py::memory_sampling_balanced): SSUL's ``memory.json[step_t]``.
 
     ``ids``: the chosen image ids, sorted (SSUL's ``memory_list``, the memory dataset's images).
     ``candidates``: their ``[id, classes]`` records in SSUL's order (grouped by the class each was chosen for,
@@ -166,7 +171,8 @@ class Memory:
 
 
 def repeat_to_batch(ids, batch_size):
-    """SSUL's memory image list (spec §12.4 step 4): the list doubled until its length is ≥ ``batch_size``."""
+    """SSUL's memory image list (SSUL datasets/voc.py::__init__, ``memory`` split): the list doubled until its
+    length is ≥ ``batch_size``."""
     ids = list(ids)
     if not ids:
         raise ValueError("repeat_to_batch: the memory is empty")  # SSUL would loop forever
@@ -176,7 +182,7 @@ def repeat_to_batch(ids, batch_size):
 
 
 def memory_slots(batch_size, generator):
-    """The batch slots replaced by memory samples (spec §12.4 step 5): ``randperm(B)[:B // 2]``.
+    """The batch slots replaced by memory samples (SSUL main.py::main): ``randperm(B)[:B // 2]``.
 
     ``generator``: a CPU ``torch.Generator`` (``None`` draws from the global CPU RNG, as SSUL did). Returns a
     CPU int64 tensor of B // 2 distinct indices in [0, B).
@@ -185,7 +191,8 @@ def memory_slots(batch_size, generator):
 
 
 def replace_half(batch, memory_batch, generator):
-    """Replace B // 2 random slots of a batch by the memory batch's samples in the same slots (spec §12.4 step 5).
+    """Replace B // 2 random slots of a batch by the memory batch's samples in the same slots (SSUL
+    main.py::main).
 
     ``batch`` and ``memory_batch``: equal-length sequences of tensors (images, labels, saliency, …), each with
     the same leading batch size B (an entry may be ``None`` in both: it stays ``None``). Returns ``(mixed,

@@ -1,29 +1,32 @@
-"""The MiB family's shared protocol (:class:`MiBFamily`, its label policies) and MiB itself (methods spec §1-§4.8).
+"""The MiB family's shared protocol (:class:`MiBFamily`, its label policies) and MiB itself (MiB run.py::main,
+utils/loss.py::UnbiasedCrossEntropy).
 
 :class:`MiBFamily` is the base class of FT, LwF, LwF-MC, ILT, EWC, PI, RW, MiB, PLOP and RCIL: everything
-their reference repositories share and that is not a loss (methods spec §1-§3, §6):
+their reference repositories share and that is not a loss (MiB run.py::main, train.py::Trainer):
 
 * model: MiB's DeepLab-v3 (``model_family = "mib"``: ``mod1..mod5`` ResNet with InPlace-ABN numerics, one
   1×1 classifier per step, :mod:`network.mib`); ``sync_batchnorm`` converts to :class:`network.abn.SyncABN`
   (InPlaceABNSync); no BN freezing, one parameter group (SGD settings of the trainer: Nesterov 0.9, wd on
-  every parameter, spec §2);
+  every parameter, MiB run.py::main);
 * new classifier (``prepare_student``): MiB's background initialisation (:func:`init_new_classifier`) when
   :meth:`MiBFamily.background_init` says so ("full": weights and biases, MiB/PLOP; "weights": RCIL's
   weight-only variant; None: PyTorch's default initialisation, the baselines);
 * data: RandomResizedCrop + flip (:func:`datasets.transforms.mib_train_transform`), resize + centre-crop
-  evaluation; the test images are those with a seen class (``test_split = "test_seen"``, spec §3.2); the
-  label tables are the repository's (:attr:`MiBFamily.label_convention`: ``"mib"`` or ``"plop"``, spec §3.3,
-  see :func:`mib_voc_lut`, :func:`mib_ade_lut`, :func:`plop_lut`);
-* schedule: PolyLR without a floor (``schedule_options`` → ``min_lr`` 0, spec §2);
+  evaluation; the test images are those with a seen class (``test_split = "test_seen"``, MiB
+  dataset/utils.py::filter_images); the label tables are the repository's (:attr:`MiBFamily.label_convention`:
+  ``"mib"`` or ``"plop"``, MiB or PLOP dataset/voc.py::VOCSegmentationIncremental, see :func:`mib_voc_lut`,
+  :func:`mib_ade_lut`, :func:`plop_lut`);
+* schedule: PolyLR without a floor (``schedule_options`` → ``min_lr`` 0, MiB utils/scheduler.py::PolyLR);
 * validation: every epoch for the logs, never used to select (``--val_interval`` N: every N epochs, 0:
-  never; ``selects_best`` only with an explicit ``--select_best``), spec §2;
-* prediction: argmax of the upsampled logits (``upsample_probabilities = False``, spec §6);
+  never; ``selects_best`` only with an explicit ``--select_best``), MiB run.py::main;
+* prediction: argmax of the upsampled logits (``upsample_probabilities = False``, MiB
+  metrics/stream_metrics.py::StreamSegMetrics);
 * evaluation convention (:meth:`MiBFamily.eval_convention`): background in "old", classes absent from the
   test ground truth excluded (StreamSegMetrics), ADE class 0 ignored (MiB) or scored (PLOP/RCIL).
 
 A method whose hyper-parameters have a ``protocol`` field (:func:`protocol_field`: ``--protocol mib|plop``)
 may run under the other repository's label tables and evaluation convention: PLOP's paper re-ran MiB and ILT
-under PLOP's (spec §8.2, §10 "MiB (PLOP protocol)").
+under PLOP's (PLOP images/plop_voc.png, scripts/voc/mib_15-1.sh).
 
 Subclasses write ``loss`` (and their hyper-parameters); :meth:`MiBFamily.upsampled` gives logits at the
 labels' size, as every reference loss uses them.
@@ -40,19 +43,20 @@ from methods import losses
 from methods.base import Method, hyper
 from network.abn import convert_sync_abn
 
-# label conventions of the reference repositories (methods spec §3.3)
+# label conventions of the reference repositories (MiB dataset/voc.py, PLOP dataset/voc.py)
 MIB_LABELS = "mib"
 PLOP_LABELS = "plop"
 LABEL_CONVENTIONS = (MIB_LABELS, PLOP_LABELS)
-MASKING_VALUE = 0  # old / future classes at training become background (spec §3.3, "masking_value")
-POLY_MIN_LR = 0.0  # MiB/PLOP's PolyLR has no floor (spec §2)
+MASKING_VALUE = 0  # old / future classes at training become background (MiB dataset/voc.py, "masking_value")
+POLY_MIN_LR = 0.0  # MiB/PLOP's PolyLR has no floor (MiB utils/scheduler.py::PolyLR)
 
-# background initialisation modes of the new classifier (spec §4.8, §4.10)
+# background initialisation modes of the new classifier (MiB segmentation_module.py::init_new_classifier,
+# RCIL's weight-only variant)
 INIT_FULL = "full"  # W_new ← W_bg, b_new ← b_bg − log(N+1), b_bg likewise (MiB, PLOP)
 INIT_WEIGHTS = "weights"  # W_new ← W_bg only (RCIL on VOC/ADE)
 
 
-# ---- label policies (methods spec §3.3) ------------------------------------------------------------------
+# ---- label policies (MiB dataset/voc.py, dataset/ade.py; PLOP dataset/voc.py, dataset/ade.py) ------------
 
 def _seen(steps, step):
     return [c for s in steps[:step + 1] for c in s]
@@ -64,10 +68,11 @@ def _table(fill):
 
 @register_label_policy("mib_voc")
 def mib_voc_lut(steps, step, split):
-    """MiB's VOC label mapping (``MiB:dataset/voc.py``, methods spec §3.3), raw value → channel.
+    """MiB's VOC label mapping (MiB dataset/voc.py::VOCSegmentationIncremental), raw value → channel.
 
     * train (and memory): the step's classes → their channel; background, old and future classes → 0;
-      **void 255 → 0** (quirk, spec §9 MiB 1: ``inverted_order[255] = masking_value``);
+      **void 255 → 0** (quirk of MiB dataset/voc.py::VOCSegmentationIncremental:
+      ``inverted_order[255] = masking_value``);
     * val: the step's classes → their channel, background → 0, old and future classes → 255, void 255;
     * test: every seen class (steps 0..t) → its channel, future classes → 255, void 255.
     """
@@ -85,13 +90,14 @@ def mib_voc_lut(steps, step, split):
         return lut
     lut = _table(MASKING_VALUE)
     lut[new] = order[new]
-    lut[IGNORE] = MASKING_VALUE  # quirk (methods spec §9 MiB 1): VOC void pixels are background at training
+    # quirk (MiB dataset/voc.py::VOCSegmentationIncremental): VOC void pixels are background at training
+    lut[IGNORE] = MASKING_VALUE
     return lut
 
 
 @register_label_policy("mib_ade")
 def mib_ade_lut(steps, step, split):
-    """MiB's ADE20K label mapping (``MiB:dataset/ade.py``, methods spec §3.3, §6), raw value → channel.
+    """MiB's ADE20K label mapping (MiB dataset/ade.py::AdeSegmentationIncremental), raw value → channel.
 
     * train (and memory): the step's classes → their channel; ADE 0, old and future classes → 0;
     * val: the step's classes → their channel; **ADE 0 → 255** (ignored, not scored), old and future → 255;
@@ -105,7 +111,7 @@ def mib_ade_lut(steps, step, split):
         lut = _table(IGNORE)
         kept = _seen(steps, step) if split == "test" else list(steps[step])
         lut[kept] = order[kept]
-        lut[0] = IGNORE  # ADE "other" is not a class at evaluation in MiB (spec §3.3, §6)
+        lut[0] = IGNORE  # ADE "other" is not a class at evaluation in MiB (MiB dataset/ade.py)
         return lut
     lut = _table(MASKING_VALUE)
     new = list(steps[step])
@@ -116,8 +122,8 @@ def mib_ade_lut(steps, step, split):
 
 @register_label_policy("plop")
 def plop_lut(steps, step, split):
-    """PLOP's and RCIL's label mapping, VOC and ADE alike (``PLOP:dataset/{voc,ade}.py`` with masking
-    "current", methods spec §3.3), raw value → channel.
+    """PLOP's and RCIL's label mapping, VOC and ADE alike (PLOP dataset/voc.py::VOCSegmentationIncremental,
+    dataset/ade.py::AdeSegmentationIncremental, with masking "current"), raw value → channel.
 
     * train, val (and memory): the step's classes → their channel; background / ADE 0, old and future
       classes → 0; void 255 stays 255 (ignored);
@@ -150,17 +156,19 @@ def family_label_policy(convention, dataset):
 
 def protocol_field(default=MIB_LABELS):
     """The ``protocol`` hyper-parameter of a family method: whose label tables and evaluation convention
-    (methods spec §3.3, §6) the method follows, ``"mib"`` or ``"plop"``."""
+    (MiB or PLOP dataset/voc.py, metrics/stream_metrics.py::StreamSegMetrics) the method follows, ``"mib"``
+    or ``"plop"``."""
     return hyper(default, "label tables and evaluation of MiB's repository (mib: VOC void = background at training,"
                           " ADE class 0 not scored, future classes ignored at test) or of PLOP's (plop: void"
                           " ignored, ADE class 0 scored, future classes background at test)",
                  choices=LABEL_CONVENTIONS)
 
 
-# ---- the new classifier's background initialisation (methods spec §4.8) ------------------------------------
+# ---- the new classifier's background initialisation (MiB segmentation_module.py::init_new_classifier) ------
 
 def init_new_classifier(cls_old0: nn.Conv2d, cls_new: nn.Conv2d, with_bias=True):
-    """Background-aware initialisation of the new step's classifier, in place (methods spec §4.8).
+    """Background-aware initialisation of the new step's classifier, in place (MiB
+    segmentation_module.py::init_new_classifier).
 
     ``cls_old0`` is step 0's classifier (``cls[0]``, channel 0 = background) and ``cls_new`` the current
     step's classifier (``cls[-1]``, N_new = ``cls_new.out_channels`` channels); both 1×1 convolutions over
@@ -171,9 +179,9 @@ def init_new_classifier(cls_old0: nn.Conv2d, cls_new: nn.Conv2d, with_bias=True)
         b_bg    ← b_bg − log(N_new + 1)                                        (with_bias)
 
     so the old background probability is split evenly over background + N_new classes. The background
-    bias is lowered again at every step (MiB:segmentation_module.py::init_new_classifier, spec §9.6:
-    reproduced on purpose). ``with_bias=False`` is RCIL's VOC/ADE variant (methods spec §4.10): only the
-    weights are copied, the biases keep their values. Runs under ``no_grad``; returns None.
+    bias is lowered again at every step (MiB segmentation_module.py::init_new_classifier, reproduced on
+    purpose). ``with_bias=False`` is RCIL's VOC/ADE variant (RCIL segmentation_module.py::init_new_classifier):
+    only the weights are copied, the biases keep their values. Runs under ``no_grad``; returns None.
     """
     if cls_old0.in_channels != cls_new.in_channels or cls_old0.kernel_size != cls_new.kernel_size:
         raise ValueError(f"init_new_classifier: the classifiers differ in input ({cls_old0.in_channels} vs "
@@ -189,7 +197,8 @@ def init_new_classifier(cls_old0: nn.Conv2d, cls_new: nn.Conv2d, with_bias=True)
             shift = torch.log(torch.tensor(float(n_new + 1), dtype=torch.float32)).to(cls_old0.bias.device)
             new_bias = cls_old0.bias[0] - shift.to(cls_old0.bias.dtype)
             cls_new.bias.copy_(new_bias.expand_as(cls_new.bias))
-            # quirk (methods spec §9 MiB 6): the background bias is lowered as well, at every step
+            # quirk (MiB segmentation_module.py::init_new_classifier): the background bias is lowered as well,
+            # at every step
             cls_old0.bias[0] = new_bias
 
 
@@ -210,19 +219,21 @@ class MiBFamily(Method):
 
     model_family = "mib"
     compatible_families = ("mib",)
-    test_split = "test_seen"  # validation images with a seen class (spec §3.2)
-    upsample_probabilities = False  # argmax of the upsampled logits (spec §6)
+    test_split = "test_seen"  # validation images with a seen class (MiB dataset/utils.py::filter_images)
+    upsample_probabilities = False  # argmax of the upsampled logits (MiB metrics/stream_metrics.py)
     label_convention = MIB_LABELS
     default_background_init = None
 
     # ---- model ----------------------------------------------------------------------------------------
     def sync_batchnorm(self, model):
-        """InPlaceABNSync: every :class:`network.abn.ABN` becomes a :class:`network.abn.SyncABN` (spec §1.4)."""
+        """InPlaceABNSync: every :class:`network.abn.ABN` becomes a :class:`network.abn.SyncABN` (MiB
+        segmentation_module.py::make_model)."""
         return convert_sync_abn(model)
 
     def background_init(self, ctx):
         """How ``prepare_student`` initialises the new classifier at t > 0: None (PyTorch's default, kept),
-        :data:`INIT_FULL` (weights and biases, spec §4.8) or :data:`INIT_WEIGHTS` (weights only, §4.10)."""
+        :data:`INIT_FULL` (weights and biases, MiB segmentation_module.py::init_new_classifier) or
+        :data:`INIT_WEIGHTS` (weights only, RCIL's variant)."""
         return self.default_background_init
 
     def prepare_student(self, model, previous, ctx):
@@ -235,7 +246,7 @@ class MiBFamily(Method):
         init_new_classifier(model.cls[0], model.cls[-1], with_bias=mode == INIT_FULL)
 
     def schedule_options(self, ctx):
-        """PolyLR without BARM's 1e-6 floor (methods spec §2)."""
+        """PolyLR without BARM's 1e-6 floor (MiB utils/scheduler.py::PolyLR)."""
         return {"min_lr": POLY_MIN_LR}
 
     # ---- data -----------------------------------------------------------------------------------------
@@ -245,40 +256,43 @@ class MiBFamily(Method):
         return getattr(self.hp, "protocol", self.label_convention)
 
     def label_policy(self, steps, step, split):
-        """The repository's label table (methods spec §3.3): see :func:`mib_voc_lut`, :func:`mib_ade_lut`,
-        :func:`plop_lut`."""
+        """The repository's label table (MiB or PLOP dataset/voc.py, dataset/ade.py): see :func:`mib_voc_lut`,
+        :func:`mib_ade_lut`, :func:`plop_lut`."""
         return family_label_policy(self.protocol(), self.dataset)(steps, step, split)
 
     def train_transform(self, crop_size):
-        """RandomResizedCrop(crop, scale 0.5-2, ratio 3/4-4/3) + flip (methods spec §3.1)."""
+        """RandomResizedCrop(crop, scale 0.5-2, ratio 3/4-4/3) + flip (MiB dataset/transform.py)."""
         return mib_train_transform(crop_size)
 
     def eval_transform(self, crop_size, crop_val):
-        """Resize the shorter side + centre crop with ``crop_val`` (the references always crop, spec §3.1)."""
+        """Resize the shorter side + centre crop with ``crop_val`` (the references always crop: MiB
+        run.py::get_dataset)."""
         return eval_transform(crop_size, crop_val)
 
     # ---- validation -----------------------------------------------------------------------------------
     def validation_due(self, iteration, iterations_per_epoch, total_iterations, val_interval):
-        """After every epoch (the references validate every epoch for their logs, spec §2); ``--val_interval N``:
-        every N epochs; 0: never."""
+        """After every epoch (the references validate every epoch for their logs, MiB run.py::main);
+        ``--val_interval N``: every N epochs; 0: never."""
         if iteration % iterations_per_epoch:
             return False
         every = 1 if val_interval is None else val_interval
         return every > 0 and (iteration // iterations_per_epoch) % every == 0
 
     def selects_best(self, ctx, select_best):
-        """The last-epoch weights, as every reference (spec §2); best-validated ones only with ``--select_best``."""
+        """The last-epoch weights, as every reference (MiB run.py::main); best-validated ones only with
+        ``--select_best``."""
         return bool(select_best)
 
     # ---- evaluation -----------------------------------------------------------------------------------
     def upsampled(self, logits, labels):
-        """``logits`` (B, C, h, w) as float32 at the labels' (H, W) size, bilinear (spec §0)."""
+        """``logits`` (B, C, h, w) as float32 at the labels' (H, W) size, bilinear (MiB train.py::Trainer.train)."""
         return losses.upsample(logits.float(), labels.shape[-2:])
 
     def eval_convention(self):
-        """MiB/PLOP/RCIL's StreamSegMetrics (spec §6): background counted in "old", classes absent from the
-        test ground truth excluded from the means; on ADE class 0 ignored (MiB, 150 classes) or scored
-        (PLOP/RCIL, 151 classes); future classes ignored (MiB) or background (PLOP/RCIL) at intermediate steps."""
+        """MiB/PLOP/RCIL's StreamSegMetrics (MiB metrics/stream_metrics.py::StreamSegMetrics): background counted
+        in "old", classes absent from the test ground truth excluded from the means; on ADE class 0 ignored (MiB,
+        150 classes) or scored (PLOP/RCIL, 151 classes); future classes ignored (MiB) or background (PLOP/RCIL) at
+        intermediate steps."""
         protocol = self.protocol()
         mib = protocol == MIB_LABELS
         convention = {"background_in_old": True, "exclude_absent": True,
@@ -288,7 +302,7 @@ class MiBFamily(Method):
         return convention
 
 
-# ---- MiB (methods spec §4.8) -----------------------------------------------------------------------------------
+# ---- MiB (MiB utils/loss.py::UnbiasedCrossEntropy, UnbiasedKnowledgeDistillationLoss) --------------------------
 
 @dataclass
 class MiBHyper:
@@ -301,8 +315,9 @@ class MiBHyper:
 
 
 class MiB(MiBFamily):
-    """MiB (methods spec §4.8): step 0 plain CE over all pixels; at t > 0 the unbiased CE + ``loss_kd`` ·
-    unbiased KD (teacher logits upsampled, all pixels), new classifier initialised from the background."""
+    """MiB (MiB utils/loss.py::UnbiasedCrossEntropy, UnbiasedKnowledgeDistillationLoss): step 0 plain CE over
+    all pixels; at t > 0 the unbiased CE + ``loss_kd`` · unbiased KD (teacher logits upsampled, all pixels), new
+    classifier initialised from the background."""
 
     name = "mib"
     Hyper = MiBHyper

@@ -1,15 +1,17 @@
-"""PLOP: pseudo-labels from the old model's entropy and Local POD distillation (methods spec §4.9).
+"""PLOP: pseudo-labels from the old model's entropy and Local POD distillation (PLOP train.py::Trainer.train,
+train.py::features_distillation).
 
 At step t ≥ 1 the old model (teacher) relabels the ground-truth background pixels: a pixel whose teacher
 prediction ŷ has a normalised entropy below the per-class threshold τ_ŷ gets the label ŷ, the others are
 ignored; each image's cross-entropy is scaled by the fraction of its background pixels that were kept.
 The thresholds are approximate medians of an entropy histogram gathered over the training set before the
-first epoch, computed with the reference's loop, bugs included (spec §4.9(a), §9 PLOP 1). Local POD
-distils width/height pooled statistics of squared intermediate maps at several scales (§4.9(c)).
+first epoch, computed with the reference's loop, bugs included (PLOP train.py::Trainer.find_median). Local POD
+distils width/height pooled statistics of squared intermediate maps at several scales (PLOP
+train.py::features_distillation).
 
-This module holds the loss terms as pure functions of tensors (methods spec §4.9, §5) and the method
-:class:`PLOP` (``--method plop``) at its end; shapes use the notation of spec §0: B images, K_old teacher
-channels, K_t student channels, N_new = K_t − K_old.
+This module holds the loss terms as pure functions of tensors (PLOP train.py, argparser.py::modify_command_options)
+and the method :class:`PLOP` (``--method plop``) at its end; shapes: B images, K_old teacher channels, K_t
+student channels, N_new = K_t − K_old.
 """
 import math
 from dataclasses import dataclass
@@ -23,32 +25,34 @@ from methods.mib import INIT_FULL, PLOP_LABELS, MiBFamily, protocol_field
 
 IGNORE_INDEX = 255
 
-# loss weights (methods spec §4.9, §5): λ of the five feature maps and of the collapsed small logits
+# loss weights (PLOP argparser.py::modify_command_options; ADE: PLOP scripts/ade/plop_ade_*.sh): λ of the five
+# feature maps and of the collapsed small logits
 POD_FACTOR_VOC = 0.01
 POD_LOGITS_FACTOR_VOC = 0.0005
 POD_FACTOR_ADE = 0.001
 POD_LOGITS_FACTOR_ADE = 1e-5
 POD_FACTORS = {"voc": (POD_FACTOR_VOC, POD_LOGITS_FACTOR_VOC), "ade": (POD_FACTOR_ADE, POD_LOGITS_FACTOR_ADE)}
-POD_SCALES = (1, 2, 4)  # spp_scales of Local POD (§4.9(c))
+POD_SCALES = (1, 2, 4)  # spp_scales of Local POD (PLOP train.py::features_distillation)
 
-# entropy pseudo-labelling (methods spec §4.9(a), (b))
+# entropy pseudo-labelling (PLOP train.py::Trainer.find_median, Trainer.train)
 ENTROPY_BINS = 100  # histogram bins of the per-class entropy medians
 ENTROPY_THRESHOLD_MIN = 0.001  # τ_min: lower bound of every class threshold (`--threshold`)
 ENTROPY_EPS = 1e-8  # inside the log of the entropy, as the reference
-ADAPTIVE_FACTOR_EPS = 1e-6  # denominator ε of the per-image factor a_b (reference commit b70fb8f, §9 PLOP 2)
+ADAPTIVE_FACTOR_EPS = 1e-6  # denominator ε of the per-image factor a_b (PLOP commit b70fb8f, train.py::Trainer.train)
 
 
 def layer_factors(n_maps, factor, last_factor):
     """The per-map weights λ_1..λ_n: ``factor`` for every map but the last, ``last_factor`` for the last one.
 
-    PLOP's Local POD (methods spec §4.9(c)): λ_1..λ_5 = pod factor, λ_6 (collapsed small logits) = the
-    "after" factor. RCIL's pooled-cube KD uses the same layout (§4.10).
+    PLOP's Local POD (PLOP train.py::features_distillation): λ_1..λ_5 = pod factor, λ_6 (collapsed small
+    logits) = the "after" factor. RCIL's pooled-cube KD uses the same layout (RCIL
+    train.py::features_distillation_spatial).
     """
     return [float(factor)] * (n_maps - 1) + [float(last_factor)]
 
 
 def normalized_entropy(probs):
-    """Normalised entropy ē of a probability map (methods spec §4.9(a)).
+    """Normalised entropy ē of a probability map (PLOP train.py::entropy).
 
     ``probs``: (B, K, H, W) class probabilities (K = the teacher's K_old channels in PLOP). Returns (B, H, W)::
 
@@ -64,7 +68,7 @@ def normalized_entropy(probs):
 
 
 def entropy_histogram(probs, labels, n_classes_total, bins=ENTROPY_BINS):
-    """One batch's contribution to PLOP's per-class entropy histogram (methods spec §4.9(a)).
+    """One batch's contribution to PLOP's per-class entropy histogram (PLOP train.py::Trainer.find_median).
 
     ``probs``: (B, K_old, H, W) teacher softmax (upsampled logits); ``labels``: (B, H, W) masked ground truth;
     ``n_classes_total``: K_t, the current number of classes. Only pixels with label 0 count: with
@@ -84,7 +88,8 @@ def entropy_histogram(probs, labels, n_classes_total, bins=ENTROPY_BINS):
 
 
 def median_thresholds(histogram, min_threshold=ENTROPY_THRESHOLD_MIN):
-    """Per-class entropy thresholds τ from the histogram, with the reference's loop (methods spec §4.9(a)).
+    """Per-class entropy thresholds τ from the histogram, with the reference's loop (PLOP
+    train.py::Trainer.find_median).
 
     ``histogram``: (K_t, n_bins) int64 counts (n_bins = 100 in PLOP). Returns (K_t,) float32 τ on the
     histogram's device. For each class c with n_c = Σ H[c] > 0, half = n_c / 2 and r = 0; for k = 0 … n_bins − 1:
@@ -109,24 +114,25 @@ def median_thresholds(histogram, min_threshold=ENTROPY_THRESHOLD_MIN):
         running = 0.0
         for k in range(n_bins):
             lower = k / n_bins
-            # quirk (methods spec §4.9a): float bin index, int(k / 100 * 100) is 28, 56, 57 at k = 29, 57, 58
+            # quirk (PLOP train.py::Trainer.find_median): float bin index, int(k / 100 * 100) is 28, 56, 57
+            # at k = 29, 57, 58
             b = int(lower * n_bins)
             count = counts[c, b].float()
             if half >= running and half <= running + count:
                 break
-            # quirk (methods spec §4.9a): the running sum adds the bin index, not the bin's count
+            # quirk (PLOP train.py::Trainer.find_median): the running sum adds the bin index, not the bin's count
             running += lower * n_bins
-        # quirk (methods spec §4.9a): without a stop this uses k = n_bins − 1 (usually an empty bin), and an empty
-        # bin at the stop divides by zero: ±inf or nan, kept as in the reference
+        # quirk (PLOP train.py::Trainer.find_median): without a stop this uses k = n_bins − 1 (usually an empty
+        # bin), and an empty bin at the stop divides by zero: ±inf or nan, kept as in the reference
         medians[c] = lower + ((half - running) / count) * (1 / n_bins)
-    # quirk (methods spec §4.9a): Python max(median, τ_min) returns median unless τ_min > median, so −inf and
-    # 0 (empty class) become τ_min, +inf stays inf and nan stays nan
+    # quirk (PLOP train.py::Trainer.find_median): Python max(median, τ_min) returns median unless τ_min > median,
+    # so −inf and 0 (empty class) become τ_min, +inf stays inf and nan stays nan
     thresholds = torch.where(min_threshold > medians, torch.full_like(medians, min_threshold), medians)
     return thresholds.to(histogram.device)
 
 
 def entropy_pseudo_labels(old_logits_up, labels, thresholds, n_old):
-    """PLOP's entropy pseudo-labels and per-image classification factor (methods spec §4.9(b)).
+    """PLOP's entropy pseudo-labels and per-image classification factor (PLOP train.py::Trainer.train).
 
     ``old_logits_up``: (B, K_old, H, W) teacher logits upsampled to the labels' size; ``labels``: (B, H, W) with
     255 = ignore; ``thresholds``: (K_t,) τ from :func:`median_thresholds` (its length gives K_t); ``n_old``:
@@ -137,7 +143,7 @@ def entropy_pseudo_labels(old_logits_up, labels, thresholds, n_old):
 
     Returns ``(new_labels, factor)``: new labels (B, H, W) with the labels' dtype (the input is not modified)
     and the float32 factor a (B,), which is 0 for an image without background pixels (the ε avoids the 0/0
-    of reference versions before commit b70fb8f, spec §9 PLOP 2).
+    of PLOP train.py::Trainer.train before commit b70fb8f).
     """
     with torch.no_grad():
         probs = torch.softmax(old_logits_up.float(), dim=1)
@@ -155,18 +161,18 @@ def entropy_pseudo_labels(old_logits_up, labels, thresholds, n_old):
 
 
 def weighted_ce_all_pixels(logits, labels, factor):
-    """PLOP's classification loss (methods spec §4.9(b)): mean over all B·H·W pixels of a_b · CE(z, y').
+    """PLOP's classification loss (PLOP train.py::Trainer.train): mean over all B·H·W pixels of a_b · CE(z, y').
 
     ``logits``: (B, K_t, H, W) student logits (upsampled); ``labels``: (B, H, W) pseudo-labels y' with 255 = ignore
-    (per-pixel loss 0, still counted in the mean, spec §0 "mean_Ω"); ``factor``: (B,) a_b, multiplying every
-    pixel of image b, new-class pixels included. Returns a float32 scalar.
+    (per-pixel loss 0, still counted in the mean, as in PLOP train.py::Trainer.train); ``factor``: (B,) a_b,
+    multiplying every pixel of image b, new-class pixels included. Returns a float32 scalar.
     """
     per_pixel = F.cross_entropy(logits.float(), labels.long(), ignore_index=IGNORE_INDEX, reduction="none")
     return (per_pixel * factor.float().view(-1, 1, 1)).mean()
 
 
 def collapse_logits(new_small_logits, n_old):
-    """The student's small logits collapsed to the teacher's K_old channels (methods spec §4.9(c)).
+    """The student's small logits collapsed to the teacher's K_old channels (PLOP train.py::features_distillation).
 
     ``new_small_logits``: (B, K_t, h, w) raw logits z'. Returns (B, K_old, h, w)::
 
@@ -213,7 +219,7 @@ def check_map_pairs(name, old_maps, new_maps, factors, n_new):
 
 
 def local_pod(old_maps, new_maps, factors, n_classes_total, n_new, scales=POD_SCALES):
-    """PLOP's Local POD distillation (methods spec §4.9(c)).
+    """PLOP's Local POD distillation (PLOP train.py::features_distillation).
 
     ``old_maps`` / ``new_maps``: lists of L teacher / student maps A_ℓ, A'_ℓ of equal shapes (B, C_ℓ, W_ℓ, W_ℓ)
     (PLOP: the four pre-activation stage outputs, x_pl, and the small logits with the student collapsed by
@@ -232,14 +238,14 @@ def local_pod(old_maps, new_maps, factors, n_classes_total, n_new, scales=POD_SC
     for old, new, factor in zip(old_maps, new_maps, factors):
         old_emb = _local_pod_embedding(old.float().pow(2), scales)
         new_emb = _local_pod_embedding(new.float().pow(2), scales)
-        # torch.frobenius_norm(·, dim=-1) of the reference = vector 2-norm over the last axis (spec §9 PLOP 6)
+        # torch.frobenius_norm(·, dim=-1) of PLOP train.py::features_distillation = vector 2-norm over the last axis
         distance = torch.linalg.vector_norm(old_emb - new_emb, ord=2, dim=-1).mean()
         total = total + factor * schedule * distance
     return total / len(old_maps)
 
 
 # ======================================================================================================
-# The method (methods spec §4.9, §5, §10)
+# The method (PLOP argparser.py::modify_command_options, train.py::Trainer)
 # ======================================================================================================
 
 @dataclass
@@ -257,8 +263,9 @@ class PLOPHyper:
 
 
 class PLOP(MiBFamily):
-    """PLOP (methods spec §4.9): MiB's network with the pre-activation taps, PLOP's label tables (void
-    ignored, ADE class 0 scored, future classes background at test).
+    """PLOP (PLOP argparser.py::modify_command_options, train.py::Trainer): MiB's network with the
+    pre-activation taps, PLOP's label tables (void ignored, ADE class 0 scored, future classes background at
+    test).
 
     * step 0: plain CE over all pixels;
     * before the first epoch of a step t ≥ 1 (``before_step``): the teacher's entropy histogram over one
@@ -286,15 +293,16 @@ class PLOP(MiBFamily):
 
     def build_network(self, spec, classes_per_step, pretrained=None, layout_step=None):
         model = super().build_network(spec, classes_per_step, pretrained, layout_step)
-        model.return_attentions = True  # the pre-activation taps of Local POD (spec §4.9)
+        model.return_attentions = True  # the pre-activation taps of Local POD (PLOP models/resnet.py::ResNet.forward)
         return model
 
     def background_init(self, ctx):
         return INIT_FULL if self.hp.init_balanced else None
 
     def before_step(self, model, teacher, data, ctx):
-        """The per-class entropy thresholds (spec §4.9(a)); a deliberate difference: the histogram is summed
-        over the processes (the reference kept one per process), so every process uses the same thresholds."""
+        """The per-class entropy thresholds (PLOP train.py::Trainer.find_median); a deliberate difference
+        (docs/differences.md): the histogram is summed over the processes (the reference kept one per process),
+        so every process uses the same thresholds."""
         if ctx.step == 0:
             return
         histogram = torch.zeros(ctx.num_classes, ENTROPY_BINS, dtype=torch.int64, device=data.device)

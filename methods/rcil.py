@@ -1,10 +1,11 @@
-"""RCIL: representation compensation and pooled-cube knowledge distillation (methods spec §4.10).
+"""RCIL: representation compensation and pooled-cube knowledge distillation (RCIL train.py, run.py::convert_model).
 
 RCIL trains a dual-branch network (:mod:`network.rcil`: a second 3×3 convolution per block and a second ASPP,
 mixed by random per-channel gates) whose branches are merged into the frozen first branch at the start of each
-step t ≥ 1; its loss at step t ≥ 1 is MiB's unbiased CE + 100 · unbiased KD (spec §4.8) plus the pooled-cube
-KD (PCKD): a spatial term comparing average-pooled squared maps at six kernel sizes and a channel term comparing
-squared maps averaged over windows of three channels (§4.10).
+step t ≥ 1; its loss at step t ≥ 1 is MiB's unbiased CE + 100 · unbiased KD (MiB
+utils/loss.py::UnbiasedCrossEntropy, UnbiasedKnowledgeDistillationLoss) plus the pooled-cube KD (PCKD): a spatial
+term comparing average-pooled squared maps at six kernel sizes and a channel term comparing squared maps averaged
+over windows of three channels (RCIL train.py::features_distillation_spatial, features_distillation_channel).
 
 * :class:`RCIL` — the method: MiB family protocol (:class:`methods.mib.MiBFamily`) with PLOP's label tables,
   model family ``rcil``, weight-only background initialisation of the new classifier, the branch merge in
@@ -13,7 +14,7 @@ squared maps averaged over windows of three channels (§4.10).
 * The PCKD terms as pure functions of tensors (:func:`pooled_cube_spatial`, :func:`pooled_cube_channel`); the
   student's small logits are collapsed to the teacher's channels as in PLOP (:func:`methods.plop.collapse_logits`).
 
-Shapes use the notation of spec §0: B images, K_t current classes, N_new classes added at this step.
+Shapes: B images, K_t current classes, N_new classes added at this step.
 """
 import math
 from dataclasses import dataclass
@@ -25,19 +26,21 @@ import torch.nn.functional as F
 from methods import losses
 from methods.base import hyper
 from methods.mib import INIT_WEIGHTS, PLOP_LABELS, MiBFamily
-# collapse_logits is re-exported: RCIL collapses the student's small logits exactly as PLOP (spec §4.10)
+# collapse_logits is re-exported: RCIL collapses the student's small logits exactly as PLOP
+# (RCIL train.py::features_distillation_spatial)
 from methods.plop import check_map_pairs, collapse_logits, layer_factors  # noqa: F401
 from network import build_model
 from network.rcil import freeze_merged, merge_branches
 
-RCIL_W_KD = 100.0  # L = UNCE + 100·UNKD + PCKD (methods spec §4.10, §5: --loss_kd 100)
-# The reference validates every 15 epochs (RCIL's --val_interval default, spec §2); validation never selects.
+RCIL_W_KD = 100.0  # L = UNCE + 100·UNKD + PCKD (RCIL argparser.py: --loss_kd 100)
+# The reference validates every 15 epochs (RCIL's --val_interval default, RCIL argparser.py); validation never
+# selects.
 RCIL_VAL_INTERVAL = 15
 # Tag of the gates' seed sequence [--random_seed, step, tag] (any constant: it only separates the stream).
 GATE_SEED_TAG = 4
 GATE_STATE_KEY = "gate_generator"
 
-# PCKD weights (methods spec §4.10, §5; hard-coded in the reference, --pod_factor is ignored, spec §9 RCIL 2):
+# PCKD weights (hard-coded in RCIL train.py, which ignores --pod_factor):
 # (every map but the last, the last map). Spatial: ℓ = 1..5 / ℓ = 6 (collapsed small logits);
 # channel: ℓ = 1..4 / ℓ = 5 (x_pl). The same pair serves both terms.
 PCKD_FACTOR_VOC = 0.01
@@ -53,7 +56,7 @@ PCKD_CHANNEL_MAPS = 5  # stages mod2..mod5, x_pl (logits excluded)
 
 def pckd_factors(dataset, n_maps):
     """The per-map weights λ_1..λ_n of a PCKD term on ``dataset`` ("voc" or "ade"): the dataset's feature factor
-    for every map but the last, its last-map factor for the last one (methods spec §4.10). Call it with
+    for every map but the last, its last-map factor for the last one (RCIL train.py). Call it with
     :data:`PCKD_SPATIAL_MAPS` for the spatial term and :data:`PCKD_CHANNEL_MAPS` for the channel term."""
     factor, last_factor = PCKD_FACTORS[dataset]
     return layer_factors(n_maps, factor, last_factor)
@@ -95,7 +98,7 @@ def _per_sample_distance(old, new):
 
 
 def pooled_cube_spatial(old_maps, new_maps, factors, n_classes_total, n_new, kernels=PCKD_SPATIAL_KERNELS):
-    """RCIL's spatial pooled-cube KD (methods spec §4.10, ``features_distillation_spatial``).
+    """RCIL's spatial pooled-cube KD (RCIL train.py::features_distillation_spatial).
 
     ``old_maps`` / ``new_maps``: lists of L teacher / student maps of equal shapes (B, C_ℓ, H_ℓ, W_ℓ) (RCIL: the
     four post-activation stage outputs, x_pl, and the small logits with the student collapsed by
@@ -118,7 +121,7 @@ def pooled_cube_spatial(old_maps, new_maps, factors, n_classes_total, n_new, ker
 
 
 def pooled_cube_channel(old_maps, new_maps, factors, n_classes_total, n_new):
-    """RCIL's channel pooled-cube KD (methods spec §4.10, ``features_distillation_channel``).
+    """RCIL's channel pooled-cube KD (RCIL train.py::features_distillation_channel).
 
     ``old_maps`` / ``new_maps``: lists of L teacher / student maps of equal shapes (B, C_ℓ, H_ℓ, W_ℓ) (RCIL: the
     four post-activation stage outputs and x_pl — the logits are not used by this term); ``factors``: λ_ℓ
@@ -139,7 +142,7 @@ def pooled_cube_channel(old_maps, new_maps, factors, n_classes_total, n_new):
     return total / len(old_maps)
 
 
-# ---- the method (methods spec §4.10) ------------------------------------------------------------------------------
+# ---- the method (RCIL argparser.py, train.py, run.py::convert_model) ----------------------------------------------
 
 def gate_seed(seed, step):
     """The seed of the student's gate generator at ``step`` from ``--random_seed`` (a SeedSequence of both)."""
@@ -162,7 +165,7 @@ class RCILHyper:
 
 
 class RCIL(MiBFamily):
-    """RCIL (methods spec §4.10) on the MiB family protocol (:class:`methods.mib.MiBFamily`).
+    """RCIL (RCIL train.py, run.py::convert_model) on the MiB family protocol (:class:`methods.mib.MiBFamily`).
 
     * Model: family ``rcil`` (:func:`network.rcil.build_rcil_model`); a model built for the checkpoint of a
       merged step (``layout_step`` ≥ 1) has the merged conv biases.
@@ -191,7 +194,7 @@ class RCIL(MiBFamily):
 
     @classmethod
     def default_hyper(cls, dataset):
-        """PCKD weights per dataset (spec §4.10, §5: 0.01 / 0.0005 on VOC, 5e-6 / 5e-7 on ADE)."""
+        """PCKD weights per dataset (RCIL train.py: 0.01 / 0.0005 on VOC, 5e-6 / 5e-7 on ADE)."""
         factor, last_factor = PCKD_FACTORS[dataset]
         return RCILHyper(pckd_factor=factor, pckd_last_factor=last_factor)
 
@@ -206,7 +209,8 @@ class RCIL(MiBFamily):
         return INIT_WEIGHTS if self.hp.init_balanced else None
 
     def prepare_student(self, model, previous, ctx):
-        """Weight-only background init of the new classifier, then the branch merge (spec §4.10)."""
+        """Weight-only background init of the new classifier (RCIL segmentation_module.py::init_new_classifier),
+        then the branch merge (RCIL run.py::convert_model)."""
         super().prepare_student(model, previous, ctx)
         merge_branches(model)
 
@@ -222,7 +226,7 @@ class RCIL(MiBFamily):
             self._pending_gate_state = None
 
     def set_train_mode(self, model, ctx):
-        """``model.train()``, then the merged layers back to eval and frozen (spec §4.10 merge item 4)."""
+        """``model.train()``, then the merged layers back to eval and frozen (as RCIL run.py does every epoch)."""
         super().set_train_mode(model, ctx)
         if ctx.step > 0:
             freeze_merged(model)
@@ -235,7 +239,7 @@ class RCIL(MiBFamily):
 
     # ---- per batch ------------------------------------------------------------------------------------
     def loss(self, outputs, teacher_outputs, batch, ctx):
-        """RCIL's loss (methods spec §4.10). ``outputs`` / ``teacher_outputs``: ``(z^s, features)`` of the student
+        """RCIL's loss (RCIL train.py). ``outputs`` / ``teacher_outputs``: ``(z^s, features)`` of the student
         (K_t channels) and the teacher (K_old), logits at feature resolution; ``batch.labels`` (B, H, W), 255 ignored.
 
         Step 0: ``ce`` = mean over all B·H·W pixels of CE(up(z), y). Step t ≥ 1, with up(·) the bilinear upsampling
@@ -271,7 +275,8 @@ class RCIL(MiBFamily):
 
     # ---- validation -----------------------------------------------------------------------------------
     def validation_due(self, iteration, iterations_per_epoch, total_iterations, val_interval):
-        """Every 15 epochs (RCIL's ``--val_interval`` default, spec §2), or every ``--val_interval`` epochs."""
+        """Every 15 epochs (RCIL's ``--val_interval`` default, RCIL argparser.py), or every ``--val_interval``
+        epochs."""
         every = RCIL_VAL_INTERVAL if val_interval is None else val_interval
         return super().validation_due(iteration, iterations_per_epoch, total_iterations, every)
 

@@ -1,7 +1,8 @@
 """Parameter regularisers of the MiB family: EWC, PI (path integral) and RW (Riemannian Walk).
 
-Methods spec §4.5-§4.7 (MiB:utils/regularizer.py), loop placement §2. Plain classes working on
-name → tensor dicts; they know nothing about models, optimizers or the trainer. Life cycle of one step t::
+Reference: MiB utils/regularizer.py (EWC, PI, RW), loop placement MiB train.py::Trainer.train. Plain classes
+working on name → tensor dicts; they know nothing about models, optimizers or the trainer. Life cycle of one
+step t::
 
     reg = EWC(params, reference=theta_star, previous=carry)   # start of step t (previous: None at step 0)
     # every iteration, after the task-loss backward, with the unscaled gradients:
@@ -55,13 +56,13 @@ from utils.errors import UserError
 
 log = logging.getLogger("ciss")
 
-NORMALIZE_EPS = 1e-8  # MiB:utils/regularizer.py::normalize_fn (methods spec §4.5)
-PI_EPS = 1e-20  # denominator of the PI importance (methods spec §4.6)
-RW_EPS = 1e-8  # denominator of the RW score (methods spec §4.7)
+NORMALIZE_EPS = 1e-8  # ε of the min-max normalisation (MiB utils/regularizer.py)
+PI_EPS = 1e-20  # denominator of the PI importance (MiB utils/regularizer.py::PI)
+RW_EPS = 1e-8  # denominator of the RW score (MiB utils/regularizer.py::RW)
 
 
 def min_max_normalize(x):
-    """Per-tensor min-max normalisation of the reference (methods spec §4.5)::
+    """Per-tensor min-max normalisation of the reference (MiB utils/regularizer.py)::
 
         x̂ = (x − min x) / (max x − min x + 1e-8)
     """
@@ -127,7 +128,7 @@ class _Regularizer:
         self._set_previous(previous)
         if self.reference is not None and self.previous is None:
             log.warning("%s: no statistics carried from the previous step (was it trained with the same "
-                        "regulariser?): the penalty is disabled for this step (methods spec §4.5)", self.kind)
+                        "regulariser?): the penalty is disabled for this step, as in MiB", self.kind)
 
     # ---- carried statistics ---------------------------------------------------------------------------
     def _set_previous(self, previous):
@@ -186,12 +187,12 @@ class _Regularizer:
 
 
 class EWC(_Regularizer):
-    """Elastic weight consolidation as in MiB (methods spec §4.5).
+    """Elastic weight consolidation as in MiB utils/regularizer.py::EWC.
 
     * F starts from the carried (un-normalised) Fisher, with ones for trainable parameters it does not
       contain yet (all of them at step 0, the new classifier later).
     * ``update``: F_n ← α·g_n² + (1 − α)·F_n for every parameter with a gradient: an EMA dominated by the
-      last ~10 iterations, not an average Fisher (reproduced on purpose, spec §9.5).
+      last ~10 iterations, not an average Fisher (reproduced on purpose).
     * ``penalty``: R = Σ_{n ∈ θ*, trainable} Σ F̂_n ⊙ (θ_n − θ*_n)², F̂ = min-max normalised carried F.
       New-classifier parameters are not penalised.
     * carry: ``{"kind": "ewc", "fisher": F}``.
@@ -233,14 +234,14 @@ class EWC(_Regularizer):
 
 
 class PI(_Regularizer):
-    """Path integral (synaptic intelligence) as in MiB (methods spec §4.6).
+    """Path integral (synaptic intelligence) as in MiB utils/regularizer.py::PI.
 
     * θ_ref,n = θ*_n for parameters that existed before, else the value of the parameter given to the
       constructor (its initial value: the new classifier; every parameter at step 0).
     * ``update``: if θ_prev exists, δ_n += g_n ⊙ (θ_prev,n − θ_n); then θ_prev ← θ (parameters with a
       gradient only). δ starts at 0 every step.
     * ``end_step``: ω_n = max(δ_n / ((θ_n − θ_ref,n)² + 1e-20), 0) + ω_prev,n (the carried importance, when
-      present: summed, although the reference's comment says "averaged", spec §9.5).
+      present: summed, although the reference's comment says "averaged").
     * ``penalty``: R = Σ_{n ∈ ω_prev, trainable} Σ ω̂_n ⊙ (θ_n − θ_ref,n)², ω̂ = min-max normalised
       ω_prev.
     * carry: ``{"kind": "pi", "score": ω}``.
@@ -304,7 +305,7 @@ class PI(_Regularizer):
 
 
 class RW(_Regularizer):
-    """Riemannian Walk as in MiB (methods spec §4.7).
+    """Riemannian Walk as in MiB utils/regularizer.py::RW.
 
     * F starts from the carried Fisher (ones for trainable parameters it lacks); S starts at 0 every step
       (trainable parameters).
@@ -393,11 +394,11 @@ class RW(_Regularizer):
 
 
 # ======================================================================================================
-# The methods ewc, pi, rw (methods spec §4.5-§4.7, §5)
+# The methods ewc, pi, rw (MiB utils/regularizer.py, train.py::Trainer.train; weights: MiB argparser.py)
 # ======================================================================================================
 
 class RegularizedMethod(MiBFamily):
-    """FT + a parameter regulariser (methods spec §4.5-§4.7), the base of :class:`EWCMethod`,
+    """FT + a parameter regulariser (MiB utils/regularizer.py), the base of :class:`EWCMethod`,
     :class:`PIMethod` and :class:`RWMethod`.
 
     * Step 0 must be trained with the same method: its checkpoint carries the statistics
@@ -497,7 +498,7 @@ class EWCHyper:
 
 
 class EWCMethod(RegularizedMethod):
-    """EWC (methods spec §4.5): CE + ``reg_importance`` · Σ F̂ ⊙ (θ − θ*)²."""
+    """EWC (MiB utils/regularizer.py::EWC): CE + ``reg_importance`` · Σ F̂ ⊙ (θ − θ*)²."""
 
     name = "ewc"
     Hyper = EWCHyper
@@ -516,7 +517,7 @@ class PIHyper:
 
 
 class PIMethod(RegularizedMethod):
-    """PI / synaptic intelligence (methods spec §4.6): CE + ``reg_importance`` · Σ ω̂ ⊙ (θ − θ_ref)²."""
+    """PI / synaptic intelligence (MiB utils/regularizer.py::PI): CE + ``reg_importance`` · Σ ω̂ ⊙ (θ − θ_ref)²."""
 
     name = "pi"
     Hyper = PIHyper
@@ -533,7 +534,7 @@ class RWHyper:
 
 
 class RWMethod(RegularizedMethod):
-    """RW (methods spec §4.7): CE + ``reg_importance`` · Σ (F̂ + Ŝ) ⊙ (θ − θ*)²."""
+    """RW (MiB utils/regularizer.py::RW): CE + ``reg_importance`` · Σ (F̂ + Ŝ) ⊙ (θ − θ*)²."""
 
     name = "rw"
     Hyper = RWHyper

@@ -1,19 +1,22 @@
-"""SSUL / SSUL-M: semantic segmentation with an unknown label (spec barm-ssul-kproba §12).
+"""SSUL / SSUL-M: semantic segmentation with an unknown label (SSUL main.py::main).
 
 * Model: the ``SSULHead`` (one Sequential(3x3 conv, BN, ReLU, 1x1 conv) entry per step); with ``--unknown``
-  the entries have [1 (unknown), 1 (background), n_0 − 1, n_1, …] outputs (§12.1). Logits stay at feature
-  resolution in ciss; SSUL upsampled them inside its model, so every function here that needs them at label
-  resolution upsamples them first (bilinear, align_corners False).
-* Labels (§12.2): ciss labels are channel positions of the concatenated class order (0 = background,
-  255 = ignore). With ``--unknown`` they are shifted by one on the training split (channel k+1 = class k) and
-  background pixels become unknown 0 where the saliency map is positive (VOC) or everywhere (ADE).
-* Step t ≥ 1 with ``--freeze`` (§12.3): only the new head, the unknown head (lr) and the background head
+  the entries have [1 (unknown), 1 (background), n_0 − 1, n_1, …] outputs (SSUL
+  network/_deeplab.py::DeepLabHead). Logits stay at feature resolution in ciss; SSUL upsampled them inside its
+  model, so every function here that needs them at label resolution upsamples them first (bilinear,
+  align_corners False).
+* Labels (SSUL datasets/voc.py::__getitem__): ciss labels are channel positions of the concatenated class
+  order (0 = background, 255 = ignore). With ``--unknown`` they are shifted by one on the training split
+  (channel k+1 = class k) and background pixels become unknown 0 where the saliency map is positive (VOC) or
+  everywhere (ADE).
+* Step t ≥ 1 with ``--freeze`` (SSUL main.py::main): only the new head, the unknown head (lr) and the background head
   (lr·1e−4) train; ``--w_transfer`` copies the unknown head into the new one; pseudo-labels from the
   previous model (σ, threshold 0.7, on labels ≤ fg_idx); loss ``bce_with_ignore`` over all channels.
-* Prediction (§12.2, §7.2): upsample logits, σ, unknown probability added to the background, argmax.
-* Validation every ``max(100, T // 100)`` iterations; each step's result is its best-validated weights (§12.3).
-* SSUL-M memory (``--mem_size N``): :mod:`methods.memory` (§12.4), selected before the step with the
-  previous model and kept in the method's state.
+* Prediction (SSUL main.py): upsample logits, σ, unknown probability added to the background, argmax.
+* Validation every ``max(100, T // 100)`` iterations; each step's result is its best-validated weights
+  (SSUL main.py::main).
+* SSUL-M memory (``--mem_size N``): :mod:`methods.memory` (SSUL utils/memory.py::memory_sampling_balanced),
+  selected before the step with the previous model and kept in the method's state.
 
 The numerics are plain functions of tensors; :class:`SSUL` assembles them as a method of the trainer.
 """
@@ -32,29 +35,31 @@ from utils.errors import UserError
 log = logging.getLogger("ciss")
 
 IGNORE_INDEX = losses.IGNORE_INDEX
-UNKNOWN_LABEL = 0  # label / channel of the unknown class with --unknown (§12.2)
-SHIFTED_BACKGROUND = 1  # the background's label / channel with --unknown (§12.2)
-SALIENCY = "saliency"  # name of the saliency map among a batch's extras (VOC with --unknown, §12.2)
+# the unknown label (SSUL datasets/voc.py::__getitem__)
+UNKNOWN_LABEL = 0  # label / channel of the unknown class with --unknown
+SHIFTED_BACKGROUND = 1  # the background's label / channel with --unknown
+SALIENCY = "saliency"  # name of the saliency map among a batch's extras (VOC with --unknown)
 
-SSUL_PSEUDO_THRESH = 0.7  # --pseudo_thresh default and the scripts' THRESH (§12.3, §12.5)
-SSUL_FG_IDX_UNKNOWN = 1  # fg_idx with --unknown: labels ≤ 1 (unknown, background) can be relabelled (§12.3)
-SSUL_FG_IDX_PLAIN = 0  # fg_idx without --unknown (§12.3)
+# pseudo-labels (SSUL main.py::main; THRESH in SSUL run.sh)
+SSUL_PSEUDO_THRESH = 0.7  # --pseudo_thresh default and the scripts' THRESH
+SSUL_FG_IDX_UNKNOWN = 1  # fg_idx with --unknown: labels ≤ 1 (unknown, background) can be relabelled
+SSUL_FG_IDX_PLAIN = 0  # fg_idx without --unknown
 
-# learning rates (§12.3)
+# learning rates (SSUL main.py::main)
 SSUL_BACKBONE_LR0 = 0.001  # step 0, and t > 0 without --freeze: backbone (hard-coded in SSUL)
 SSUL_CLASSIFIER_LR0 = 0.01  # step 0, and t > 0 without --freeze: classifier (hard-coded in SSUL)
 SSUL_NEW_LR_FACTOR = 1.0  # t > 0 with --freeze: new head at --lr
 SSUL_UNKNOWN_LR_FACTOR = 1.0  # t > 0 with --freeze --unknown: unknown head at --lr
 SSUL_BG_LR_FACTOR = 1e-4  # t > 0 with --freeze --unknown: background head at --lr × 1e−4
 
-# validation cadence (§12.3): every max(100, total_itrs // 100) iterations
+# validation cadence (SSUL main.py::main): every max(100, total_itrs // 100) iterations
 SSUL_VAL_INTERVAL_MIN = 100
 SSUL_VAL_INTERVAL_DIVISOR = 100
 
 
 @dataclass(frozen=True)
 class SSULSetting:
-    """One published SSUL / SSUL-M recipe (spec §12.5, the SSUL README)."""
+    """One published SSUL / SSUL-M recipe (SSUL README)."""
     epochs: int
     batch_size: int
     lr: float
@@ -62,7 +67,7 @@ class SSULSetting:
     mem_size: int  # SSUL-M's memory size (SSUL: 0)
 
 
-# Published settings (§12.5): VOC from the README (run.sh uses batch 16); ADE from the README
+# Published settings (SSUL README): VOC (SSUL run.sh uses batch 16) and ADE
 SSUL_PUBLISHED = {
     "voc": SSULSetting(epochs=50, batch_size=32, lr=0.01, lr_policy="poly", mem_size=100),
     "ade": SSULSetting(epochs=100, batch_size=24, lr=0.05, lr_policy="warm_poly", mem_size=300),
@@ -70,22 +75,24 @@ SSUL_PUBLISHED = {
 
 
 def fg_index(unknown):
-    """SSUL's ``fg_idx`` (spec §12.3): 1 with ``--unknown`` (channels 0 unknown, 1 background), else 0."""
+    """SSUL's ``fg_idx`` (SSUL main.py::main): 1 with ``--unknown`` (channels 0 unknown, 1 background), else 0."""
     return SSUL_FG_IDX_UNKNOWN if unknown else SSUL_FG_IDX_PLAIN
 
 
 def validation_interval(total_iterations):
-    """SSUL's validation cadence (spec §12.3): ``max(100, total_iterations // 100)`` iterations."""
+    """SSUL's validation cadence (SSUL main.py::main): ``max(100, total_iterations // 100)`` iterations."""
     return max(SSUL_VAL_INTERVAL_MIN, int(total_iterations) // SSUL_VAL_INTERVAL_DIVISOR)
 
 
 def total_iterations(epochs, n_images, batch_size):
-    """SSUL's ``total_itrs = epochs × ⌊N / batch⌋`` (spec §12.3; the train loader drops the last batch)."""
+    """SSUL's ``total_itrs = epochs × ⌊N / batch⌋`` (SSUL main.py::main; the train loader drops the last
+    batch)."""
     return int(epochs) * (int(n_images) // int(batch_size))
 
 
 def unknown_labels(labels, saliency=None):
-    """SSUL's unknown relabelling of training labels (spec §12.2).
+    """SSUL's unknown relabelling of training labels (SSUL datasets/voc.py::__getitem__,
+    datasets/ade.py::__getitem__).
 
     ``labels``: integer tensor of any shape, typically (B, H, W) or (H, W), with 255 = ignore.
     ``saliency``: same shape (VOC's saliency map after the joint transforms), or ``None`` (ADE)::
@@ -114,7 +121,7 @@ def _entry_layers(entry):
 
 @torch.no_grad()
 def transfer_unknown_head(head, step):
-    """SSUL's ``--w_transfer`` (spec §12.3): initialise the new head entry from the unknown entry, in place.
+    """SSUL's ``--w_transfer`` (SSUL main.py::main): initialise the new head entry from the unknown entry, in place.
 
     ``head``: an ``SSULHead`` with ``unknown=True`` already grown to step ``step`` ≥ 1, so that its entries are
     [unknown, background, n_0 − 1, n_1, …, n_t] and the new entry is ``head.head[step + 2]`` (the last one).
@@ -124,9 +131,9 @@ def transfer_unknown_head(head, step):
 
         W_new[c] = W_unk[0],  b_new[c] = b_unk[0]   for c = 0 … n_t − 1
 
-    Unlike BARM's ear copy (§4.3), the BN running statistics are copied too. ``num_batches_tracked`` is not
-    copied (SSUL loaded every key but this one from the old checkpoint; it only matters for BN momentum None).
-    All other entries are untouched.
+    Unlike BARM's ear copy (BARM trainer/trainer.py::Trainer.init_ckpt), the BN running statistics are copied
+    too. ``num_batches_tracked`` is not copied (SSUL loaded every key but this one from the old checkpoint; it
+    only matters for BN momentum None). All other entries are untouched.
     """
     if not getattr(head, "unknown", False):
         raise ValueError("transfer_unknown_head needs an SSULHead built with unknown=True")
@@ -145,7 +152,7 @@ def transfer_unknown_head(head, step):
 
 
 def trainable_heads(head, step, unknown=True, bg_lr_factor=SSUL_BG_LR_FACTOR):
-    """What SSUL trains at step ``step`` ≥ 1 with ``--freeze`` (spec §12.3), as ``[(module, lr factor), …]``.
+    """What SSUL trains at step ``step`` ≥ 1 with ``--freeze`` (SSUL main.py::main), as ``[(module, lr factor), …]``.
 
     Everything not listed (backbone, ASPP, the other head entries, and the whole previous model) is frozen
     (``requires_grad = False``). The learning rate of a group is ``--lr × factor``:
@@ -169,7 +176,7 @@ def trainable_heads(head, step, unknown=True, bg_lr_factor=SSUL_BG_LR_FACTOR):
 
 def ssul_pseudo_labels(old_logits_up, labels, thresh=SSUL_PSEUDO_THRESH, fg_idx=SSUL_FG_IDX_UNKNOWN,
                        loss_type="bce_loss"):
-    """SSUL's pseudo-labels (spec §12.3).
+    """SSUL's pseudo-labels (SSUL main.py::main).
 
     ``old_logits_up``: (B, C_old, H, W) previous-model logits at label resolution (C_old includes the unknown
     channel with ``--unknown``); ``labels``: (B, H, W) in the training label space (shifted with unknown)::
@@ -185,7 +192,7 @@ def ssul_pseudo_labels(old_logits_up, labels, thresh=SSUL_PSEUDO_THRESH, fg_idx=
 
 
 def ssul_predict(logits, size, unknown=True, loss_type="bce_loss"):
-    """SSUL's prediction (spec §12.2, §7.2): labels (B, H, W) from logits (B, C, h, w) at feature resolution.
+    """SSUL's prediction (SSUL main.py): labels (B, H, W) from logits (B, C, h, w) at feature resolution.
 
     Logits are upsampled to ``size`` (bilinear, align_corners False) first, as SSUL's model did, then::
 
@@ -201,7 +208,7 @@ def ssul_predict(logits, size, unknown=True, loss_type="bce_loss"):
 
 def ssul_loss(logits, labels, old_logits=None, thresh=SSUL_PSEUDO_THRESH, fg_idx=SSUL_FG_IDX_UNKNOWN,
               loss_type="bce_loss"):
-    """SSUL's training loss (spec §12.3): the criterion on upsampled logits, over all channels.
+    """SSUL's training loss (SSUL main.py::main): the criterion on upsampled logits, over all channels.
 
     ``logits``: (B, C, h, w) student logits at feature resolution; ``labels``: (B, H, W); ``old_logits``: the
     previous model's logits at feature resolution (``--pseudo`` at t ≥ 1) or ``None``. Returns ``(terms,
@@ -220,7 +227,8 @@ def ssul_loss(logits, labels, old_logits=None, thresh=SSUL_PSEUDO_THRESH, fg_idx
 
 
 def training_labels(labels, saliency=None, is_memory=None, unshifted_memory=False):
-    """SSUL's training targets of a batch with ``--unknown`` (spec §12.2, §12.4 step 5), before pseudo-labels.
+    """SSUL's training targets of a batch with ``--unknown`` (SSUL datasets/voc.py::__getitem__, main.py::main),
+    before pseudo-labels.
 
     ``labels``: (B, H, W) ciss label positions (memory samples through the "memory" label split: current and
     previous classes kept); ``saliency``: (B, H, W) or None (ADE); ``is_memory``: (B,) bool, the samples that
@@ -229,20 +237,22 @@ def training_labels(labels, saliency=None, is_memory=None, unshifted_memory=Fals
         y' = unknown_labels(y, saliency)     for every sample (current and memory alike)
         y' = y                               for memory samples when ``unshifted_memory``
 
-    ``unshifted_memory`` reproduces SSUL's off-by-one (spec §12.4 "as written"): SSUL shifted only its
-    ``train`` split, so a memory pixel of class k was supervised on channel k (class k − 1) and memory
+    ``unshifted_memory`` reproduces SSUL's off-by-one (SSUL datasets/voc.py::__getitem__): SSUL shifted only
+    its ``train`` split, so a memory pixel of class k was supervised on channel k (class k − 1) and memory
     background on the unknown channel. By default memory samples get the same shift and unknown rule as the
-    current ones (their saliency map included), which is what the unknown label means.
+    current ones (their saliency map included), which is what the unknown label means (docs/differences.md).
     """
     shifted = unknown_labels(labels, saliency)
     if unshifted_memory and is_memory is not None:
-        # quirk (spec §12.4, --memory_labels_unshifted): memory labels stay unshifted, as SSUL's memory split
+        # quirk (SSUL datasets/voc.py::__getitem__, --memory_labels_unshifted): memory labels stay unshifted,
+        # as SSUL's memory split
         shifted = torch.where(is_memory.view(-1, *([1] * (labels.dim() - 1))), labels, shifted)
     return shifted
 
 
 def memory_candidates(batches, teacher=None, unknown=True, loss_type="bce_loss"):
-    """SSUL-M's candidate records (spec §12.4 step 1): ``[[image id, old classes present], …]`` in batch order.
+    """SSUL-M's candidate records (SSUL utils/memory.py::memory_sampling_balanced): ``[[image id, old classes
+    present], …]`` in batch order.
 
     ``batches``: :class:`methods.base.Batch` objects over step t−1's training list (val transform: resize and
     centre crop), labels in ciss positions through step t−1's training split (its classes kept, the rest 0);
@@ -253,8 +263,8 @@ def memory_candidates(batches, teacher=None, unknown=True, loss_type="bce_loss")
     removed), through :func:`methods.memory.collect_candidates`. Runs without gradients, in fp32, as SSUL's.
     """
     fg_idx = fg_index(unknown)
-    # quirk (spec §12.4, SSUL utils/memory.py): this pass uses the softmax only for ce_loss (the sigmoid for
-    # focal_loss), whereas training uses the sigmoid for bce_loss only
+    # quirk (SSUL utils/memory.py::memory_sampling_balanced): this pass uses the softmax only for ce_loss (the
+    # sigmoid for focal_loss), whereas training uses the sigmoid for bce_loss only
     activation_type = "ce_loss" if loss_type == "ce_loss" else "bce_loss"
 
     def relabel(batch):
@@ -297,12 +307,12 @@ class SSULHyper:
 
 
 class SSUL(Method):
-    """SSUL (``--mem_size 0``) and SSUL-M (``--mem_size N``), spec §12."""
+    """SSUL (``--mem_size 0``) and SSUL-M (``--mem_size N``), SSUL main.py::main."""
     name = "ssul"
     Hyper = SSULHyper
     model_family = "deeplabv3"
     compatible_families = ("deeplabv3",)
-    upsample_probabilities = False  # SSUL upsamples logits (inside its model), then the sigmoid (§7.2)
+    upsample_probabilities = False  # SSUL upsamples logits (inside its model, SSUL network/utils.py), then the sigmoid
 
     def __init__(self, hyper=None, dataset="voc"):
         super().__init__(hyper, dataset)
@@ -325,7 +335,7 @@ class SSUL(Method):
         return ctx.step > 0 and self.hp.bn_freeze
 
     def prepare_student(self, model, previous, ctx):
-        """``--w_transfer`` (with ``--unknown``): the new head copies the unknown head (spec §12.3)."""
+        """``--w_transfer`` (with ``--unknown``): the new head copies the unknown head (SSUL main.py::main)."""
         if self.hp.unknown and self.hp.w_transfer:
             transfer_unknown_head(model.classifier, ctx.step)
         # SSUL-M at t > 1 pseudo-labels its candidates with the previous model even without --pseudo
@@ -336,7 +346,7 @@ class SSUL(Method):
 
     def configure(self, model, ctx):
         """With ``--freeze`` at t > 0 only the new head (and, with the unknown class, the unknown and the
-        background heads) keeps gradients (spec §12.3); ``--bn_freeze`` then freezes every BN's affine
+        background heads) keeps gradients (SSUL main.py::main); ``--bn_freeze`` then freezes every BN's affine
         parameters, those of these heads included."""
         if self._frozen_step(ctx):
             model.requires_grad_(False)
@@ -346,7 +356,7 @@ class SSUL(Method):
 
     def param_groups(self, model, ctx, lr):
         """t > 0 with ``--freeze``: [new head at lr, unknown head at lr, background head at lr·1e−4] (SSUL's
-        order); otherwise backbone 0.001 and classifier 0.01 (``--lr`` unused, spec §12.3)."""
+        order); otherwise backbone 0.001 and classifier 0.01 (``--lr`` unused, SSUL main.py::main)."""
         if self._frozen_step(ctx):
             return [{"params": module_params(module), "lr": lr * factor} for module, factor
                     in trainable_heads(model.classifier, ctx.step, self.hp.unknown, self.hp.bg_lr_factor)]
@@ -355,8 +365,8 @@ class SSUL(Method):
 
     # ---- data -----------------------------------------------------------------------------------------
     def extra_maps(self, ctx, data_root):
-        """VOC with ``--unknown``: the saliency maps ``{data_root}/saliency_map/{id}.png`` (spec §12.2); a
-        missing folder stops the run before training."""
+        """VOC with ``--unknown``: the saliency maps ``{data_root}/saliency_map/{id}.png`` (SSUL
+        datasets/voc.py::__getitem__); a missing folder stops the run before training."""
         if not (self.hp.unknown and ctx.dataset == "voc"):
             return {}
         folder = os.path.join(data_root, SALIENCY_DIR)
@@ -371,8 +381,8 @@ class SSUL(Method):
 
     # ---- before the step: SSUL-M's memory -------------------------------------------------------------
     def before_step(self, model, teacher, data, ctx):
-        """SSUL-M at t > 0 (spec §12.4): candidates from step t−1's training list (see
-        :func:`memory_candidates`; the previous memory's records first at t > 1), then
+        """SSUL-M at t > 0 (SSUL utils/memory.py::memory_sampling_balanced): candidates from step t−1's
+        training list (see :func:`memory_candidates`; the previous memory's records first at t > 1), then
         :meth:`methods.memory.Memory.select` with the step's seed; rank 0's result on every process."""
         self.memory, self.memory_step = None, None
         previous, self._previous = self._previous, None
@@ -412,13 +422,13 @@ class SSUL(Method):
 
     # ---- validation and checkpoint selection ----------------------------------------------------------
     def validation_due(self, iteration, iterations_per_epoch, total_iterations, val_interval):
-        """Every ``max(100, T // 100)`` iterations (spec §12.3); ``--val_interval N``: every N epochs."""
+        """Every ``max(100, T // 100)`` iterations (SSUL main.py::main); ``--val_interval N``: every N epochs."""
         if val_interval is None:
             return iteration % validation_interval(total_iterations) == 0
         return super().validation_due(iteration, iterations_per_epoch, total_iterations, val_interval)
 
     def selects_best(self, ctx, select_best):
-        """Every step's result is its best-validated weights (spec §12.3) unless ``--select_last``."""
+        """Every step's result is its best-validated weights (SSUL main.py::main) unless ``--select_last``."""
         return True if select_best is None else bool(select_best)
 
     # ---- prediction -----------------------------------------------------------------------------------
@@ -427,7 +437,8 @@ class SSUL(Method):
 
     # ---- state ----------------------------------------------------------------------------------------
     def step_files(self):
-        """``memory.json`` (SSUL-M): the step's ``memory_list`` and ``memory_candidates`` (spec §12.4 step 3)."""
+        """``memory.json`` (SSUL-M): the step's ``memory_list`` and ``memory_candidates`` (SSUL
+        utils/memory.py::memory_sampling_balanced)."""
         if self.memory is None:
             return {}
         return {"memory.json": {"step": self.memory_step, **self.memory.state_dict()}}

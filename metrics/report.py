@@ -1,5 +1,5 @@
 """Tables across steps and runs from the results files: per-step mIoU (old / new / all, hIoU, without
-background), the average over steps, per-class IoU over steps and forgetting (issue 13 item 1).
+background), the average over steps, per-class IoU over steps and forgetting.
 
 A run is read from one folder (see :func:`load_run`):
 

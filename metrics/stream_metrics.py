@@ -1,4 +1,4 @@
-"""Streaming confusion matrix with BARM's StreamSegMetrics results (spec barm-ssul-kproba §7.1).
+"""Streaming confusion matrix with BARM's StreamSegMetrics results (BARM metrics/stream_metrics.py::StreamSegMetrics).
 
 The matrix is accumulated on the tensors' device with one ``bincount`` per update (no host transfer per
 batch) and summed across processes by :meth:`StreamSegMetrics.all_reduce` when ``torch.distributed`` is

@@ -1,10 +1,10 @@
 """Step summaries: mIoU over all / old / new classes, without background, and hIoU.
 
 "old" = the classes of step 0 including background (channels ``0..n_old-1``), "new" = the classes of steps
-1..t (methods spec §6: the papers' convention). hIoU = 2·old·new / (old + new) (DKD). The default
-averages every class, as BARM's ``np.mean`` over its Class IoU (a class absent from the test ground truth
-and never predicted counts as 0); ``exclude_absent=True`` averages only classes present in the ground
-truth, as MiB/PLOP/RCIL's StreamSegMetrics.
+1..t (the papers' convention: PLOP average_csv.py, DKD utils/metric.py::Evaluator). hIoU = 2·old·new /
+(old + new) (DKD). The default averages every class, as BARM's ``np.mean`` over its Class IoU (a class
+absent from the test ground truth and never predicted counts as 0); ``exclude_absent=True`` averages only
+classes present in the ground truth, as MiB/PLOP/RCIL's StreamSegMetrics.
 """
 import numpy as np
 

@@ -1,4 +1,4 @@
-"""Segmentation networks for class-incremental segmentation (spec barm-ssul-kproba §2, §3, §12.1).
+"""Segmentation networks for class-incremental segmentation (BARM network/modeling.py, SSUL network/_deeplab.py).
 
 ``build_model(name, classes_per_step, ...)`` builds a model of a registered *family* whose state dict uses
 that family's reference key layout. A model name is a family, optionally suffixed with a backbone, e.g.
@@ -7,11 +7,11 @@ that family's reference key layout. A model name is a family, optionally suffixe
 * ``deeplabv3bga``: BARM's background-adaptation head on the dilated torchvision ResNet;
 * ``deeplabv3``: SSUL's per-step heads (``unknown=True`` adds SSUL's unknown channel);
 * ``deeplabv3inc``: a plain incremental head (``head_pre`` + one 1x1 classifier per step);
-* ``mib``: MiB/PLOP's DeepLab-v3 (``mod1..mod5`` ResNet, InPlace-ABN computed with standard layers, methods
-  spec §1; :mod:`network.mib`);
+* ``mib``: MiB/PLOP's DeepLab-v3 (``mod1..mod5`` ResNet, InPlace-ABN computed with standard layers, MiB
+  segmentation_module.py::make_model; :mod:`network.mib`);
 * ``rcil``: RCIL's dual-branch MiB network (:mod:`network.rcil`);
 * ``dkd``: DKD's head (torchvision ASPP with ``last_conv``, auxiliary classifier, no background channel,
-  methods spec §4.11; :mod:`network.dkd`).
+  DKD models/model.py::DeepLabV3; :mod:`network.dkd`).
 
 A family is a builder ``(classes_per_step, backbone, output_stride, pretrained, **options) -> nn.Module``
 registered in :data:`FAMILIES` (:func:`register_family`); every model it builds returns ``(logits,
@@ -92,8 +92,9 @@ def build_model(name, classes_per_step, backbone=None, output_stride=16, pretrai
         backbone: ``"resnet18"``, ``"resnet50"`` or ``"resnet101"``; overrides the name's suffix.
             Default: the suffix, else resnet101.
         output_stride: 16 (ASPP rates 6/12/18) or 8 (12/24/36).
-        pretrained: None (random backbone), ``"imagenet"`` (the family's ImageNet weights, spec §3)
-            or the path of a local weights file (see :mod:`network.pretrained`).
+        pretrained: None (random backbone), ``"imagenet"`` (the family's ImageNet weights, e.g. BARM
+            network/backbone/resnet.py::model_urls) or the path of a local weights file (see
+            :mod:`network.pretrained`).
         **options: passed to the family's builder, e.g. ``unknown=True`` for the SSUL head.
 
     Raises:

@@ -1,4 +1,4 @@
-"""Activated batch normalisation computing what InPlace-ABN computes (methods spec §1.4, §4.10).
+"""Activated batch normalisation computing what InPlace-ABN computes (InPlace-ABN inplace_abn/functions.py).
 
 MiB, PLOP and RCIL normalise with mapillary's ``InPlaceABN(Sync)`` (a CUDA extension). Its forward is
 
@@ -13,7 +13,7 @@ effective scale |gamma| + eps followed by the activation. The weight gradient fo
 d|gamma|/dgamma = sign(gamma) with sign(0) = +1 (the extension flips the gradient of negative weights only).
 
 Activations: ``"leaky_relu"`` with slope 0.01 (MiB/PLOP), ``"leaky_relu"`` with slope 1.0 (RCIL:
-the identity, methods spec §4.10) and ``"identity"`` (no activation: ``bn3`` / ``proj_bn`` of a block).
+the identity, RCIL modules/residual.py) and ``"identity"`` (no activation: ``bn3`` / ``proj_bn`` of a block).
 
 Parameters and buffers carry the names of the reference checkpoints (``weight``, ``bias``,
 ``running_mean``, ``running_var``) plus ``num_batches_tracked`` (inplace_abn >= 1.0 has it; the
@@ -29,13 +29,13 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
-#: InPlace-ABN's epsilon: in the variance and added to |gamma| (methods spec §1.4).
+#: InPlace-ABN's epsilon: in the variance and added to |gamma| (InPlace-ABN inplace_abn/functions.py).
 ABN_EPS = 1e-5
-#: Running-statistics momentum of InPlace-ABN (methods spec §1.4).
+#: Running-statistics momentum of InPlace-ABN (InPlace-ABN inplace_abn/functions.py).
 ABN_MOMENTUM = 0.1
-#: LeakyReLU slope of MiB/PLOP's norm layers (``activation_param=.01``, methods spec §1.4).
+#: LeakyReLU slope of MiB/PLOP's norm layers (``activation_param=.01``, MiB segmentation_module.py::make_model).
 LEAKY_RELU_SLOPE = 0.01
-#: RCIL's norm-layer slope: a leaky ReLU with slope 1 is the identity (methods spec §4.10, §9 RCIL 1).
+#: RCIL's norm-layer slope: a leaky ReLU with slope 1 is the identity (RCIL modules/residual.py).
 IDENTITY_SLOPE = 1.0
 
 LEAKY_RELU = "leaky_relu"
@@ -44,7 +44,7 @@ ACTIVATIONS = (LEAKY_RELU, IDENTITY)
 
 
 def effective_weight(weight, eps=ABN_EPS):
-    """InPlace-ABN's scale |gamma| + eps (methods spec §1.4), shape (C,).
+    """InPlace-ABN's scale |gamma| + eps (InPlace-ABN inplace_abn/functions.py), shape (C,).
 
     The absolute value is ``where(gamma < 0, -gamma, gamma)`` so that its gradient is sign(gamma)
     with sign(0) = +1, as in the extension's backward (``dweight[weight < 0] *= -1``).
@@ -61,7 +61,7 @@ def apply_activation(x, activation, slope, inplace=False):
 
 def abn(x, weight, bias, running_mean, running_var, training, momentum=ABN_MOMENTUM, eps=ABN_EPS,
         activation=LEAKY_RELU, slope=LEAKY_RELU_SLOPE):
-    """Functional InPlace-ABN (not in place), methods spec §1.4.
+    """Functional InPlace-ABN (not in place), as InPlace-ABN inplace_abn/functions.py.
 
     Args:
         x: (B, C, ...) input.
@@ -91,7 +91,7 @@ def sync_batch_norm(x, weight, bias, running_mean, running_var, momentum, eps, p
 
 
 class ABN(nn.Module):
-    """Activated batch normalisation with InPlace-ABN's numerics (methods spec §1.4), not in place.
+    """Activated batch normalisation with InPlace-ABN's numerics (InPlace-ABN inplace_abn/functions.py), not in place.
 
     ``forward(x)`` returns act((x - mu) / sqrt(sigma^2 + eps) * (|gamma| + eps) + beta) for (B, C, ...)
     inputs; see :func:`abn`. ``num_batches_tracked`` counts training forwards (not used: the momentum
@@ -144,7 +144,7 @@ class ABN(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        # The 2018 ImageNet InPlace-ABN files (and inplace_abn < 1.0) have no num_batches_tracked (methods spec §7).
+        # The 2018 ImageNet InPlace-ABN files (and inplace_abn < 1.0) have no num_batches_tracked (InPlace-ABN README).
         key = prefix + "num_batches_tracked"
         if key not in state_dict:
             state_dict[key] = torch.zeros_like(self.num_batches_tracked)
@@ -188,7 +188,8 @@ class SyncABN(ABN):
 
 
 def convert_sync_abn(module, process_group=None):
-    """Replace every :class:`ABN` in ``module`` by a :class:`SyncABN` (InPlaceABNSync, methods spec §1.4).
+    """Replace every :class:`ABN` in ``module`` by a :class:`SyncABN` (InPlaceABNSync,
+    InPlace-ABN inplace_abn/functions.py).
 
     Works like ``nn.SyncBatchNorm.convert_sync_batchnorm``: the new layers share the old layers'
     parameters and buffers (same tensors, so the state dict and any optimizer built on them are

@@ -1,13 +1,14 @@
-"""Atrous Spatial Pyramid Pooling (spec barm-ssul-kproba §2.2; BARM network/_deeplab.py::ASPP).
+"""Atrous Spatial Pyramid Pooling (BARM network/_deeplab.py::ASPP).
 
-Key layout (spec §2.4): ``convs.0`` = 1x1 branch, ``convs.1..3`` = 3x3 atrous branches,
-``convs.4`` = image pooling branch (index 0 is the pooling), ``project`` = 1x1 fusion + Dropout(0.1).
+Key layout (BARM's state dict, utils/ckpt.py::save_ckpt): ``convs.0`` = 1x1 branch, ``convs.1..3`` = 3x3
+atrous branches, ``convs.4`` = image pooling branch (index 0 is the pooling), ``project`` = 1x1 fusion +
+Dropout(0.1).
 """
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-#: ASPP atrous rates per output stride (spec §2.2).
+#: ASPP atrous rates per output stride (BARM network/modeling.py::_segm_resnet).
 ATROUS_RATES = {16: (6, 12, 18), 8: (12, 24, 36)}
 
 ASPP_CHANNELS = 256
@@ -40,7 +41,7 @@ class ASPPPooling(nn.Sequential):
 
 
 class ASPP(nn.Module):
-    """ASPP with five 256-channel branches, concatenated and projected to 256 channels (spec §2.2).
+    """ASPP with five 256-channel branches, concatenated and projected to 256 channels (BARM network/_deeplab.py::ASPP).
 
     Args:
         in_channels: channels of the backbone output (2048 for ResNet-50/101, 512 for ResNet-18).

@@ -1,4 +1,4 @@
-"""Dilated torchvision ResNet backbone with stage taps (spec barm-ssul-kproba §2.1).
+"""Dilated torchvision ResNet backbone with stage taps (BARM network/backbone/resnet.py).
 
 The backbone is torchvision's ResNet-18/50/101 (``weights=None``) with its strides replaced by
 dilation, exactly as BARM's copy of it: ``replace_stride_with_dilation`` = [False, False, True] at
@@ -16,10 +16,11 @@ from utils.errors import UserError
 #: Backbone architectures and their torchvision constructors.
 ARCHITECTURES = {"resnet18": models.resnet18, "resnet50": models.resnet50, "resnet101": models.resnet101}
 
-#: ``replace_stride_with_dilation`` per output stride (spec §2.1).
+#: ``replace_stride_with_dilation`` per output stride (BARM network/modeling.py::_segm_resnet).
 DILATION_BY_OUTPUT_STRIDE = {16: [False, False, True], 8: [False, True, True]}
 
-#: BatchNorm momentum of every backbone BN (BARM's ``set_bn_momentum(model.backbone, 0.01)``, spec §2.1, §10.10).
+#: BatchNorm momentum of every backbone BN (BARM's ``set_bn_momentum(model.backbone, 0.01)``,
+#: BARM trainer/trainer.py::Trainer.init_models).
 BACKBONE_BN_MOMENTUM = 0.01
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")
@@ -81,7 +82,7 @@ def _residual_preact(block, x):
 
 
 class ResNetBackbone(nn.Module):
-    """torchvision ResNet trunk at output stride 8 or 16 (spec §2.1).
+    """torchvision ResNet trunk at output stride 8 or 16 (BARM network/backbone/resnet.py).
 
     Children: ``conv1, bn1, relu, maxpool, layer1..layer4`` (no ``avgpool``/``fc``). Every BatchNorm
     has momentum 0.01. ``forward(x)`` returns a dict with ``out`` (layer4 output) and the
@@ -98,7 +99,8 @@ class ResNetBackbone(nn.Module):
         super().__init__()
         check_backbone_args(arch, output_stride)
         dilation = DILATION_BY_OUTPUT_STRIDE[output_stride]
-        # The whole torchvision model is built (fc included) so that random draws follow BARM (spec §2.3).
+        # The whole torchvision model is built (fc included) so that random draws follow BARM
+        # (network/modeling.py::_segm_resnet).
         if arch == "resnet18":
             net = ARCHITECTURES[arch](weights=None)
             _dilate_basic_blocks(net, dilation)

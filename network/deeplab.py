@@ -1,4 +1,5 @@
-"""DeepLabV3 assembly: backbone + incremental classifier head (spec barm-ssul-kproba §2, §2.4, §12.1).
+"""DeepLabV3 assembly: backbone + incremental classifier head (BARM network/modeling.py::_segm_resnet, SSUL
+network/utils.py).
 
 State dict keys are ``backbone.*`` and ``classifier.*`` as in BARM/SSUL checkpoints, without a
 ``module.`` prefix. As in BARM (and unlike SSUL), the model does not upsample its logits.

@@ -1,4 +1,4 @@
-"""DKD's network: torchvision ResNet + ASPP with ``last_conv`` + sigmoid classifiers (methods spec §4.11, §7).
+"""DKD's network: torchvision ResNet + ASPP with ``last_conv`` + sigmoid classifiers (DKD models/model.py).
 
 DKD (cvlab-yonsei/DKD ``models/model.py``) has no background channel: ``cls[0]`` is a one-channel
 *auxiliary* classifier and ``cls[1..]`` hold one 1x1 classifier per step, each with one channel per real
@@ -28,13 +28,14 @@ from network.heads import _IncrementalHeadBase, check_class_count, init_classifi
 from network.pretrained import load_pretrained_backbone
 from utils.errors import UserError
 
-#: Output channels of the auxiliary classifier ``cls[0]`` (methods spec §4.11).
+#: Output channels of the auxiliary classifier ``cls[0]`` (DKD models/model.py::DeepLabV3).
 AUX_CHANNELS = 1
 
 
 class DKDHead(_IncrementalHeadBase):
-    """DKD's head (methods spec §4.11): ASPP (with its Dropout(0.1) after the projection), ``last_conv``
-    (3x3 conv 256→256 without bias, BN, ReLU) giving x_pl, and the classifiers ``cls``.
+    """DKD's head (DKD models/model.py, models/modules/aspp.py): ASPP (with its Dropout(0.1) after the
+    projection), ``last_conv`` (3x3 conv 256→256 without bias, BN, ReLU) giving x_pl, and the classifiers
+    ``cls``.
 
     Args:
         in_channels: backbone output channels (2048 for ResNet-50/101).
@@ -54,9 +55,10 @@ class DKDHead(_IncrementalHeadBase):
       Pos_c = Σ_k x_pl,k · max(W_c,k, 0), Neg_c = Σ_k x_pl,k · min(W_c,k, 0), so that
       logits[:, 1:] = Pos + Neg + b.
 
-    Initialisation (spec §4.11): every conv of ASPP / last_conv / cls gets ``kaiming_normal_`` (fan_in),
-    BN weight 1 and bias 0; classifier biases keep PyTorch's default U(−1/16, 1/16). Random draws follow
-    DKD's construction order: ASPP and last_conv, their init, the classifiers, their init.
+    Initialisation (DKD models/modules/aspp.py, models/model.py): every conv of ASPP / last_conv / cls gets
+    ``kaiming_normal_`` (fan_in), BN weight 1 and bias 0; classifier biases keep PyTorch's default
+    U(−1/16, 1/16). Random draws follow DKD's construction order: ASPP and last_conv, their init, the
+    classifiers, their init.
     """
 
     def __init__(self, in_channels, classes_per_step, atrous_rates, return_parts=True):
@@ -90,13 +92,13 @@ class DKDHead(_IncrementalHeadBase):
         self.classes_per_step.append(int(n_new))
 
     def _parts(self, x_pl):
-        """(Pos, Neg) of every non-aux classifier, without bias, at feature resolution (spec §4.11)."""
+        """(Pos, Neg) of every non-aux classifier, without bias, at feature resolution (DKD models/model.py)."""
         weight = torch.cat([cls.weight[:, :, 0, 0] for cls in self.cls[1:]], dim=0)  # (num_classes − 1, 256)
         zero = torch.zeros_like(weight)
         # DKD's where(w > 0, w, 0) / where(w < 0, w, 0): a zero weight belongs to neither part (no gradient)
         positive, negative = torch.where(weight > 0, weight, zero), torch.where(weight < 0, weight, zero)
         x = x_pl.permute(0, 2, 3, 1)
-        # W[:, :, 0, 0].t() instead of DKD's 4-D ``w.T`` (deprecated; spec §9 DKD 5), same product
+        # W[:, :, 0, 0].t() instead of DKD's 4-D ``w.T`` (deprecated; DKD models/model.py), same product
         pos = torch.matmul(x, positive.t()).permute(0, 3, 1, 2)
         neg = torch.matmul(x, negative.t()).permute(0, 3, 1, 2)
         return pos, neg
@@ -120,7 +122,7 @@ def _dkd_head(module):
 
 @torch.no_grad()
 def init_novel_classifier(head):
-    """DKD's initialisation of a new step (methods spec §4.11, ``init_novel_classifier``): every row of the
+    """DKD's initialisation of a new step (DKD train_voc.py::init_novel_classifier): every row of the
     newest classifier ``cls[-1]`` gets the auxiliary classifier's weight (1, 256, 1, 1) and bias.
 
     ``head`` is a :class:`DKDHead` or a model whose ``classifier`` is one. Call it after loading the step
@@ -135,7 +137,7 @@ def init_novel_classifier(head):
 
 
 def build_dkd_model(classes_per_step, backbone="resnet101", output_stride=16, pretrained=None, **head_kwargs):
-    """DKD's DeepLabV3 (methods spec §4.11): :class:`ResNetBackbone` (torchvision ResNet, dilation by
+    """DKD's DeepLabV3 (DKD models/model.py::DeepLabV3): :class:`ResNetBackbone` (torchvision ResNet, dilation by
     ``replace_stride_with_dilation``, BN momentum 0.01) + :class:`DKDHead`, in :class:`DeepLabV3`.
 
     Args:
@@ -143,7 +145,8 @@ def build_dkd_model(classes_per_step, backbone="resnet101", output_stride=16, pr
             ``[16, 1]``).
         backbone: ``"resnet18"``, ``"resnet50"`` or ``"resnet101"``.
         output_stride: 16 (ASPP rates 6/12/18) or 8 (12/24/36).
-        pretrained: None, ``"imagenet"`` (torchvision's IMAGENET1K_V1 weights, spec §7) or a local file,
+        pretrained: None, ``"imagenet"`` (torchvision's IMAGENET1K_V1 weights, as DKD
+            models/modules/resent_official.py::ResNet._load_pretrained_model) or a local file,
             loaded into the backbone by :func:`network.pretrained.load_pretrained_backbone`.
         **head_kwargs: passed to :class:`DKDHead` (``return_parts``).
 

@@ -1,13 +1,15 @@
-"""Incremental classifier heads on top of ASPP (spec barm-ssul-kproba §2.3, §12.1).
+"""Incremental classifier heads on top of ASPP (BARM network/_deeplab.py::DeepLabHeadBgA, SSUL
+network/_deeplab.py::DeepLabHead).
 
 Every head takes ``(in_channels, classes_per_step, atrous_rates)``; ``classes_per_step`` counts the
 classes of each step, step 0 including the background (VOC 15-1 at step 2: ``[16, 1, 1]``). A head
 returns ``(logits, features)`` with logits at feature resolution (no upsampling) and grows by one
 step in place with ``add_step(n_new)``.
 
-Initialisation (spec §2.3): every Conv2d of the classifier gets ``kaiming_normal_`` (fan_in, gain
-sqrt(2)), BN weight 1 and bias 0; conv biases keep PyTorch's default uniform draw. Random draws
-follow BARM's construction order: ASPP, head_pre, ears, heads, then the init pass.
+Initialisation (BARM network/_deeplab.py::DeepLabHeadBgA): every Conv2d of the classifier gets
+``kaiming_normal_`` (fan_in, gain sqrt(2)), BN weight 1 and bias 0; conv biases keep PyTorch's default
+uniform draw. Random draws follow BARM's construction order: ASPP, head_pre, ears, heads, then the init
+pass.
 """
 import numbers
 
@@ -38,7 +40,8 @@ def check_classes_per_step(classes_per_step):
 
 
 def init_classifier_weights(module):
-    """BARM's ``_init_weight`` (spec §2.3): kaiming-normal conv weights, BN weight 1 and bias 0."""
+    """BARM's ``_init_weight`` (network/_deeplab.py::DeepLabHeadBgA): kaiming-normal conv weights, BN weight 1
+    and bias 0."""
     for m in module.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight)
@@ -83,7 +86,7 @@ class _IncrementalHeadBase(nn.Module):
 
 
 class BackgroundAdaptationHead(_IncrementalHeadBase):
-    """BARM's ``DeepLabHeadBgA`` (spec §2.3).
+    """BARM's ``DeepLabHeadBgA`` (BARM network/_deeplab.py::DeepLabHeadBgA).
 
     ``head_pre`` feeds ``head[0]`` (n_0 channels, channel 0 = background b_0); for each incremental
     step k an ``ear[k-1]`` reads the ASPP output and feeds ``head[k]`` (n_k + 1 channels, channel 0
@@ -139,7 +142,8 @@ class BackgroundAdaptationHead(_IncrementalHeadBase):
 
 
 class SSULHead(_IncrementalHeadBase):
-    """SSUL's ``DeepLabHead`` (spec §12.1): one Sequential(3x3 conv, BN, ReLU, 1x1 conv) per entry.
+    """SSUL's ``DeepLabHead`` (SSUL network/_deeplab.py::DeepLabHead): one Sequential(3x3 conv, BN, ReLU, 1x1
+    conv) per entry.
 
     With ``unknown=True`` the entries have [1 (unknown), 1 (background), n_0 - 1, n_1, ...] outputs,
     else [n_0, n_1, ...]; logits are their concatenation. Unlike SSUL, which upsampled the logits to

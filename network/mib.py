@@ -1,4 +1,5 @@
-"""MiB / PLOP / RCIL DeepLab-v3 on an InPlace-ABN ResNet, built from standard layers (methods spec §1, §4.9, §7).
+"""MiB / PLOP / RCIL DeepLab-v3 on an InPlace-ABN ResNet, built from standard layers (MiB
+segmentation_module.py::make_model).
 
 The network of MiB (``segmentation_module.py::IncrementalSegmentationModule``) re-expressed with torch
 layers and :class:`network.abn.ABN` (InPlace-ABN's numerics): ``body`` (ResNet, modules ``mod1..mod5``),
@@ -10,8 +11,8 @@ and the ImageNet file ``resnet101_iabn_sync.pth.tar`` load by stripping the pref
 
 ``forward(x)`` returns ``(logits, features)``: logits at feature resolution (stride 16 or 8; the method
 upsamples) and ``body`` (mod5 output), ``pre_logits`` (x_pl, the head output), ``sem_logits_small``
-(= logits) and, when :attr:`MiBDeepLab.return_attentions` is set, ``attentions`` (PLOP, methods spec
-§4.9): the pre-activation residual sums of the last block of mod2..mod5, then x_pl.
+(= logits) and, when :attr:`MiBDeepLab.return_attentions` is set, ``attentions`` (PLOP
+models/resnet.py::ResNet.forward): the pre-activation residual sums of the last block of mod2..mod5, then x_pl.
 """
 import logging
 import os
@@ -30,21 +31,22 @@ from utils.errors import UserError
 
 log = logging.getLogger("ciss")
 
-#: Norm-layer activation per ``norm_act`` name: the leaky-ReLU slope of every ABN (methods spec §1.4, §4.10).
+#: Norm-layer activation per ``norm_act`` name: the leaky-ReLU slope of every ABN (MiB
+#: segmentation_module.py::make_model; RCIL modules/residual.py).
 NORM_ACT_SLOPES = {"leaky_relu": LEAKY_RELU_SLOPE, "identity": IDENTITY_SLOPE}
 
-#: Blocks per module (mod2..mod5) and whether they are bottlenecks (MiB:models/resnet.py::_NETS, spec §1.1).
+#: Blocks per module (mod2..mod5) and whether they are bottlenecks (MiB models/resnet.py::_NETS).
 STRUCTURES = {
     "resnet18": ((2, 2, 2, 2), False),
     "resnet50": ((3, 4, 6, 3), True),
     "resnet101": ((3, 4, 23, 3), True),
 }
 
-#: Dilation of mod2..mod5 per output stride (spec §1.1). A module of dilation 1 other than mod2 starts
-#: with a stride-2 block; a dilated module has stride 1 and the dilation in **all** its blocks.
+#: Dilation of mod2..mod5 per output stride (MiB models/resnet.py::ResNet). A module of dilation 1 other than
+#: mod2 starts with a stride-2 block; a dilated module has stride 1 and the dilation in **all** its blocks.
 MODULE_DILATIONS = {16: (1, 1, 1, 2), 8: (1, 1, 2, 4)}
 
-#: ASPP dilations of the head per output stride; OS8 uses (12, 24, 32), not 36 (spec §1.2, §9 MiB 7).
+#: ASPP dilations of the head per output stride; OS8 uses (12, 24, 32), not 36 (MiB modules/deeplab.py).
 HEAD_DILATIONS = {16: (6, 12, 18), 8: (12, 24, 32)}
 
 MODULES = ("mod2", "mod3", "mod4", "mod5")
@@ -52,18 +54,20 @@ STEM_CHANNELS = 64
 #: Channels of mod2's blocks, doubled in every later module: bottleneck (1x1, 3x3, 1x1) and basic (3x3, 3x3).
 BOTTLENECK_CHANNELS = (64, 64, 256)
 BASIC_CHANNELS = (64, 64)
-#: Hidden and output channels of the head (``head_channels = 256`` in MiB's make_model, spec §1.2).
+#: Hidden and output channels of the head (``head_channels = 256`` in MiB segmentation_module.py::make_model).
 HEAD_CHANNELS = 256
-#: Eval-time pooling window of the head's image-pooling branch (``--pooling 32``, spec §1.2).
+#: Eval-time pooling window of the head's image-pooling branch (``--pooling 32``, MiB modules/deeplab.py).
 POOLING_SIZE = 32
 
-#: Where PLOP mirrors the ImageNet InPlace-ABN ResNet-101 (methods spec §7); nothing is downloaded.
+#: Where PLOP mirrors the ImageNet InPlace-ABN ResNet-101 (PLOP's v1.0 release); nothing is downloaded.
 IABN_IMAGENET_URL = (
     "https://github.com/arthurdouillard/CVPR2021_PLOP/releases/download/v1.0/resnet101_iabn_sync.pth.tar"
 )
-#: File name of the ImageNet weights (MiB's ``pretrained/{backbone}_{norm_act}.pth.tar``, spec §7).
+#: File name of the ImageNet weights (MiB's ``pretrained/{backbone}_{norm_act}.pth.tar``,
+#: MiB segmentation_module.py::make_model).
 IABN_IMAGENET_FILE = "{arch}_iabn_sync.pth.tar"
-#: Prefix of the ImageNet classifier in the pretrained file, dropped before loading (spec §7).
+#: Prefix of the ImageNet classifier in the pretrained file, dropped before loading
+#: (MiB segmentation_module.py::make_model).
 IMAGENET_CLASSIFIER_PREFIX = "classifier."
 
 _LISTED_KEYS = 5
@@ -74,7 +78,8 @@ _LISTED_KEYS = 5
 # --------------------------------------------------------------------------------------------------
 
 class ResidualBlock(nn.Module):
-    """MiB's ``ResidualBlock`` (spec §1.1): ``convs`` + optional ``proj_conv``/``proj_bn`` shortcut.
+    """MiB's ``ResidualBlock`` (MiB modules/residual.py::ResidualBlock): ``convs`` + optional
+    ``proj_conv``/``proj_bn`` shortcut.
 
     Bottleneck (``channels`` of length 3): conv1 1x1 -> bn1 -> conv2 3x3 (stride, dilation, padding =
     dilation) -> bn2 -> conv3 1x1 -> bn3 (no activation). Basic (length 2): conv1 3x3 (stride,
@@ -127,13 +132,14 @@ class ResidualBlock(nn.Module):
 
     def forward_preact(self, x):
         """``(output, pre)``: pre = convs(x) + shortcut(x) before the final activation, output =
-        LeakyReLU(pre) computed out of place (PLOP's ``last=True`` block, methods spec §4.9)."""
+        LeakyReLU(pre) computed out of place (PLOP's ``last=True`` block, PLOP
+        modules/residual.py::ResidualBlock)."""
         pre = self._residual_sum(x)
         return apply_activation(pre, LEAKY_RELU, self.slope, inplace=False), pre
 
 
 class MiBResNet(nn.Module):
-    """MiB's ``ResNet`` body (``models/resnet.py``, methods spec §1.1) with InPlace-ABN numerics.
+    """MiB's ``ResNet`` body (MiB models/resnet.py::ResNet) with InPlace-ABN numerics.
 
     ``mod1`` = conv1 (7x7, stride 2, padding 3, 3 -> 64) -> bn1 (norm + LeakyReLU) -> pool1 (3x3 max
     pool, stride 2, padding 1); ``mod2..mod5`` = ``block1..blockN`` (:class:`ResidualBlock`), channels
@@ -214,7 +220,7 @@ class MiBResNet(nn.Module):
 # --------------------------------------------------------------------------------------------------
 
 def image_pooling(x, pooling_size=POOLING_SIZE, training=False):
-    """Input of the head's image-pooling branch (MiB ``DeeplabV3._global_pooling``, methods spec §1.2).
+    """Input of the head's image-pooling branch (MiB modules/deeplab.py::DeeplabV3._global_pooling).
 
     Training (or ``pooling_size=None``): the spatial mean, (B, C, 1, 1). Eval: average pooling with
     kernel (k_h, k_w) = (min(pooling_size, h), min(pooling_size, w)), stride 1, then replicate padding
@@ -234,7 +240,7 @@ def image_pooling(x, pooling_size=POOLING_SIZE, training=False):
 
 
 class DeeplabV3Head(nn.Module):
-    """MiB's ``DeeplabV3`` head (``modules/deeplab.py``, methods spec §1.2).
+    """MiB's ``DeeplabV3`` head (MiB modules/deeplab.py::DeeplabV3).
 
     out = red_conv(map_bn(cat(map_convs[i](x)))), with ``map_convs`` = 1x1 and three 3x3 convs of
     dilation = padding = ``HEAD_DILATIONS[output_stride]``, 256 channels each; pool =
@@ -263,7 +269,8 @@ class DeeplabV3Head(nn.Module):
         self.reset_parameters(slope)
 
     def reset_parameters(self, slope):
-        """MiB's ``reset_parameters`` (spec §1.2): xavier-normal convs (leaky-ReLU gain), zero conv biases."""
+        """MiB's ``reset_parameters`` (MiB modules/deeplab.py::DeeplabV3): xavier-normal convs (leaky-ReLU gain),
+        zero conv biases."""
         gain = nn.init.calculate_gain("leaky_relu", slope)
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
@@ -283,7 +290,8 @@ class DeeplabV3Head(nn.Module):
 # --------------------------------------------------------------------------------------------------
 
 class MiBDeepLab(nn.Module):
-    """MiB's ``IncrementalSegmentationModule`` (methods spec §1.3): ``body``, ``head``, ``cls``.
+    """MiB's ``IncrementalSegmentationModule`` (MiB segmentation_module.py::IncrementalSegmentationModule):
+    ``body``, ``head``, ``cls``.
 
     ``cls[s]`` = Conv2d(256, n_s, 1, bias=True) with PyTorch's default initialisation; logits z^s =
     cat_s cls[s](x_pl), (B, sum n_s, h, w) at feature resolution. ``forward(x)`` returns ``(z^s,
@@ -347,7 +355,7 @@ class MiBDeepLab(nn.Module):
         logits = torch.cat([conv(x_pl) for conv in self.cls], dim=1)
         features = {"body": x_b, "pre_logits": x_pl, "sem_logits_small": logits}
         if self.body.return_preact:
-            features["attentions"] = list(taps["preacts"]) + [x_pl]  # PLOP appends x_pl (spec §4.9)
+            features["attentions"] = list(taps["preacts"]) + [x_pl]  # PLOP appends x_pl (PLOP segmentation_module.py)
         return logits, features
 
 
@@ -386,8 +394,8 @@ def _tensor_state(obj, source, container):
     if not_tensors:
         raise UserError(f"{source} is not a state dict: entry {not_tensors[0]!r} is a "
                         f"{type(state[not_tensors[0]]).__name__}, expected tensors only")
-    # Deviation (spec §9 PLOP 4): the prefix is stripped only where present, so a file MiB's README had
-    # the user strip already is read correctly too.
+    # Deviation from PLOP, which strips 7 characters from every key (docs/differences.md): the prefix is stripped
+    # only where present, so a file MiB's README had the user strip already is read correctly too.
     return strip_module_prefix(state)
 
 
@@ -398,11 +406,11 @@ def iabn_imagenet_path(arch):
 
 
 def read_iabn_pretrained(path):
-    """Read ``resnet101_iabn_sync.pth.tar`` (methods spec §7) and return the body state dict.
+    """Read ``resnet101_iabn_sync.pth.tar`` (InPlace-ABN README) and return the body state dict.
 
-    The file is a dict with ``state_dict`` (keys with or without ``module.``, names as §1.1:
-    ``mod1.conv1.weight``, ``mod2.block1.convs.bn1.running_var``, ``...proj_conv.weight``); the
-    ImageNet classifier ``classifier.fc.*`` is dropped.
+    The file is a dict with ``state_dict`` (keys with or without ``module.``, names as in MiB
+    models/resnet.py::ResNet: ``mod1.conv1.weight``, ``mod2.block1.convs.bn1.running_var``,
+    ``...proj_conv.weight``); the ImageNet classifier ``classifier.fc.*`` is dropped.
     """
     state = _tensor_state(load_checkpoint_file(path), f"pretrained file {path}", "state_dict")
     return {k: v for k, v in state.items() if not k.startswith(IMAGENET_CLASSIFIER_PREFIX)}
@@ -416,14 +424,15 @@ def load_iabn_pretrained(body, state_dict, source):
     """
     _check_fit(body, state_dict, f"pretrained weights {source}",
                f"the InPlace-ABN {body.arch} body (expected {IABN_IMAGENET_FILE.format(arch=body.arch)}, "
-               "methods spec §7)")
+               "the InPlace-ABN ImageNet file of MiB, PLOP and RCIL)")
     body.load_state_dict(state_dict, strict=True)
 
 
 def load_pretrained_body(body, pretrained):
     """Load ``pretrained`` into ``body``: ``"imagenet"`` (the file in :func:`iabn_imagenet_path`) or a path.
 
-    Nothing is downloaded: a missing file is a :class:`UserError` saying where to get it (methods spec §7).
+    Nothing is downloaded: a missing file is a :class:`UserError` saying where to get it (InPlace-ABN
+    README, PLOP's v1.0 release).
     """
     if pretrained == "imagenet":
         path = iabn_imagenet_path(body.arch)
@@ -451,7 +460,7 @@ def read_mib_checkpoint(path):
 
 
 def load_mib_checkpoint(model, checkpoint, source=None):
-    """Load a MiB/PLOP step checkpoint into ``model`` strictly (methods spec §1.3: teacher / test load).
+    """Load a MiB/PLOP step checkpoint into ``model`` strictly (teacher / test load, as MiB run.py::main).
 
     Args:
         model: a :class:`MiBDeepLab` built for the checkpoint's classes per step.
@@ -475,7 +484,7 @@ def load_mib_checkpoint(model, checkpoint, source=None):
 
 def build_mib_model(classes_per_step, backbone="resnet101", output_stride=16, pretrained=None,
                     norm_act="leaky_relu", pooling_size=POOLING_SIZE):
-    """Build MiB/PLOP's DeepLab-v3 (methods spec §1) for the classes of steps 0..t.
+    """Build MiB/PLOP's DeepLab-v3 (MiB segmentation_module.py::make_model) for the classes of steps 0..t.
 
     Construction order (random draws) follows MiB's ``make_model``: body (PyTorch default conv init),
     its ImageNet weights, head (xavier), then ``cls``.
@@ -485,8 +494,9 @@ def build_mib_model(classes_per_step, backbone="resnet101", output_stride=16, pr
         backbone: ``"resnet18"``, ``"resnet50"`` or ``"resnet101"``.
         output_stride: 16 (body dilations 1,1,1,2; head 6,12,18) or 8 (1,1,2,4; head 12,24,32).
         pretrained: None, ``"imagenet"`` (``$TORCH_HOME/hub/checkpoints/{backbone}_iabn_sync.pth.tar``) or
-            the path of an InPlace-ABN ImageNet file (spec §7).
-        norm_act: ``"leaky_relu"`` (MiB/PLOP, slope 0.01) or ``"identity"`` (RCIL: slope 1.0, spec §4.10).
+            the path of an InPlace-ABN ImageNet file (InPlace-ABN README).
+        norm_act: ``"leaky_relu"`` (MiB/PLOP, slope 0.01) or ``"identity"`` (RCIL: slope 1.0,
+            RCIL modules/residual.py).
         pooling_size: eval window of the head's image pooling (32; None = global mean).
 
     Raises:

@@ -1,4 +1,4 @@
-"""Backbone weights: torchvision ImageNet files or local files (spec barm-ssul-kproba §3).
+"""Backbone weights: torchvision ImageNet files or local files (BARM network/backbone/resnet.py::model_urls).
 
 ImageNet weights are the legacy torchvision "V1" files BARM and SSUL download, fetched with
 ``torch.hub.load_state_dict_from_url`` and cached under ``$TORCH_HOME/hub/checkpoints``. A cached file
@@ -17,7 +17,7 @@ import torch
 from utils.checkpoint import load_checkpoint_file
 from utils.errors import UserError
 
-#: ImageNet weights used by BARM/SSUL (``network/backbone/resnet.py::model_urls``, spec §3).
+#: ImageNet weights used by BARM/SSUL (BARM network/backbone/resnet.py::model_urls).
 IMAGENET_URLS = {
     "resnet18": "https://download.pytorch.org/models/resnet18-5c106cde.pth",
     "resnet50": "https://download.pytorch.org/models/resnet50-19c8e357.pth",

@@ -1,4 +1,4 @@
-"""RCIL's dual-branch DeepLab-v3 and its branch merge (methods spec §4.10, §7, §9 RCIL 1-4).
+"""RCIL's dual-branch DeepLab-v3 and its branch merge (RCIL modules/residual.py, run.py::convert_model).
 
 RCIL's network is MiB's (:mod:`network.mib`) with three changes:
 
@@ -36,7 +36,7 @@ from network.heads import check_classes_per_step
 from network.mib import (HEAD_CHANNELS, HEAD_DILATIONS, POOLING_SIZE, DeeplabV3Head, MiBDeepLab, MiBResNet,
                          image_pooling, load_pretrained_body)
 
-#: Gate thresholds (methods spec §4.10): r < 0.33 keeps the first branch only, 0.33 ≤ r < 0.66 the new branch
+#: Gate thresholds (RCIL modules/residual.py): r < 0.33 keeps the first branch only, 0.33 ≤ r < 0.66 the new branch
 #: only, r ≥ 0.66 both.
 GATE_FIRST_ONLY = 0.33
 GATE_NEW_ONLY = 0.66
@@ -47,14 +47,16 @@ WEIGHTS_BOTH = (1.0, 1.0)
 MIX_FACTOR = 0.5
 #: Seed of a model's gate generator until the method reseeds it from ``--random_seed``.
 DEFAULT_GATE_SEED = 0
-#: RCIL's explicit non-linearities: LeakyReLU(0.01) (its norm layers are linear, slope 1.0; spec §4.10).
+#: RCIL's explicit non-linearities: LeakyReLU(0.01) (its norm layers are linear, slope 1.0;
+#: RCIL modules/residual.py).
 BRANCH_SLOPE = LEAKY_RELU_SLOPE
 #: Suffix of the second branch's modules (``conv2_new``, ``bn2_new``, ``map_convs_new``, ``map_bn_new``).
 NEW_SUFFIX = "_new"
 
 
 def _norm(channels):
-    """RCIL's norm layer: InPlace-ABN with activation ``leaky_relu`` and slope 1.0, a linear BN (spec §4.10)."""
+    """RCIL's norm layer: InPlace-ABN with activation ``leaky_relu`` and slope 1.0, a linear BN (RCIL
+    modules/residual.py)."""
     return ABN(channels, LEAKY_RELU, IDENTITY_SLOPE)
 
 
@@ -67,7 +69,7 @@ def _leaky(x, inplace=False):
 # --------------------------------------------------------------------------------------------------
 
 def gate_weights(r):
-    """The branch weights of RCIL's per-channel gates (methods spec §4.10) from uniform draws ``r``.
+    """The branch weights of RCIL's per-channel gates (RCIL modules/residual.py) from uniform draws ``r``.
 
     ``r``: float tensor of any shape (RCIL: (1, C, 1, 1)). Returns ``(w1, w2)`` of the same shape and dtype::
 
@@ -87,8 +89,9 @@ def gate_weights(r):
 
 
 def mix_branches(first, new, w1, w2):
-    """RCIL's branch mixture (methods spec §4.10): ``first * w1 * 0.5 + new * w2 * 0.5``, in the reference's
-    order of operations. ``first``, ``new``: (B, C, H, W); ``w1``, ``w2``: (1, C, 1, 1) from :func:`gate_weights`."""
+    """RCIL's branch mixture (RCIL modules/residual.py): ``first * w1 * 0.5 + new * w2 * 0.5``, in the
+    reference's order of operations. ``first``, ``new``: (B, C, H, W); ``w1``, ``w2``: (1, C, 1, 1) from
+    :func:`gate_weights`."""
     return first * w1 * MIX_FACTOR + new * w2 * MIX_FACTOR
 
 
@@ -136,7 +139,7 @@ class BranchGates:
 # --------------------------------------------------------------------------------------------------
 
 class DualBranchBlock(nn.Module):
-    """RCIL's residual block (RCIL ``modules/residual.py``, methods spec §4.10).
+    """RCIL's residual block (RCIL modules/residual.py).
 
     Bottleneck (``channels`` of length 3): u = LeakyReLU(bn1(conv1 x)); b1 = bn2(conv2 u), b2 = bn2_new(conv2_new u)
     (3×3, the block's stride and dilation, padding = dilation); m = gated mixture (:class:`BranchGates`);
@@ -193,7 +196,7 @@ class DualBranchBlock(nn.Module):
 def dual_block_from(old_block, gates, copy_weights):
     """A :class:`DualBranchBlock` with the geometry of MiB's ``old_block`` (a :meth:`MiBResNet.swap_blocks`
     factory). ``copy_weights``: take every weight and statistic of ``old_block`` and duplicate its
-    ``conv2``/``bn2`` into ``conv2_new``/``bn2_new`` (RCIL's ImageNet loading, methods spec §4.10, §7)."""
+    ``conv2``/``bn2`` into ``conv2_new``/``bn2_new`` (RCIL's ImageNet loading, RCIL segmentation_module.py)."""
     block = DualBranchBlock(old_block.in_channels, old_block.channels, old_block.stride, old_block.dilation, gates)
     if copy_weights:
         state = old_block.state_dict()
@@ -206,7 +209,7 @@ def dual_block_from(old_block, gates, copy_weights):
 
 
 class DualDeeplabV3Head(DeeplabV3Head):
-    """RCIL's ``DeeplabV3`` head (RCIL ``modules/deeplab.py``, methods spec §4.10).
+    """RCIL's ``DeeplabV3`` head (RCIL modules/deeplab.py).
 
     MiB's head (:class:`network.mib.DeeplabV3Head`, linear norm layers) plus ``map_convs_new`` + ``map_bn_new``,
     a second ASPP of the same geometry. Forward, for x (B, in_channels, h, w)::
@@ -216,8 +219,8 @@ class DualDeeplabV3Head(DeeplabV3Head):
         pool = pool_red_conv(LeakyReLU(global_pooling_bn(global_pooling_conv(image_pooling(x)))))
         x_pl = LeakyReLU(red_bn(out + pool))                                                      (B, 256, h, w)
 
-    Every conv is ``xavier_normal_`` with gain ``calculate_gain('leaky_relu', 1.0)`` = 1.0 (spec §9 RCIL 1); the
-    two ASPPs are initialised independently. ``merged`` gives every ``map_convs[i]`` a bias.
+    Every conv is ``xavier_normal_`` with gain ``calculate_gain('leaky_relu', 1.0)`` = 1.0 (RCIL
+    modules/deeplab.py); the two ASPPs are initialised independently. ``merged`` gives every ``map_convs[i]`` a bias.
     """
 
     def __init__(self, in_channels, output_stride=16, gates=None, hidden_channels=HEAD_CHANNELS,
@@ -251,13 +254,14 @@ class DualDeeplabV3Head(DeeplabV3Head):
 # --------------------------------------------------------------------------------------------------
 
 class RCILDeepLab(MiBDeepLab):
-    """RCIL's ``IncrementalSegmentationModule`` (methods spec §1.3, §4.10): ``body`` (MiB's ResNet with
+    """RCIL's ``IncrementalSegmentationModule`` (RCIL segmentation_module.py): ``body`` (MiB's ResNet with
     :class:`DualBranchBlock` blocks), ``head`` (:class:`DualDeeplabV3Head`), ``cls``; :attr:`gates` is the
     :class:`BranchGates` shared by every dual-branch layer.
 
     ``forward(x)`` returns ``(z^s, features)``: logits at feature resolution and ``body`` (mod5 output),
     ``pre_logits`` (x_pl), ``sem_logits_small`` (= z^s) and ``attentions`` = [outputs of the last block of
-    mod2..mod5 (post-activation), x_pl] (spec §4.10: the maps of pooled-cube distillation).
+    mod2..mod5 (post-activation), x_pl] (the maps of pooled-cube distillation, RCIL
+    train.py::features_distillation_spatial).
     """
 
     def __init__(self, body, head, classes_per_step, gates):
@@ -294,7 +298,7 @@ def _zero_bias(conv):
 
 def add_merge_biases(model):
     """Give every ``conv2`` and ``map_convs[i]`` a zero bias: the layout of a merged step's checkpoint (the
-    reference attaches them before loading a step ≥ 1 checkpoint, methods spec §4.10 merge item 1). In place."""
+    reference attaches them before loading a step ≥ 1 checkpoint, RCIL run.py::convert_model). In place."""
     for block in dual_blocks(model):
         if block.convs.conv2.bias is None:
             _zero_bias(block.convs.conv2)
@@ -306,7 +310,7 @@ def add_merge_biases(model):
 
 
 def fold_branch(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps):
-    """One branch's conv + eval-mode InPlace-ABN, halved, as one biased conv (RCIL ``run.py::merge``, spec §4.10).
+    """One branch's conv + eval-mode InPlace-ABN, halved, as one biased conv (RCIL run.py::merge).
 
     ``weight`` (C_out, C_in, k, k), ``bias`` (C_out,) or None; the norm layer's γ, β, μ, σ² (C_out,) and ε::
 
@@ -333,7 +337,7 @@ def _fold_bn(conv, bn, start=0):
 
 
 def _set_identity(bn):
-    """The merged norm layer: γ 1, β 0, μ 0, σ² 1, ε 0: exactly the identity (spec §4.10 merge item 2)."""
+    """The merged norm layer: γ 1, β 0, μ 0, σ² 1, ε 0: exactly the identity (RCIL run.py::merge)."""
     bn.weight.fill_(1.0)
     bn.bias.zero_()
     bn.running_mean.zero_()
@@ -351,7 +355,7 @@ def _set_merged(conv, weight, bias):
 
 def merged_layers(model):
     """``(frozen modules, merged norm layers)`` of a merged model: every block's ``conv2`` and ``bn2`` and the
-    head's ``map_convs`` and ``map_bn`` (spec §4.10 merge items 2-4)."""
+    head's ``map_convs`` and ``map_bn`` (RCIL run.py::convert_model)."""
     modules, norms = [], []
     for block in dual_blocks(model):
         modules += [block.convs.conv2, block.convs.bn2]
@@ -363,8 +367,8 @@ def merged_layers(model):
 
 
 def freeze_merged(model):
-    """Merged layers frozen (``requires_grad`` False) and their norm layers in eval mode (spec §4.10 merge
-    item 4: the reference re-applies this after ``model.train()`` at every epoch)."""
+    """Merged layers frozen (``requires_grad`` False) and their norm layers in eval mode (RCIL run.py
+    re-applies this after ``model.train()`` at every epoch)."""
     modules, norms = merged_layers(model)
     for module in modules:
         module.requires_grad_(False)
@@ -373,8 +377,8 @@ def freeze_merged(model):
 
 
 def merge_branches(model):
-    """Fold both branches of every dual-branch layer into the first one, in place (RCIL ``run.py::convert_model``,
-    methods spec §4.10 merge items 1-3).
+    """Fold both branches of every dual-branch layer into the first one, in place (RCIL
+    run.py::convert_model, run.py::merge).
 
     For every block: (W1', b1') = :func:`fold_branch` of (conv2 with its bias, if any, and bn2), (W2', b2') of
     (conv2_new, bn2_new); conv2 ← (W1' + W2', b1' + b2'), bn2 ← identity with ε = 0. The head likewise per
@@ -407,7 +411,7 @@ def merge_branches(model):
 
 def build_rcil_model(classes_per_step, backbone="resnet101", output_stride=16, pretrained=None, merged=False,
                      pooling_size=POOLING_SIZE):
-    """Build RCIL's dual-branch DeepLab-v3 (methods spec §4.10) for the classes of steps 0..t.
+    """Build RCIL's dual-branch DeepLab-v3 (RCIL segmentation_module.py) for the classes of steps 0..t.
 
     MiB's body with slope-1 norm layers (:class:`network.mib.MiBResNet`), its ImageNet InPlace-ABN weights
     loaded, then every block swapped for a :class:`DualBranchBlock` (the ImageNet ``conv2``/``bn2`` duplicated
@@ -418,15 +422,15 @@ def build_rcil_model(classes_per_step, backbone="resnet101", output_stride=16, p
         classes_per_step: class counts per step, step 0 including the background.
         backbone, output_stride, pretrained, pooling_size: as :func:`network.mib.build_mib_model`.
         merged: the layout of a checkpoint of a merged step (t ≥ 1): ``conv2`` and ``map_convs`` with a (zero)
-            bias. The merged norm layers keep ε = 1e-5, as the reference's teacher and test reload (spec §4.10
-            merge item 5).
+            bias. The merged norm layers keep ε = 1e-5, as the reference's teacher and test reload (RCIL
+            run.py).
 
     Raises:
         UserError: unknown backbone or output stride, bad class counts, unusable weights.
     """
     check_backbone_args(backbone, output_stride)
     classes_per_step = check_classes_per_step(classes_per_step)
-    # quirk (methods spec §9 RCIL 1): slope-1 norm layers, so the stem has no activation before its max-pool
+    # quirk (RCIL models/resnet.py): slope-1 norm layers, so the stem has no activation before its max-pool
     body = MiBResNet(backbone, output_stride, IDENTITY_SLOPE)
     if pretrained is not None:
         load_pretrained_body(body, pretrained)
@@ -435,6 +439,6 @@ def build_rcil_model(classes_per_step, backbone="resnet101", output_stride=16, p
     head = DualDeeplabV3Head(body.out_channels, output_stride, gates, pooling_size=pooling_size)
     model = RCILDeepLab(body, head, classes_per_step, gates)
     if merged:
-        # quirk (methods spec §4.10 merge item 5): biases only; the identity norm layers keep eps 1e-5
+        # quirk (RCIL run.py): biases only; the identity norm layers keep eps 1e-5
         add_merge_biases(model)
     return model

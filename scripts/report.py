@@ -1,4 +1,4 @@
-"""Tables and figures of one or several runs (issue 13 item 1).
+"""Tables and figures of one or several runs.
 
     python scripts/report.py RUN_FOLDER [RUN_FOLDER ...] --out DIR [--labels NAME ...] [--allow_mixed_conventions]
                              [--no_plots]

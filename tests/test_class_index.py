@@ -133,7 +133,7 @@ def test_rgb_label_is_refused(tmp_path):
         label_presence(str(path))
 
 
-# ---- issue 8: unguarded scripts, damaged caches, no empty cache folder --------------------------------
+# ---- unguarded scripts, damaged caches, no empty cache folder -----------------------------------------
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UNGUARDED_SCRIPT = """\

@@ -107,7 +107,7 @@ def test_synthetic_bad_arguments(tmp_path, args, fragment):
     assert_user_error(run("-m", "datasets.synthetic", "--root", str(tmp_path / "x"), *args), fragment)
 
 
-# ---- the --num_workers default (issue 8 item 16) -------------------------------------------------------
+# ---- the --num_workers default -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("cpus, processes, expected", [
     (1, 1, 0),    # one CPU: load in the training process

@@ -1,5 +1,5 @@
-"""DKD's network head, loss terms and method hooks (methods spec §4.11, §4.12, §5) against hand computations and
-explicit loops."""
+"""DKD's network head, loss terms and method hooks (DKD models/model.py, models/loss.py) against hand
+computations and explicit loops."""
 import collections
 import json
 import math
@@ -350,7 +350,7 @@ def test_prediction_upsamples_logits_before_the_sigmoid():
     assert pred.tolist() == [[[0, 0, 0, 1]]]
 
 
-# ---------------------------------------------------------------- the method class (methods spec §4.11, §4.12, §5)
+# --------------------------------------- the method class (DKD train_voc.py, utils/memory.py::memory_sampling_balanced)
 
 
 VOC_15_1 = tuple(tuple(s) for s in get_task("voc", "15-1"))

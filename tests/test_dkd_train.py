@@ -1,6 +1,6 @@
 """End-to-end DKD and DKD-M runs on the synthetic VOC and ADE folders (CPU, resnet18, 49-pixel crops): two steps,
 ``--test`` reproducing every step's confusion matrix, the memory's files, and an interrupted DKD-M step resumed
-to the same weights and memory (methods spec §4.11, §4.12)."""
+to the same weights and memory (DKD train_voc.py, utils/memory.py::memory_sampling_balanced)."""
 import json
 import os
 

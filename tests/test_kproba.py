@@ -1,5 +1,6 @@
-"""KProBA's numerics (spec barm-ssul-kproba §11) against direct numpy computations; BARM's loss with given
-pseudo-labels; the KProBA method's prototype pass, loss and state."""
+"""KProBA's numerics (KProBA KLDA.py::KLDA, trainer/trainer.py::Trainer.compute_class_feature_averages) against
+direct numpy computations; BARM's loss with given pseudo-labels; the KProBA method's prototype pass, loss and
+state."""
 import copy
 import dataclasses
 
@@ -19,7 +20,7 @@ def phi_np(x, rff):
     return np.sqrt(2.0 / rff.D) * np.cos(np.asarray(x, dtype=np.float64) @ omega + b)
 
 
-# ---------------------------------------------------------------- random Fourier features (§11.1)
+# ---------------------------------------------------------------- random Fourier features (KProBA KLDA.py::KLDA)
 
 @pytest.mark.parametrize("seed", [42, 44])
 def test_rff_equals_reference_draws_and_leaves_global_rng_alone(seed):
@@ -48,7 +49,7 @@ def test_rff_features_formula():
     assert batched.shape == (1, 3, 9) and batched.dtype == torch.float32
 
 
-# ---------------------------------------------------------------- prototypes (§11.1, §11.2)
+# --------------------------------------- prototypes (KProBA trainer/trainer.py::Trainer.compute_class_feature_averages)
 
 D_SMALL = 7
 
@@ -122,7 +123,7 @@ def test_prototype_state_round_trip():
     assert kproba.prototypes_state(a)[0].device.type == "cpu"
 
 
-# ---------------------------------------------------------------- pseudo-labels (§11.3)
+# ---------------------------------------------------- pseudo-labels (KProBA trainer/trainer.py::generate_pseudo_labels)
 
 def reference_pseudo(features, prototypes, rff, q, labels, n_old, tau):
     """Per pixel: κ from φ(f), q given at label resolution; y > 0 kept, else argmax κ·q if its max > 0, else 0."""
@@ -242,7 +243,7 @@ def test_barm_loss_with_given_pseudo_labels():
         losses.barm_loss(logits, features, prev_logits, prev_features, labels, 1, pseudo_labels=other[:, :3])
 
 
-# ---------------------------------------------------------------- the method class (§11.2, §11.3)
+# ---------- the method class (KProBA trainer/trainer.py::Trainer.compute_class_feature_averages, Trainer.train_episode)
 
 def test_prototype_classes():
     assert kproba.prototype_classes([3], 0) == [0, 1, 2]

@@ -1,4 +1,5 @@
-"""BARM's loss terms on small tensors against values computed independently (spec barm-ssul-kproba §4.4)."""
+"""BARM's loss terms on small tensors against values computed independently
+(BARM trainer/trainer.py::Trainer.train_episode, utils/loss.py)."""
 import math
 
 import numpy as np
@@ -93,7 +94,8 @@ def test_feature_distillation_and_group_kd_by_hand():
 
 
 def independent_barm_loss(logits, feats, prev_logits, prev_feats, labels, num_new, thresh=0.7):
-    """The spec's eight steps written out with numpy loops (upsampling aside)."""
+    """The eight steps of BARM's loss (BARM trainer/trainer.py::Trainer.train_episode) written out with numpy loops
+    (upsampling aside)."""
     size = labels.shape[-2:]
     up = F.interpolate(logits, size=size, mode="bilinear", align_corners=False).numpy()
     prev_up = F.interpolate(prev_logits, size=size, mode="bilinear", align_corners=False).numpy()

@@ -1,5 +1,6 @@
 """MiB-family loss terms, BARM's focal loss and MiB's background init, against explicit loops over pixels and
-classes written from the formulas of the methods spec (§0, §4.1-§4.4, §4.8) and barm spec §4.4."""
+classes written from the formulas of the reference code (MiB utils/loss.py, train.py::Trainer.train;
+BARM utils/loss.py)."""
 import math
 
 import pytest
@@ -57,7 +58,7 @@ def ce_loop(logits, labels):
     return total, valid
 
 
-# ---- CE over all pixels (§0, §4.1) -------------------------------------------------------------------
+# ---- CE over all pixels (MiB train.py::Trainer.train) ------------------------------------------------
 def test_ce_all_pixels_divides_by_all_pixels():
     logits, _, labels = make_inputs()
     total, valid = ce_loop(logits, labels)
@@ -84,7 +85,7 @@ def test_losses_compute_in_float32():
         assert value.dtype == torch.float32
 
 
-# ---- MiB unbiased CE (§4.8) --------------------------------------------------------------------------
+# ---- MiB unbiased CE (MiB utils/loss.py::UnbiasedCrossEntropy) ---------------------------------------
 def unbiased_ce_loop(logits, labels, n_old):
     total = 0.0
     for b, i, j in pixels():
@@ -106,7 +107,7 @@ def test_unbiased_ce_by_loop(n_old):
     labels_before = labels.clone()
     expected = unbiased_ce_loop(logits, labels, n_old)
     assert losses.unbiased_ce(logits, labels, n_old).item() == pytest.approx(expected, rel=REL)
-    assert torch.equal(labels, labels_before)  # the caller's labels are not overwritten (spec §9.2)
+    assert torch.equal(labels, labels_before)  # caller's labels untouched (MiB utils/loss.py::UnbiasedCrossEntropy)
 
 
 def test_unbiased_ce_without_old_classes_is_plain_ce():
@@ -125,7 +126,7 @@ def test_unbiased_ce_rejects_bad_old_count():
         losses.unbiased_ce(logits, labels, C + 1)
 
 
-# ---- MiB unbiased KD (§4.8) --------------------------------------------------------------------------
+# ---- MiB unbiased KD (MiB utils/loss.py::UnbiasedKnowledgeDistillationLoss) --------------------------
 @pytest.mark.parametrize("alpha", [1.0, 2.0])
 @pytest.mark.parametrize("n_old", [2, 3, 5])
 def test_unbiased_kd_by_loop(n_old, alpha):
@@ -142,7 +143,7 @@ def test_unbiased_kd_by_loop(n_old, alpha):
     assert losses.unbiased_kd(logits, old_logits, alpha).item() == pytest.approx(expected, rel=REL)
 
 
-# ---- LwF / ILT KD (§4.2) -----------------------------------------------------------------------------
+# ---- LwF / ILT KD (MiB utils/loss.py::KnowledgeDistillationLoss) -------------------------------------
 @pytest.mark.parametrize("alpha", [1.0, 0.5])
 def test_kd_old_channels_by_loop(alpha):
     logits, old_logits, _ = make_inputs(seed=3)
@@ -157,7 +158,7 @@ def test_kd_old_channels_by_loop(alpha):
     assert losses.kd_old_channels(logits, old_logits, alpha).item() == pytest.approx(expected, rel=REL)
 
 
-# ---- LwF-MC (§4.3) -----------------------------------------------------------------------------------
+# ---- LwF-MC (MiB utils/loss.py::BCEWithLogitsLossWithIgnoreIndex, train.py::Trainer.train) -----------
 def test_bce_all_pixels_by_loop():
     logits, _, labels = make_inputs(seed=4)
     total = 0.0
@@ -183,7 +184,7 @@ def test_icarl_distillation_by_loop():
     assert losses.icarl_distillation(logits, old_logits).item() == pytest.approx(expected, rel=REL)
 
 
-# ---- ILT (§4.4) --------------------------------------------------------------------------------------
+# ---- ILT (MiB train.py::Trainer.train) ---------------------------------------------------------------
 def test_feature_mse_by_loop():
     gen = torch.Generator().manual_seed(6)
     f, g = torch.randn(2, 3, 2, 2, generator=gen), torch.randn(2, 3, 2, 2, generator=gen)
@@ -198,7 +199,7 @@ def test_mib_family_default_weights():
     assert (losses.RW_IMPORTANCE, losses.RW_ALPHA, losses.RW_ITERATIONS) == (100.0, 0.9, 10)
 
 
-# ---- BARM's focal loss (barm spec §4.4) ----------------------------------------------------------------
+# ---- BARM's focal loss (BARM utils/loss.py::FocalLoss; see docs/differences.md) ------------------------
 def test_focal_loss_is_ce_times_valid_fraction():
     logits, _, labels = make_inputs(seed=7)
     total, valid = ce_loop(logits, labels)
@@ -233,7 +234,7 @@ def test_focal_loss_gradient_finite_with_ignored_pixels():
     assert torch.all(logits.grad[0, :, 0, 0] == 0)  # the ignored pixel gets no gradient
 
 
-# ---- MiB background-aware init (§4.8) and RCIL's weight-only variant (§4.10) ---------------------------
+# ---- MiB background-aware init, RCIL weight-only variant (MiB, RCIL segmentation_module.py::init_new_classifier) -----
 def hand_classifiers():
     old = nn.Conv2d(3, 4, 1)  # step 0: background + 3 classes
     new = nn.Conv2d(3, 2, 1)  # two new classes
@@ -256,7 +257,7 @@ def test_background_init_with_bias():
     assert old.bias.tolist() == pytest.approx([shifted, -0.2, 0.3, 0.1], rel=REL)  # background lowered too
     assert old.weight[1:, :, 0, 0].flatten().tolist() == pytest.approx([v / 10 for v in range(3, 12)], rel=REL)
     assert new.weight.is_leaf and new.weight.requires_grad and new.weight.grad_fn is None
-    # applied again at the next step, the background bias keeps decreasing (spec §9.6)
+    # applied again next step: the background bias keeps decreasing (MiB segmentation_module.py::init_new_classifier)
     third = nn.Conv2d(3, 1, 1)
     init_new_classifier(old, third)
     assert third.bias.item() == pytest.approx(shifted - math.log(2), rel=REL)

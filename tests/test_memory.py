@@ -1,4 +1,4 @@
-"""Exemplar memory (SSUL-M, spec barm-ssul-kproba §12.4) on synthetic candidate lists."""
+"""Exemplar memory (SSUL-M: SSUL utils/memory.py::memory_sampling_balanced) on synthetic candidate lists."""
 import collections
 import json
 
@@ -10,7 +10,7 @@ from methods import memory
 
 
 def reference_selection(candidates, prev_num_classes, mem_size, seed):
-    """SSUL's memory_sampling_balanced selection, restated from spec §12.4 (with the global numpy RNG)."""
+    """SSUL's selection (SSUL utils/memory.py::memory_sampling_balanced), restated with the global numpy RNG."""
     state = np.random.get_state()
     try:
         np.random.seed(seed)

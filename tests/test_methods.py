@@ -115,7 +115,7 @@ def test_prediction_upsamples_probabilities_for_barm_and_logits_for_ft():
 
 
 def test_ft_trains_everything_with_one_group():
-    method = get_method("ft")  # FT under MiB's protocol (methods spec §4.1): MiB's network, CE over all pixels
+    method = get_method("ft")  # FT under MiB's protocol (MiB argparser.py, train.py): MiB's network, CE over all pixels
     assert method.model_family == "mib" and not method.needs_teacher(StepContext("voc", STEPS, 1))
     model = build_model("mib_resnet18", [16, 1])
     groups = method.param_groups(model, StepContext("voc", STEPS, 1), lr=0.001)
@@ -125,7 +125,7 @@ def test_ft_trains_everything_with_one_group():
     labels[0, :4] = 255
     loss = method.loss(model(images), None, Batch(images, labels), StepContext("voc", STEPS, 1))
     assert set(loss) == {"total", "ce"} and torch.isfinite(loss["total"])
-    # the mean runs over all pixels, ignored ones included (reduction 'none' then .mean(), spec §0)
+    # the mean runs over all pixels, ignored ones included (reduction 'none' then .mean(), MiB train.py::Trainer.train)
     logits = nn.functional.interpolate(model(images)[0], size=(33, 33), mode="bilinear", align_corners=False)
     valid = nn.functional.cross_entropy(logits, labels, ignore_index=255)
     torch.testing.assert_close(loss["total"], valid * (labels != 255).float().mean(), rtol=1e-5, atol=1e-6)
@@ -136,7 +136,7 @@ def test_barm_validation_rule():
     due = method.validation_due
     # more than 100 iterations per epoch: after every epoch, never inside one
     assert [due(i, 101, 505, None) for i in (100, 101, 150, 202)] == [False, True, False, True]
-    # fewer: after every 5th epoch only (spec §4.7: epoch % 5 == 4, 0-based)
+    # fewer: after every 5th epoch only (BARM trainer/trainer.py::Trainer.train: epoch % 5 == 4, 0-based)
     assert [i for i in range(1, 101) if due(i, 10, 100, None)] == [50, 100]
     assert [i for i in range(1, 61) if due(i, 10, 60, 2)] == [20, 40, 60]  # --val_interval 2
     assert not any(due(i, 10, 60, 0) for i in range(1, 61))  # --val_interval 0

@@ -1,4 +1,5 @@
-"""Metrics against confusion matrices and summaries computed by hand (spec §7.1, methods §6)."""
+"""Metrics against confusion matrices and summaries computed by hand
+(BARM metrics/stream_metrics.py::StreamSegMetrics, DKD utils/metric.py::Evaluator)."""
 import os
 
 import numpy as np

@@ -1,4 +1,5 @@
-"""The MiB family as methods (methods spec §2-§6, §10): label policies per repository and split (§3.3), the shared
+"""The MiB family as methods (MiB run.py::run_step, train.py::Trainer): label policies per repository and split
+(MiB dataset/voc.py::VOCSegmentationIncremental, dataset/ade.py::AdeSegmentationIncremental), the shared
 protocol of :class:`methods.mib.MiBFamily`, the background initialisation on a real classifier, the loss of every
 method against explicit per-pixel loops, the EWC/PI/RW methods' statistics after hand-computed updates and their
 state, and PLOP's threshold pass and loss wiring."""
@@ -33,9 +34,10 @@ def mapped(policy, split, step=1, steps=STEPS):
     return label_lut([list(s) for s in steps], step, split, policy)[RAW].tolist()
 
 
-# ---- label policies: one row of methods spec §3.3 each --------------------------------------------------------
+# ---- label policies, one row per repository and split (MiB, PLOP dataset/voc.py, dataset/ade.py) --------------
 @pytest.mark.parametrize("split, expected", [
-    ("train", [0, 0, 0, 3, 4, 0, 0]),  # MiB VOC train: old/future -> 0, void -> 0 (quirk §9 MiB 1)
+    # MiB VOC train: old/future -> 0, void -> 0 (quirk of MiB dataset/voc.py::VOCSegmentationIncremental)
+    ("train", [0, 0, 0, 3, 4, 0, 0]),
     ("val", [0, I, I, 3, 4, I, I]),  # per-epoch val: old and future ignored
     ("test", [0, 1, 2, 3, 4, I, I]),  # test: seen classes, future ignored
     ("memory", [0, 0, 0, 3, 4, 0, 0]),
@@ -88,7 +90,7 @@ def test_methods_pick_their_repository_tables():
             for split in ("train", "val", "test"):
                 assert np.array_equal(label_lut(steps, 1, split, method.label_policy),
                                       label_lut(steps, 1, split, expected)), (name, dataset, split)
-    # --protocol: PLOP's paper re-ran MiB and ILT under PLOP's tables and evaluation (spec §8.2, §10)
+    # --protocol: PLOP's paper re-ran MiB and ILT under PLOP's tables and evaluation (PLOP scripts/voc/mib_15-1.sh)
     for name in ("mib", "ilt", "ft"):
         method = get_method(name, dataset="ade", protocol="plop")
         assert np.array_equal(label_lut(steps, 1, "test", method.label_policy), label_lut(steps, 1, "test", plop_lut))
@@ -160,7 +162,7 @@ def test_prediction_is_the_argmax_of_upsampled_logits():
     assert get_method("mib").predict(logits, (1, 4)).tolist() == [[[0, 0, 1, 1]]]
 
 
-# ---- background initialisation on MiB's network (methods spec §4.8) ----------------------------------------------
+# ---- background initialisation on MiB's network (MiB segmentation_module.py::init_new_classifier) ----------------
 def student_from(previous, classes_per_step, seed=1):
     torch.manual_seed(seed)
     student = build_model("mib_resnet18", classes_per_step)
@@ -199,7 +201,7 @@ def test_mib_init_can_be_switched_off():
     assert torch.equal(student.cls[1].weight, weight)
 
 
-# ---- losses of the methods, against explicit loops (methods spec §4.1-§4.4, §4.8) ------------------------------
+# ---- losses of the methods, against explicit loops (MiB train.py::Trainer.train, utils/loss.py) ----------------
 def bce(x, t):
     return math.log1p(math.exp(-abs(x))) + max(x, 0.0) - t * x
 
@@ -272,7 +274,8 @@ def test_step0_losses():
     for name in ("ft", "mib", "lwf", "ilt", "ewc", "pi", "rw", "plop"):
         terms = get_method(name).loss((z0, f), None, Batch(z0, labels0), CTX0)
         assert terms["total"].item() == pytest.approx(ce, rel=REL), name
-    terms = get_method("lwf-mc").loss((z0, f), None, Batch(z0, labels0), CTX0)  # BCE from step 0 on (§4.3)
+    # LwF-MC: BCE from step 0 on (MiB utils/loss.py::BCEWithLogitsLossWithIgnoreIndex)
+    terms = get_method("lwf-mc").loss((z0, f), None, Batch(z0, labels0), CTX0)
     assert terms["total"].item() == pytest.approx(per_pixel_mean(bce_px, z0, labels0), rel=REL)
 
 
@@ -317,7 +320,7 @@ def test_incremental_losses():
     assert terms["total"].item() == pytest.approx(unce + 10 * unkd2, rel=REL)
 
 
-# ---- EWC / PI / RW as methods (methods spec §4.5-§4.7) -------------------------------------------------------
+# ---- EWC / PI / RW as methods (MiB utils/regularizer.py::EWC, PI, RW) ----------------------------------------
 class Tiny(nn.Module):
     def __init__(self, w, v=None):
         super().__init__()
@@ -448,7 +451,7 @@ def test_regularized_method_state_round_trip(name):
                 assert torch.allclose(value[n], resumed_carry[key][n], rtol=1e-6), (key, n)
 
 
-# ---- PLOP: the threshold pass and the loss wiring (methods spec §4.9) ------------------------------------------
+# ---- PLOP: the threshold pass and the loss wiring (PLOP train.py::Trainer.find_median, Trainer.train) ----------
 class FakeData:
     """What ``before_step`` uses of :class:`engine.passes.StepData`."""
 

@@ -1,6 +1,6 @@
-"""End-to-end CPU runs of the MiB family (methods spec §2-§6): a 2-step run of each of the nine methods on the
-VOC layout (MiB and PLOP also on ADE), ``--test`` reproducing every step's confusion matrix, the step-0
-statistics EWC/PI/RW need, and an interrupted RW step resumed to the same weights and statistics.
+"""End-to-end CPU runs of the MiB family (MiB run.py::run_step, train.py::Trainer): a 2-step run of each of the
+nine methods on the VOC layout (MiB and PLOP also on ADE), ``--test`` reproducing every step's confusion matrix,
+the step-0 statistics EWC/PI/RW need, and an interrupted RW step resumed to the same weights and statistics.
 
 To stay small (resnet18, 49-pixel crops, one epoch, VOC task 2-1: 18 images at step 0, 10 at step 1), runs
 whose step 0 is identical share it: FT, LwF, ILT and MiB all train step 0 with the plain CE over all pixels on

@@ -1,4 +1,5 @@
-"""Model assembly, state-dict layout (spec barm-ssul-kproba §2.4, §12.1), backbone geometry and taps."""
+"""Model assembly, state-dict layout (BARM network/_deeplab.py::DeepLabHeadBgA, SSUL network/_deeplab.py::DeepLabHead),
+backbone geometry and taps."""
 import pytest
 import torch
 from torch import nn
@@ -23,10 +24,11 @@ def shapes(module):
 
 @pytest.fixture(scope="module")
 def resnet101_backbone_table():
-    """Backbone part of spec §2.4: torchvision's ResNet-101 keys without ``fc``, under ``backbone.``."""
+    """Backbone part of BARM's state dict (BARM network/backbone/resnet.py): torchvision's ResNet-101 keys without
+    ``fc``, under ``backbone.``."""
     table = {f"backbone.{k}": list(v.shape) for k, v in models.resnet101(weights=None).state_dict().items()
              if not k.startswith("fc.")}
-    # Spot checks of the spec text itself.
+    # Spot checks of the key table itself.
     assert table["backbone.layer3.22.conv1.weight"] == [256, 1024, 1, 1]
     assert table["backbone.layer4.0.downsample.0.weight"] == [2048, 1024, 1, 1]
     assert table["backbone.layer4.1.conv1.weight"] == [512, 2048, 1, 1]
@@ -35,7 +37,7 @@ def resnet101_backbone_table():
 
 
 def aspp_table():
-    """Spec §2.4, ASPP part (2048 input channels)."""
+    """ASPP part of BARM's state dict (BARM network/_deeplab.py::ASPP), 2048 input channels."""
     table = {"classifier.aspp.convs.0.0.weight": [256, 2048, 1, 1], **bn_entries("classifier.aspp.convs.0.1", 256)}
     for branch in (1, 2, 3):
         table[f"classifier.aspp.convs.{branch}.0.weight"] = [256, 2048, 3, 3]
@@ -48,7 +50,8 @@ def aspp_table():
 
 
 def bga_classifier_table(classes_per_step):
-    """Spec §2.4, BARM head part: head_pre, one ear per incremental step, 1x1 heads (residual channel for k>=1)."""
+    """BARM head part (BARM network/_deeplab.py::DeepLabHeadBgA): head_pre, one ear per incremental step, 1x1 heads
+    (residual channel for k>=1)."""
     table = aspp_table()
     table["classifier.head_pre.0.weight"] = [256, 256, 3, 3]
     table.update(bn_entries("classifier.head_pre.1", 256))
@@ -64,7 +67,8 @@ def bga_classifier_table(classes_per_step):
 
 
 def ssul_classifier_table(head_channels):
-    """Spec §12.1: per entry a 3x3 conv (.0), BN (.1) and a biased 1x1 conv (.3)."""
+    """SSUL's heads (SSUL network/_deeplab.py::DeepLabHead): per entry a 3x3 conv (.0), BN (.1) and a biased 1x1
+    conv (.3)."""
     table = aspp_table()
     for i, channels in enumerate(head_channels):
         table[f"classifier.head.{i}.0.weight"] = [256, 256, 3, 3]
@@ -135,7 +139,7 @@ def test_resnet18_dilation_follows_bottleneck_convention(output_stride, dilation
 
 @pytest.mark.parametrize("output_stride, size, expected", [(16, 513, 33), (8, 513, 65), (16, 321, 21), (8, 321, 41)])
 def test_output_size(output_stride, size, expected):
-    """513 -> 257 (conv1) -> 129 (maxpool, layer1) -> 65 (layer2) -> 33 (layer3) at OS16 (spec notation)."""
+    """513 -> 257 (conv1) -> 129 (maxpool, layer1) -> 65 (layer2) -> 33 (layer3) at OS16."""
     stem = {513: 129, 321: 81}[size]
     model = build_model("deeplabv3bga_resnet18", [3, 1], output_stride=output_stride).eval()
     with torch.no_grad():

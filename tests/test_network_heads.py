@@ -1,4 +1,5 @@
-"""Classifier heads: BARM background combination (spec §2.3), initialisation, add_step."""
+"""Classifier heads: BARM background combination (BARM network/_deeplab.py::DeepLabHeadBgA), initialisation,
+add_step."""
 import math
 
 import pytest
@@ -88,7 +89,7 @@ def test_bga_background_formula_on_random_heads(mode):
         background = z[0][:, 0] + clamped[0] + clamped[1] + clamped[2]
     torch.testing.assert_close(logits[:, 0], background)
     torch.testing.assert_close(logits[:, 1:], torch.cat([zk[:, 1:] for zk in z], dim=1))
-    # ears read the ASPP output, head[0] reads head_pre (spec §2.3 step 3)
+    # ears read the ASPP output, head[0] reads head_pre (BARM network/_deeplab.py::DeepLabHeadBgA.forward)
     torch.testing.assert_close(features["ear_feats"][2], head.ear[1](features["feature"]))
     torch.testing.assert_close(features["ear_feats"][0], head.head_pre(features["feature"]))
 

@@ -1,5 +1,6 @@
-"""MiB/PLOP network without InPlace-ABN (methods spec §1, §1.4, §4.9, §7): ABN numerics, key layout,
-shapes, eval pooling, add_step, PLOP taps, InPlace-ABN weight files and step checkpoints."""
+"""MiB/PLOP network (MiB segmentation_module.py::IncrementalSegmentationModule) without InPlace-ABN (InPlace-ABN
+inplace_abn/functions.py computed with standard layers: docs/differences.md): ABN numerics, key layout, shapes,
+eval pooling, add_step, PLOP taps, InPlace-ABN weight files and step checkpoints."""
 import math
 
 import numpy as np
@@ -20,7 +21,7 @@ SLOPE = 0.01
 
 
 def reference_abn(x, gamma, beta, mean, var, slope):
-    """InPlace-ABN's forward written from the spec (§1.4), float64, per channel."""
+    """InPlace-ABN's forward (InPlace-ABN inplace_abn/functions.py) restated, float64, per channel."""
     x, gamma, beta, mean, var = (np.asarray(t, dtype=np.float64) for t in (x, gamma, beta, mean, var))
     shape = (1, -1) + (1,) * (x.ndim - 2)
     y = (x - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + EPS) * (np.abs(gamma) + EPS).reshape(shape)
@@ -45,7 +46,7 @@ def batch(channels=3):
 
 
 # ------------------------------------------------------------------------------------------------
-# ABN layer (spec §1.4)
+# ABN layer (InPlace-ABN inplace_abn/functions.py)
 # ------------------------------------------------------------------------------------------------
 
 def test_abn_train_mode_matches_formula_and_updates_running_stats():
@@ -75,7 +76,7 @@ def test_abn_eval_mode_uses_running_stats():
 
 @pytest.mark.parametrize("activation, slope, effective_slope", [
     ("leaky_relu", SLOPE, SLOPE),
-    ("leaky_relu", 1.0, 1.0),     # RCIL: slope 1 = identity (spec §4.10)
+    ("leaky_relu", 1.0, 1.0),     # RCIL: slope 1 = identity (RCIL modules/residual.py)
     ("identity", SLOPE, 1.0),     # bn3 / proj_bn: no activation whatever the slope
 ])
 def test_abn_activations(activation, slope, effective_slope):
@@ -178,10 +179,11 @@ def test_sync_batch_norm_on_cuda_matches_formula(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# Key layout (spec §1.1-§1.3, §7)
+# Key layout (MiB models/resnet.py::ResNet, segmentation_module.py::IncrementalSegmentationModule)
 # ------------------------------------------------------------------------------------------------
 
-# Written from spec §1.1-§1.3 for ResNet-101 and VOC 15-1 (16 classes at step 0, 1 at step 1).
+# Written from MiB models/resnet.py::ResNet, modules/deeplab.py and segmentation_module.py for ResNet-101 and
+# VOC 15-1 (16 classes at step 0, 1 at step 1).
 KEY_TABLE = {
     "body.mod1.conv1.weight": (64, 3, 7, 7),
     "body.mod1.bn1.running_var": (64,),
@@ -217,7 +219,7 @@ RESNET101_BODY_PARAMETERS = 44_549_160 - 2048 * 1000 - 1000
 
 
 def to_torchvision_key(key):
-    """Spec §7's renaming of the InPlace-ABN ResNet keys to torchvision's."""
+    """Renaming of the InPlace-ABN ResNet keys (MiB models/resnet.py::ResNet names) to torchvision's."""
     parts = key.split(".")
     if parts[0] == "mod1":
         return ".".join(parts[1:])
@@ -249,7 +251,7 @@ def test_resnet101_voc15_1_key_table_and_counts():
     state = model.state_dict()
     assert tuple(state["cls.1.weight"].shape) == (1, 256, 1, 1) and tuple(state["cls.1.bias"].shape) == (1,)
     assert len(state) == 650
-    # Spec §7: the body maps one-to-one onto torchvision's ResNet-101 (without fc), shapes equal.
+    # The body (MiB models/resnet.py::ResNet) maps one-to-one onto torchvision's ResNet-101 (without fc), same shapes.
     torchvision = {k: v.shape for k, v in models.resnet101(weights=None).state_dict().items()
                    if not k.startswith("fc.")}
     body = model.body.state_dict()
@@ -282,7 +284,8 @@ def test_output_shapes(output_stride, sizes):
 
 @pytest.mark.parametrize("output_stride, dilations, strides, head", [
     (16, {"mod3": 1, "mod4": 1, "mod5": 2}, {"mod3": 2, "mod4": 2, "mod5": 1}, (6, 12, 18)),
-    (8, {"mod3": 1, "mod4": 2, "mod5": 4}, {"mod3": 2, "mod4": 1, "mod5": 1}, (12, 24, 32)),  # not 36 (§9 MiB 7)
+    # OS8 rates (12, 24, 32), not 36 (MiB modules/deeplab.py)
+    (8, {"mod3": 1, "mod4": 2, "mod5": 4}, {"mod3": 2, "mod4": 1, "mod5": 1}, (12, 24, 32)),
 ])
 def test_dilations_and_strides(output_stride, dilations, strides, head):
     torch.manual_seed(0)
@@ -307,7 +310,8 @@ def test_identity_norm_act_is_linear_in_the_norm_layers():
     assert slopes == {1.0}
     std = model.head.map_convs[1].weight.std().item()
     fan_in, fan_out = 512 * 9, 256 * 9
-    assert std == pytest.approx(1.0 * math.sqrt(2 / (fan_in + fan_out)), rel=0.02)  # RCIL gain 1 (§9 RCIL 1)
+    # RCIL: head init gain 1 (RCIL modules/deeplab.py)
+    assert std == pytest.approx(1.0 * math.sqrt(2 / (fan_in + fan_out)), rel=0.02)
 
 
 def test_head_and_classifier_initialisation():
@@ -327,9 +331,9 @@ def test_head_and_classifier_initialisation():
 
 
 def windowed_mean_with_replicate_padding(x, k_h, k_w):
-    """Spec §1.2 written as a loop: the pooled map (h-k+1)x(w-k+1) is replicate-padded by (k-1)//2
-    before and the rest after, so output pixel (i, j) is the mean of the k_h x k_w window starting at
-    (clamp(i - (k_h-1)//2), clamp(j - (k_w-1)//2))."""
+    """MiB's eval pooling (MiB modules/deeplab.py) written as a loop: the pooled map (h-k+1)x(w-k+1) is
+    replicate-padded by (k-1)//2 before and the rest after, so output pixel (i, j) is the mean of the k_h x k_w
+    window starting at (clamp(i - (k_h-1)//2), clamp(j - (k_w-1)//2))."""
     b, c, h, w = x.shape
     out = torch.empty_like(x)
     for i in range(h):
@@ -395,7 +399,7 @@ def test_add_step_keeps_channels_last():
 
 
 # ------------------------------------------------------------------------------------------------
-# PLOP pre-activation taps (spec §4.9)
+# PLOP pre-activation taps (PLOP modules/residual.py::ResidualBlock, models/resnet.py::ResNet.forward)
 # ------------------------------------------------------------------------------------------------
 
 def test_attentions_are_last_block_sums_before_the_activation():
@@ -465,11 +469,12 @@ def test_swap_blocks_visits_every_block_with_its_geometry():
 
 
 # ------------------------------------------------------------------------------------------------
-# InPlace-ABN ImageNet weights (spec §7)
+# InPlace-ABN ImageNet weights (InPlace-ABN README; MiB segmentation_module.py::make_model)
 # ------------------------------------------------------------------------------------------------
 
 def reference_resnet18_shapes():
-    """The InPlace-ABN ResNet-18 file's keys and shapes, written from spec §1.1/§7 (no counters)."""
+    """The InPlace-ABN ResNet-18 file's keys and shapes, with MiB's names (MiB models/resnet.py::ResNet; no
+    counters)."""
     shapes = {"mod1.conv1.weight": (64, 3, 7, 7)}
 
     def norm(prefix, n):
@@ -517,14 +522,14 @@ def save_reference(tmp_path, state, prefix="module.", legacy=False):
 
 
 def by_hand_norm(x, state, prefix, slope):
-    """Eval-mode InPlace-ABN from torch primitives: scale |gamma| + eps (spec §1.4)."""
+    """Eval-mode InPlace-ABN from torch primitives: scale |gamma| + eps (InPlace-ABN inplace_abn/functions.py)."""
     y = F.batch_norm(x, state[f"{prefix}.running_mean"], state[f"{prefix}.running_var"],
                      state[f"{prefix}.weight"].abs() + EPS, state[f"{prefix}.bias"], False, 0.0, EPS)
     return F.leaky_relu(y, slope) if slope is not None else y
 
 
 def by_hand_basic_block(x, state, prefix, stride):
-    """MiB basic block, pre-activation sum (spec §1.1; basic-block variant of MiB's ResidualBlock)."""
+    """MiB basic block, pre-activation sum (basic-block variant of MiB modules/residual.py::ResidualBlock)."""
     u = by_hand_norm(F.conv2d(x, state[f"{prefix}.convs.conv1.weight"], stride=stride, padding=1), state,
                      f"{prefix}.convs.bn1", SLOPE)
     v = by_hand_norm(F.conv2d(u, state[f"{prefix}.convs.conv2.weight"], padding=1), state, f"{prefix}.convs.bn2", None)

@@ -1,4 +1,5 @@
-"""PLOP's loss terms (methods spec §4.9) on small tensors against hand computations and explicit loops."""
+"""PLOP's loss terms (PLOP train.py::Trainer.train, features_distillation) on small tensors against hand
+computations and explicit loops."""
 import math
 
 import numpy as np
@@ -9,7 +10,7 @@ from methods import plop
 
 
 def entropy_by_hand(p):
-    """ē of one pixel's probabilities p (a list), spec §4.9(a): −(1/log K)(1/K) Σ p log(p + 1e-8)."""
+    """ē of one pixel's probabilities p (a list), PLOP train.py::entropy: −(1/log K)(1/K) Σ p log(p + 1e-8)."""
     k = len(p)
     return -sum(x * math.log(x + 1e-8) for x in p) / k / math.log(k)
 
@@ -169,7 +170,7 @@ def test_local_pod_tiny_by_hand():
 
 
 def local_pod_numpy(old_maps, new_maps, factors, n_total, n_new, scales):
-    """Local POD written from spec §4.9(c) with explicit loops over maps, samples, scales and regions."""
+    """Local POD (PLOP train.py::features_distillation) with explicit loops over maps, samples, scales and regions."""
     total = 0.0
     for old, new, factor in zip(old_maps, new_maps, factors):
         old, new = old.astype(np.float64) ** 2, new.astype(np.float64) ** 2

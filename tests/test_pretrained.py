@@ -1,4 +1,5 @@
-"""Backbone weights (spec §3) and safe checkpoint loading (spec §8, §10.13)."""
+"""Backbone weights (BARM network/backbone/resnet.py::model_urls) and safe checkpoint loading
+(BARM utils/ckpt.py::save_ckpt files, loaded on torch >= 2.6: docs/differences.md)."""
 import io
 import os
 import urllib.error

@@ -1,5 +1,5 @@
 """RCIL's network (dual-branch blocks and ASPP, gates, ImageNet loading), its branch merge and the method's hooks
-(methods spec §4.10), against computations by hand from the spec's formulas."""
+(RCIL modules/residual.py, run.py::convert_model), against computations by hand from RCIL's formulas."""
 import math
 from types import SimpleNamespace
 
@@ -63,8 +63,8 @@ def by_hand_abn(x, module, training):
 
 
 def by_hand_bottleneck(block, x, w1, w2, training):
-    """Spec §4.10: u = LReLU(bn1 conv1 x); m = ½(w1·bn2 conv2 u + w2·bn2_new conv2_new u);
-    out = LReLU(bn3 conv3 LReLU(m) + proj_bn proj_conv x)."""
+    """RCIL's bottleneck (RCIL modules/residual.py): u = LReLU(bn1 conv1 x);
+    m = ½(w1·bn2 conv2 u + w2·bn2_new conv2_new u); out = LReLU(bn3 conv3 LReLU(m) + proj_bn proj_conv x)."""
     c = block.convs
     u = F.leaky_relu(by_hand_abn(F.conv2d(x, c.conv1.weight), c.bn1, training), SLOPE)
     conv = dict(stride=block.stride, padding=block.dilation, dilation=block.dilation)
@@ -148,7 +148,7 @@ def test_attentions_are_block_outputs_and_x_pl():
         stages.append(h)
     assert len(features["attentions"]) == 5
     for tap, stage in zip(features["attentions"][:4], stages):
-        torch.testing.assert_close(tap, stage, rtol=0, atol=0)  # post-activation block outputs (spec §4.10)
+        torch.testing.assert_close(tap, stage, rtol=0, atol=0)  # post-activation outputs (RCIL modules/residual.py)
     assert features["attentions"][4] is features["pre_logits"]
     assert features["sem_logits_small"] is logits and logits.shape[1] == 5
     assert features["attentions"][4].min() >= -SLOPE * features["attentions"][4].abs().max()  # after a LeakyReLU
@@ -229,7 +229,7 @@ def check_merged_layers(model):
 
 def test_merge_reproduces_the_two_branch_mixture():
     """The merged branch alone (gates (2, 0)) computes what the unmerged model computed in eval, ½(b1 + b2); the
-    merged model's own eval output is ½(merged + new branch) (spec §4.10 merge item 3), so it differs."""
+    merged model's own eval output is ½(merged + new branch) (RCIL run.py::convert_model), so it differs."""
     model = randomise(build_rcil_model([3], "resnet18"))
     x = images()
     before = eval_outputs(model, x)
@@ -248,7 +248,7 @@ def test_merge_reproduces_the_two_branch_mixture():
     state = model.state_dict()
     student = build_rcil_model([3], "resnet18", merged=True)
     student.load_state_dict(state)
-    assert student.body.mod2.block1.convs.bn2.eps == EPS  # quirk (spec §4.10 item 5): a reload keeps eps 1e-5
+    assert student.body.mod2.block1.convs.bn2.eps == EPS  # quirk (RCIL run.py::convert_model): a reload keeps eps 1e-5
     assert_relative(eval_outputs(student, x)[0], mixed, tol=1e-4)
     randomise(student, seed=4)  # different branches and statistics everywhere, merged biases kept
     with torch.no_grad():
@@ -327,7 +327,7 @@ def test_step_start_surgery_freezing_groups_and_train_mode():
     x = images()
     mixture = eval_outputs(previous, x)[1:]  # the step-0 model's eval-time features
     method.prepare_student(student, previous, ctx)
-    # weight-only background init (spec §4.10): W_new <- W_bg, biases untouched
+    # weight-only background init (RCIL segmentation_module.py::init_new_classifier): W_new <- W_bg, biases untouched
     assert torch.equal(student.cls[1].weight, student.cls[0].weight[0:1].expand_as(student.cls[1].weight))
     for conv, before in zip(student.cls, bias_before):
         assert torch.equal(conv.bias, before)

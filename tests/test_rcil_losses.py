@@ -1,4 +1,5 @@
-"""RCIL's pooled-cube KD terms (methods spec §4.10) against hand computations and explicit numpy loops."""
+"""RCIL's pooled-cube KD terms (RCIL train.py::features_distillation_spatial, features_distillation_channel) against
+hand computations and explicit numpy loops."""
 import math
 
 import numpy as np

@@ -1,6 +1,6 @@
-"""RCIL end to end on synthetic data (methods spec §4.10): VOC 15-1 steps 0-2 (step 2 loads the merged step-1
-checkpoint and merges again) and ADE 100-50 steps 0-1, ``--test`` reproducing every step's confusion matrix, and
-an interrupted step resumed exactly thanks to the gates' generator state."""
+"""RCIL end to end on synthetic data (RCIL train.py, run.py::convert_model): VOC 15-1 steps 0-2 (step 2 loads the
+merged step-1 checkpoint and merges again) and ADE 100-50 steps 0-1, ``--test`` reproducing every step's confusion
+matrix, and an interrupted step resumed exactly thanks to the gates' generator state."""
 import json
 import os
 import shutil
@@ -85,7 +85,7 @@ def test_voc_three_steps_and_test_reproduces_them(tiny_voc, voc_run):
     # step 2 started from the merged step-1 weights: its conv2 is the merge of step 1's two branches
     assert not torch.equal(step2["model_state"][merged_key], step1["model_state"][merged_key])
     assert step2["hyper"]["pckd_factor"] == 0.01 and GATE_STATE_KEY in step2["method_state"]
-    assert step2["metrics"]["convention"]["future_classes"] == "background"  # PLOP's label tables (spec §6)
+    assert step2["metrics"]["convention"]["future_classes"] == "background"  # PLOP's label tables (PLOP dataset/voc.py)
 
 
 def test_ade_two_steps_and_test_reproduces_them(tiny_ade, tmp_path, rcil_family):
@@ -94,7 +94,7 @@ def test_ade_two_steps_and_test_reproduces_them(tiny_ade, tmp_path, rcil_family)
     step1 = final(tmp_path, "100-50", 1)
     assert (step1["hyper"]["pckd_factor"], step1["hyper"]["pckd_last_factor"]) == (5e-6, 5e-7)
     assert len(step1["metrics"]["confusion_matrix"]) == 151
-    assert step1["metrics"]["convention"]["ade_class0"] == "scored"  # PLOP/RCIL score ADE class 0 (spec §6)
+    assert step1["metrics"]["convention"]["ade_class0"] == "scored"  # PLOP/RCIL score ADE class 0 (PLOP dataset/ade.py)
 
 
 class Interrupt(Exception):

@@ -1,5 +1,5 @@
-"""EWC, PI and RW (methods spec §4.5-§4.7) on a tiny "model" of named parameters, against the spec's formulas
-evaluated with plain Python floats."""
+"""EWC, PI and RW (MiB utils/regularizer.py::EWC, PI, RW) on a tiny "model" of named parameters, against their
+formulas evaluated with plain Python floats."""
 import io
 import logging
 
@@ -146,7 +146,7 @@ def test_min_max_normalize():
     assert min_max_normalize(torch.tensor([5.0, 5.0])).tolist() == [0.0, 0.0]
 
 
-# ---- EWC (§4.5) ----------------------------------------------------------------------------------------
+# ---- EWC (MiB utils/regularizer.py::EWC) ---------------------------------------------------------------
 def ewc_step0():
     params = make_params(THETA0)
     reg = EWC(params)
@@ -235,7 +235,7 @@ def test_ewc_state_round_trip():
     assert torch.equal(reg.penalty(params), fresh.penalty(params))
 
 
-# ---- PI (§4.6) -----------------------------------------------------------------------------------------
+# ---- PI (MiB utils/regularizer.py::PI) -----------------------------------------------------------------
 def pi_step0():
     params = make_params(THETA0)
     reg = PI(params)
@@ -294,7 +294,7 @@ def test_pi_state_round_trip():
     assert torch.equal(reg.penalty(params), fresh.penalty(params))
 
 
-# ---- RW (§4.7) -----------------------------------------------------------------------------------------
+# ---- RW (MiB utils/regularizer.py::RW) -----------------------------------------------------------------
 EVERY = 2  # reg_iterations, small enough for the score step to run twice in four updates
 
 

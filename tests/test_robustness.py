@@ -1,4 +1,4 @@
-"""Nothing lost, nothing hung, --test as written (issue 8): interruptions, locks, leftovers, results of
+"""Nothing lost, nothing hung, --test as written: interruptions, locks, leftovers, results of
 finished steps, --test with the recorded settings, adopted models, refused resumes, logs."""
 import glob
 import json

@@ -1,4 +1,5 @@
-"""Learning-rate schedules against the reference formulas (spec barm-ssul-kproba §4.3), computed by hand."""
+"""Learning-rate schedules against the reference formulas (BARM utils/scheduler.py::PolyLR, WarmupPolyLR),
+computed by hand."""
 import pytest
 import torch
 
@@ -51,7 +52,8 @@ def test_bad_policy_and_zero_iterations():
 
 
 def test_method_schedule_options_floor_and_unrounded_warmup():
-    """MiB/DKD's poly has no floor; DKD's warm-up is 20% of the iterations, not rounded (methods spec §5)."""
+    """MiB/DKD's poly has no floor; DKD's warm-up is 20% of the iterations, not rounded (MiB utils/scheduler.py::PolyLR,
+    DKD utils/lr_scheduler.py::WarmupPolyLR)."""
     group = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([group], lr=1e-6)
     scheduler = build_scheduler("poly", optimizer, 10, min_lr=0.0)

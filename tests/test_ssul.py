@@ -1,6 +1,6 @@
-"""SSUL's numerics on hand-made inputs (spec barm-ssul-kproba §12.2, §12.3, §7.2) and the SSUL method's hooks
-(parameter groups, freezing, weight transfer, labels of memory samples, loss, validation policy, saliency maps,
-memory state and candidates)."""
+"""SSUL's numerics on hand-made inputs (SSUL datasets/voc.py::__getitem__, main.py::main) and the SSUL method's
+hooks (parameter groups, freezing, weight transfer, labels of memory samples, loss, validation policy, saliency
+maps, memory state and candidates)."""
 import json
 import math
 import types
@@ -28,7 +28,7 @@ def softplus(x):
     return math.log1p(math.exp(-abs(x))) + max(x, 0.0)
 
 
-# ---------------------------------------------------------------- unknown label (§12.2)
+# ---------------------------------------------------------------- unknown label (SSUL datasets/voc.py::__getitem__)
 
 LABELS = torch.tensor([[0, 1, 255], [2, 0, 0]])
 SALIENCY = torch.tensor([[1, 0, 5], [0, 0, 3]])
@@ -57,7 +57,7 @@ def test_unknown_labels_saliency_shape_mismatch():
         ssul.unknown_labels(LABELS, SALIENCY[:, :2])
 
 
-# ---------------------------------------------------------------- weight transfer (§12.3)
+# ---------------------------------------------------------------- weight transfer (SSUL main.py::main)
 
 def distinctive_head():
     torch.manual_seed(0)
@@ -125,7 +125,7 @@ def test_trainable_heads():
         ssul.trainable_heads(head, 0)
 
 
-# ---------------------------------------------------------------- pseudo-labels (§12.3)
+# ---------------------------------------------------------------- pseudo-labels (SSUL main.py::main)
 
 # teacher logits for 4 channels at 6 pixels (1 x 4 x 1 x 6)
 OLD = torch.tensor([[[[-9.0, -9.0, -9.0, -9.0, -9.0, -9.0]],
@@ -150,7 +150,7 @@ def test_pseudo_labels_without_unknown():
     assert ssul.fg_index(True) == 1 and ssul.fg_index(False) == 0
 
 
-# ---------------------------------------------------------------- prediction (§12.2, §7.2)
+# ---------------------------------------------------------------- prediction (SSUL main.py::main, network/utils.py)
 
 def test_predict_unknown_merge_changes_the_argmax():
     probs = [(0.6, 0.3, 0.7, 0.1), (0.1, 0.2, 0.25, 0.8), (0.5, 0.1, 0.55, 0.2)]  # (unknown, bg, c1, c2)
@@ -207,7 +207,7 @@ def test_validation_interval_and_iterations():
     assert ssul.SSUL_PUBLISHED["voc"].batch_size == 32 and ssul.SSUL_PUBLISHED["ade"].lr == 0.05
 
 
-# ---------------------------------------------------------------- the method class (§12.2-§12.4)
+# ------------------------------------- the method class (SSUL main.py::main, utils/memory.py::memory_sampling_balanced)
 
 STEPS = ((0, 1, 2), (3,), (4,))  # VOC 2-1, steps 0-2
 SPEC = ModelSpec("deeplabv3", "resnet18")
@@ -247,7 +247,8 @@ def test_method_model_groups_and_freezing():
     assert trainable == {f"classifier.head.{i}.{k}" for i in (0, 1, 4) for k in ("0.weight", "3.weight", "3.bias")}
     method.set_train_mode(model, ctx)
     assert not any(m.training for m in model.modules() if isinstance(m, nn.BatchNorm2d))
-    assert all(m.training for m in model.modules() if isinstance(m, nn.Dropout))  # dropout stays active (§12.3)
+    # dropout stays active (SSUL main.py::main)
+    assert all(m.training for m in model.modules() if isinstance(m, nn.Dropout))
 
     loose = get_method("ssul", freeze=False, bn_freeze=False, unknown=False)
     model = ssul_model(loose, 1)
@@ -289,7 +290,8 @@ def test_training_labels_of_memory_samples():
     batch = Batch(torch.zeros(2, 3, 2, 2), labels, extras={"saliency": saliency}, memory=is_memory)
     assert get_method("ssul").targets(batch).tolist() == [shifted, shifted]  # fixed: memory shifted too
     reference = get_method("ssul", memory_labels_unshifted=True).targets(batch)
-    assert reference.tolist() == [shifted, [[0, 1], [2, 255]]]  # SSUL: memory class k on channel k (§12.4)
+    # SSUL shifted only its train split (SSUL datasets/voc.py::__getitem__; ciss shifts memory: docs/differences.md)
+    assert reference.tolist() == [shifted, [[0, 1], [2, 255]]]  # SSUL: memory class k on channel k
     # ADE (no saliency): every background pixel is unknown; without the unknown class nothing changes
     ade = Batch(torch.zeros(2, 3, 2, 2), labels, memory=is_memory)
     assert get_method("ssul", dataset="ade").targets(ade).tolist() == [[[0, 2], [3, 255]]] * 2

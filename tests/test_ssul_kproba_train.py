@@ -1,4 +1,4 @@
-"""End-to-end CPU runs of SSUL, SSUL-M and KProBA (issue 9) on the tiny synthetic VOC and ADE folders.
+"""End-to-end CPU runs of SSUL, SSUL-M and KProBA on the tiny synthetic VOC and ADE folders.
 
 Per dataset (module-scoped, shared by the tests): SSUL steps 0-2; SSUL-M (``--mem_size 4``) steps 1-2 from SSUL's
 step 0; KProBA steps 0-2. VOC runs 2-1 (step 0: 18 images, steps 1-2: 10-11) and ADE 5-5 (11, 10, 14): three

@@ -1,5 +1,5 @@
-"""Overlap / disjoint image lists, the test lists, and the label lookup tables (spec §5.2, §5.3, §12.4;
-methods §3.2)."""
+"""Overlap / disjoint image lists, the test lists, and the label lookup tables
+(BARM utils/tasks.py::get_dataset_list, datasets/voc.py::gt_label_mapping; MiB dataset/utils.py::filter_images)."""
 import numpy as np
 import pytest
 from PIL import Image
@@ -148,7 +148,7 @@ def test_lut_rejects_unknown_split_and_policy():
         label_lut(steps, 0, "train", policy="nonsense")
 
 
-# ---- MiB/PLOP/RCIL/DKD test list: validation images with a seen class (methods spec §3.2) -------------
+# ---- MiB/PLOP/RCIL/DKD test list: validation images with a seen class (MiB dataset/utils.py::filter_images) ----------
 
 @pytest.mark.parametrize("task", ["15-1", "15-1_b", "10-1"])
 def test_test_seen_split(synthetic_voc, tmp_path, task):
@@ -194,7 +194,8 @@ def test_split_names_and_files():
 # ---- label policies: registry, callables, SSUL-M memory labels ----------------------------------------
 
 def test_lut_memory_keeps_current_and_previous_classes():
-    # spec barm-ssul-kproba §12.4 step 4: current and all previous classes kept, future → 0, 255 stays
+    # SSUL-M memory labels (SSUL datasets/voc.py::__init__): current and all previous classes kept, future → 0,
+    # 255 stays
     steps = get_task("voc", "15-1")  # step 2 adds 17
     lut = label_lut(steps, 2, "memory")
     assert lut[:18].tolist() == list(range(18))

@@ -1,4 +1,5 @@
-"""Task table: class lists written out from spec barm-ssul-kproba §6 and methods §3.4."""
+"""Task table: class lists written out from BARM utils/tasks.py, MiB and PLOP tasks.py and
+DKD data_loader/task.py."""
 import json
 
 import pytest

@@ -62,7 +62,8 @@ def test_three_steps_then_test_reproduces_the_metrics(tiny_voc, step0, tmp_path)
 
 
 def check_barm_incremental_step(ckpt, log):
-    """What BARM's step 1 (--pseudo --bn_freeze, --lr 0.01) really did, read from the checkpoints (spec §4.2-§4.3)."""
+    """What BARM's step 1 (--pseudo --bn_freeze, --lr 0.01) really did, read from the checkpoints
+    (BARM trainer/trainer.py::Trainer.init_models, Trainer.init_ckpt)."""
     before = load_checkpoint_file(os.path.join(step_dir(ckpt, 0), "final.pth"))["model_state"]
     after = load_checkpoint_file(os.path.join(step_dir(ckpt, 1), "final.pth"))
     bn_keys = [k for k in before if k.rsplit(".", 1)[-1] in ("running_mean", "running_var", "num_batches_tracked")]

@@ -1,4 +1,4 @@
-"""Joint transforms (spec barm-ssul-kproba §5.4; MiB family: methods spec §3.1), extra per-sample maps, and
+"""Joint transforms (BARM utils/ext_transforms.py; MiB family: MiB dataset/transform.py), extra per-sample maps, and
 the incremental dataset item."""
 import random
 
@@ -179,7 +179,7 @@ def test_flip_moves_extras_with_the_image():
     assert (np.asarray(flipped_extra) == np.arange(4)[:, None]).all()  # y is unchanged by a horizontal flip
 
 
-# ---- MiB-family RandomResizedCrop (methods spec §3.1) --------------------------------------------------
+# ---- MiB-family RandomResizedCrop (MiB dataset/transform.py) -------------------------------------------
 
 def test_mib_train_transform_sizes_and_alignment():
     image, label, extra = coordinate_pair(120, 90)

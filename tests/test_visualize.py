@@ -140,7 +140,7 @@ def test_predict_folder_of_two_images(tmp_path, tiny_checkpoint):
     mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
     for stem, (w, h) in sizes.items():
         pixels = np.asarray(Image.open(folder / f"{stem}.png").convert("RGB"))
-        # the expected prediction, by hand: normalise, forward, upsample the logits, argmax (MiB family, spec §6)
+        # the expected prediction, by hand: normalise, forward, upsample the logits, argmax (as MiB train.py::Trainer)
         x = torch.from_numpy(((pixels / 255.0 - mean) / std).transpose(2, 0, 1)[None]).float()
         with torch.no_grad():
             logits = model(x)[0]

@@ -1,4 +1,4 @@
-"""Command line of ``train.py``: BARM's flags with their names and meaning (spec barm-ssul-kproba §1), plus
+"""Command line of ``train.py``: BARM's flags with their names and meaning (BARM utils/parser.py::get_argparser), plus
 the flags ciss adds, plus one flag per hyper-parameter of the selected ``--method``.
 
 BARM flags that had no effect there either work now (``--print_interval``, ``--val_interval``, ``--ckpt``

@@ -1,4 +1,5 @@
-"""Checkpoint files: safe loading of ciss, BARM and SSUL checkpoints (spec barm-ssul-kproba §8, §10.13)."""
+"""Checkpoint files: safe loading of ciss, BARM and SSUL checkpoints (BARM utils/ckpt.py::save_ckpt; on torch >= 2.6
+ciss allows their numpy ``best_score`` explicitly: docs/differences.md)."""
 import os
 import pickle
 import random
@@ -31,7 +32,8 @@ def _torch_version():
 
 
 def _numpy_safe_globals():
-    """The numpy objects a BARM/SSUL checkpoint holds: ``best_score`` is a numpy float64 scalar (spec §8).
+    """The numpy objects a BARM/SSUL checkpoint holds: ``best_score`` is a numpy float64 scalar (BARM
+    utils/ckpt.py::save_ckpt).
 
     numpy 1.x pickles it as ``numpy.core.multiarray.scalar`` + ``numpy.dtype``, numpy 2 as
     ``numpy._core.multiarray.scalar`` + ``numpy.dtype``; rebuilding the dtype needs its class

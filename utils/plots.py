@@ -1,4 +1,4 @@
-"""Figures of the report (issue 13 item 1), drawn with matplotlib's Agg canvas (no display, no pyplot state).
+"""Figures of the report, drawn with matplotlib's Agg canvas (no display, no pyplot state).
 
 * :func:`plot_miou_per_step`: mIoU of the old, new and all classes per step (three panels), every run on one
   figure;

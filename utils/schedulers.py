@@ -1,8 +1,8 @@
-"""Learning-rate schedules, stepped once per iteration (spec barm-ssul-kproba §4.3).
+"""Learning-rate schedules, stepped once per iteration (BARM utils/scheduler.py::build_scheduler).
 
 ``it`` is the number of completed iterations and ``T`` the total:
 
-* ``poly``: ``lr = max(base · (1 − it/T)^0.9, 1e−6)`` (the floor is the reference's; spec §10.9);
+* ``poly``: ``lr = max(base · (1 − it/T)^0.9, 1e−6)`` (the floor is BARM's, utils/scheduler.py::PolyLR);
 * ``warm_poly``: ``lr = base · f(it) · (1 − it/T)^0.9`` with ``W = ⌊warmup·T⌋`` (warmup 0.1) and
   ``f = 0.001·(1 − it/W) + it/W`` for ``it < W``, else 1; no floor;
 * ``step``: ``lr = base · 0.1^⌊it / step_size⌋``.

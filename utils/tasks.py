@@ -1,4 +1,4 @@
-"""The task table: which classes each incremental step introduces (spec barm-ssul-kproba §6, methods §3.4).
+"""The task table: which classes each incremental step introduces (BARM utils/tasks.py, MiB tasks.py).
 
 A task is a list of steps; each step is a list of dataset class ids. Step 0 starts with background 0, and
 the concatenation of the steps is the model's channel order. Every task of the reference repositories is
@@ -57,7 +57,7 @@ _SHUFFLED_15_1 = {
     "w": ([1, 2, 12, 14, 13, 19, 18, 7, 11, 20, 8, 4, 9, 16, 10], [3, 15, 6, 5, 17]),
 }
 
-# ADE orders "b" and "c" of MiB (methods §3.4): the classes added after the base step; the base step is
+# ADE orders "b" and "c" of MiB (MiB tasks.py): the classes added after the base step; the base step is
 # the complement (with 0), ascending.
 _ADE_100_50B_NEW = [2, 4, 7, 11, 15, 16, 17, 20, 30, 35, 37, 41, 50, 51, 52, 59, 64, 65, 66, 67, 68, 72, 73,
                     78, 79, 83, 85, 88, 89, 92, 94, 97, 98, 102, 108, 110, 111, 112, 114, 115, 118, 122, 124,

@@ -1,4 +1,4 @@
-"""Prediction panels (issue 13 item 2): image | ground truth | prediction, coloured with the dataset's palette,
+"""Prediction panels: image | ground truth | prediction, coloured with the dataset's palette,
 with a legend of the classes present; PNG files and arrays for tensorboard.
 
 Labels and predictions are channel positions (the model's output order, 255 = ignore), as the test loader

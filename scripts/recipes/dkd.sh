@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# DKD and DKD-M with DKD's published settings (DKD scripts and configs; methods spec §4.11, §4.12, §5), every step
-# of one task:
+# DKD and DKD-M with DKD's published settings (DKD scripts/voc/overlapped/*.sh, scripts/ade/overlapped/*.sh,
+# configs/config_voc.json, configs/config_ade.json), every step of one task:
 #   bash scripts/recipes/dkd.sh voc 15-1                 DKD, overlap   (VOC: 19-1, 15-5, 15-1, 10-1, 5-3)
 #   bash scripts/recipes/dkd.sh voc 15-1 disjoint        DKD, disjoint
 #   bash scripts/recipes/dkd.sh voc 15-1 overlap 100     DKD-M: 100 memory images (DKD's VOC value)
@@ -19,7 +19,7 @@ TASK=${2:?$USAGE}
 SETTING=${3:-overlap}
 MEM=${4:-0}
 
-# published hIoU / mIoU of all classes at the last step (DKD README, spec §8.4): DKD ; DKD-M
+# published hIoU / mIoU of all classes at the last step (DKD README): DKD ; DKD-M
 case "$DATASET:$TASK:$SETTING" in
     voc:19-1:overlap) ;;   # 56.95 / 76.13 ; 68.14 / 77.04
     voc:15-5:overlap) ;;   # 67.17 / 73.95 ; 68.96 / 74.84

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# KProBA as its scripts (spec barm-ssul-kproba §11.4), all steps of one task:
+# KProBA as its scripts (KProBA run_init.sh, run.sh, runade.sh and README), all steps of one task:
 #   bash scripts/recipes/kproba.sh voc 10-1      (run_init.sh + run.sh: one GPU, 5 epochs, batch 16, lr 0.001)
 #   bash scripts/recipes/kproba.sh ade 100-10    (runade.sh / README: BARM's ADE settings)
 # KProBA's repository publishes no numbers. DATA_ROOT, GPUS_INIT, GPUS, CKPT_DIR, SETTING and EXTRA pass through;
@@ -16,8 +16,8 @@ case "$DATASET:$TASK" in
         INIT=(5 16 0.001) STEPS=(5 16 0.001) GPUS_INIT=${GPUS_INIT-0} GPUS=${GPUS-0}
         DATA_ROOT=${DATA_ROOT:-data/VOC2012} ;;
     ade:100-10)
-        # step 0: 60 epochs, batch 8 (README; it names 100-5 there, a mismatch, spec §10); steps: 2 GPUs, batch 4
-        # per GPU, 100 epochs, lr 0.01 (runade.sh)
+        # step 0: 60 epochs, batch 8 (README; it names 100-5 there, a mismatch with its 100-10 steps); steps:
+        # 2 GPUs, batch 4 per GPU, 100 epochs, lr 0.01 (runade.sh)
         INIT=(60 8 0.001) STEPS=(100 4 0.01) GPUS_INIT=${GPUS_INIT-0} GPUS=${GPUS-0,1}
         DATA_ROOT=${DATA_ROOT:-data/ADEChallengeData2016} ;;
     *)

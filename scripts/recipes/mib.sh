@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# MiB's family (FT, LwF, LwF-MC, ILT, EWC, PI, RW, MiB) and PLOP with their published settings (methods spec §5,
-# §10), every step of one task:
+# MiB's family (FT, LwF, LwF-MC, ILT, EWC, PI, RW, MiB) and PLOP with their published settings (MiB README;
+# PLOP scripts/voc/plop_*.sh, scripts/ade/plop_ade_*.sh), every step of one task:
 #   bash scripts/recipes/mib.sh mib voc 15-1 overlap     (METHOD: ft lwf lwf-mc ilt ewc pi rw mib plop)
 #   bash scripts/recipes/mib.sh plop ade 100-5           (VOC: 19-1 15-5 15-1 10-1, overlap|disjoint (default
 #                                                         overlap); ADE: 100-50 100-10 50-50 100-5, overlap)
@@ -41,8 +41,8 @@ case "$DATASET:$TASK:$SETTING" in
         exit 2 ;;
 esac
 
-# published mIoU of all classes at the last step (methods spec §8): MiB paper [MiB] (VOC; ADE on its own image
-# partition), PLOP paper [PLOP] (overlap, PLOP's protocol), RCIL README [RCIL] (PLOP's protocol)
+# published mIoU of all classes at the last step: MiB paper [MiB] (MiB voc-tab.png, ade-tab.png; VOC; ADE on its
+# own image partition), PLOP paper [PLOP] (overlap, PLOP's protocol), RCIL README [RCIL] (PLOP's protocol)
 published() {
     case "$METHOD:$DATASET:$TASK:$SETTING" in
         ft:voc:19-1:disjoint) echo "6.2 [MiB]" ;;          ft:voc:19-1:overlap) echo "7.1 [MiB]" ;;
@@ -101,7 +101,7 @@ case "$DATASET" in
     voc) EPOCH0=30 EPOCH=30 DATA_ROOT=${DATA_ROOT:-data/VOC2012} ;;
     ade) EPOCH0=60 EPOCH=60 DATA_ROOT=${DATA_ROOT:-data/ADEChallengeData2016} ;;
 esac
-[ "$TASK" = 10-1 ] && EPOCH=10   # PLOP's 10-1 schedule (spec §5, §9 PLOP 7)
+[ "$TASK" = 10-1 ] && EPOCH=10   # PLOP's 10-1 schedule (PLOP scripts/voc/plop_10-1.sh)
 [ "$SETTING" = overlap ] && SETTING_FLAG=--overlap || SETTING_FLAG=
 [ "$PROTOCOL" = plop ] && AMP=--amp || AMP=   # PLOP's scripts: apex O1; MiB's: fp32
 GLOBAL_BATCH=24

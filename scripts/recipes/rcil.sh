@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# RCIL with RCIL's published settings (RCIL scripts/voc/RCIL_*.sh, scripts/ade/RCIL_ade_*.sh; methods spec §4.10, §5),
+# RCIL with RCIL's published settings (RCIL scripts/voc/RCIL_*.sh, scripts/ade/RCIL_ade_*.sh, argparser.py),
 # every step of one task:
 #   bash scripts/recipes/rcil.sh voc 15-1              overlap   (VOC: 15-5, 15-1, 10-1)
 #   bash scripts/recipes/rcil.sh voc 15-1 disjoint     disjoint
@@ -18,7 +18,7 @@ DATASET=${1:?$USAGE}
 TASK=${2:?$USAGE}
 SETTING=${3:-overlap}
 
-# published mIoU of all classes at the last step (RCIL README; old / new from the paper), methods spec §8.3
+# published mIoU of all classes at the last step (RCIL README; old / new from the paper)
 case "$DATASET:$TASK:$SETTING" in
     voc:15-5:overlap) ;;    # 72.4 (old 78.8 / new 52.0)
     voc:15-5:disjoint) ;;   # 67.3 (75.0 / 42.8)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# SSUL and SSUL-M with SSUL's published settings (SSUL README; spec barm-ssul-kproba §12.5), every step of one
+# SSUL and SSUL-M with SSUL's published settings (SSUL README, run.sh), every step of one
 # task in one run, as SSUL's main.py:
 #   bash scripts/recipes/ssul.sh voc 15-1          SSUL     (VOC: 15-1, 10-1, 15-5, 19-1)
 #   bash scripts/recipes/ssul.sh voc 15-1 ssulm    SSUL-M   (memory: 100 images on VOC, 300 on ADE)
