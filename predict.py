@@ -34,7 +34,7 @@ from utils.checkpoint import load_checkpoint_file
 from utils.distributed import resolve_device
 from utils.errors import UserError, exit_on_user_error
 from utils.logging import setup_logging
-from utils.visualize import PANEL_DIR, palette_indices, save_prediction_panels
+from engine.panels import PANEL_DIR, palette_indices, save_prediction_panels
 
 log = logging.getLogger("ciss")
 

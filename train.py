@@ -15,80 +15,80 @@ import sys
 
 import torch
 
-from engine.evaluate import evaluate_state
+from engine.cli import method_hyper, parse_args
+from engine.context import make_context, task_steps
 from engine.data import class_names
+from engine.evaluate import evaluate_state
 from engine.models import MODEL_KEYS, model_spec, model_state, read_checkpoint
-from engine.plan import make_plan, task_steps
+from engine.panels import visualize_test_step
 from engine.results import (format_step, format_summary, read_results, step_results, summary_row,
                             write_step_results, write_summary, write_summary_rows)
 from engine.run_folder import RunFolder
-from engine.step import run_step
+from engine.setup import run_step
 from methods import get_method_class
-from utils.args import method_hyper, parse_args
 from utils.distributed import cleanup, setup
 from utils.errors import UserError, exit_on_user_error
 from utils.logging import setup_logging
 from utils.tasks import check_step
-from utils.visualize import visualize_test_step
 
 log = logging.getLogger("ciss")
 
 
-def step_range(args, steps):
-    if args.initial:
+def step_range(config, steps):
+    if config.initial:
         return 0, 0
-    first = args.curr_step or 0
-    last = len(steps) - 1 if args.end_step is None else args.end_step
+    first = config.curr_step or 0
+    last = len(steps) - 1 if config.end_step is None else config.end_step
     for step in (first, last):
-        check_step(steps, step, task=f"{args.dataset} task {args.task}")
+        check_step(steps, step, task=f"{config.dataset} task {config.task}")
     if last < first:
         raise UserError(f"--end_step {last} is before --curr_step {first}")
     return first, last
 
 
-def finished(plan, step=None):
+def finished(ctx, step=None):
     """Whether a step has its results and its checkpoint (or had it removed by ``--keep_checkpoints last``),
     and no interrupted re-training of it (a ``last.pth``) is waiting to be resumed."""
-    if step in (None, plan.step) and os.path.exists(plan.last_path()):
+    if step in (None, ctx.step) and os.path.exists(ctx.last_path()):
         return False
-    if os.path.exists(plan.final_path(step)):
+    if os.path.exists(ctx.final_path(step)):
         return True
-    results = os.path.join(plan.step_dir(step), "results.json")
+    results = os.path.join(ctx.step_dir(step), "results.json")
     return os.path.exists(results) and read_results(results).get("checkpoint_removed", False)
 
 
-def train(args, dist_info, status):
-    method_cls = get_method_class(args.method)
-    first, last = step_range(args, task_steps(args))
+def train(config, dist_info, status):
+    method_cls = get_method_class(config.method)
+    first, last = step_range(config, task_steps(config))
     if dist_info.distributed and dist_info.device.type == "cpu":
         log.info("SyncBatchNorm has no CPU implementation: BatchNorm layers that train keep per-process statistics")
-    run_folder = RunFolder(make_plan(args, first).root, dist_info.is_main)
+    run_folder = RunFolder(make_context(config, first).root, dist_info.is_main)
     rows = []
     try:
         for step in range(first, last + 1):
-            plan = make_plan(args, step)
-            status["plan"] = plan
-            if args.resume and finished(plan):
-                log.info("step %d is finished (%s): skipped", step, plan.step_dir())
+            ctx = make_context(config, step)
+            status["ctx"] = ctx
+            if config.resume and finished(ctx):
+                log.info("step %d is finished (%s): skipped", step, ctx.step_dir())
                 continue
-            run_step(plan, args, method_cls(method_hyper(args, method_cls), dataset=args.dataset), dist_info, first,
+            run_step(ctx, config, method_cls(method_hyper(config, method_cls), dataset=config.dataset), dist_info, first,
                      run_folder, last)
             if dist_info.is_main:
-                rows = write_summary(plan.root, step)
+                rows = write_summary(ctx.root, step)
         if rows:
             log.info("\n%s", format_summary(rows))
     finally:
         run_folder.close()
 
 
-def steps_to_test(args, steps):
-    if args.curr_step is not None:
-        check_step(steps, args.curr_step, task=f"{args.dataset} task {args.task}")
-        return [args.curr_step]
-    plan = make_plan(args, 0)
-    found = [t for t in range(len(steps)) if os.path.exists(plan.final_path(t))]
+def steps_to_test(config, steps):
+    if config.curr_step is not None:
+        check_step(steps, config.curr_step, task=f"{config.dataset} task {config.task}")
+        return [config.curr_step]
+    ctx = make_context(config, 0)
+    found = [t for t in range(len(steps)) if os.path.exists(ctx.final_path(t))]
     if not found:
-        raise UserError(f"no checkpoint to test under {plan.root}: expected step*/final.pth (train first, or"
+        raise UserError(f"no checkpoint to test under {ctx.root}: expected step*/final.pth (train first, or"
                         f" check --ckpt_dir, --subpath, --task and --overlap)")
     return found
 
@@ -97,58 +97,60 @@ def steps_to_test(args, steps):
 RECORDED_EVAL_FLAGS = ("crop_size", "crop_val", "val_batch_size")
 
 
-def use_recorded_settings(args, checkpoint, path):
-    """Evaluate as the checkpoint was trained and tested: its model, backbone, output stride and evaluation
-    flags, unless a flag was given explicitly (then say that it differs)."""
+def use_recorded_settings(config, checkpoint, path):
+    """The configuration that evaluates the checkpoint at ``path`` as it was trained and tested: its model,
+    backbone, output stride and evaluation flags, unless a flag was given explicitly (then say that it differs)."""
     recorded = {**checkpoint.get("args", {}), **{k: checkpoint[k] for k in MODEL_KEYS if k in checkpoint}}
+    adopted = {}
     for key in MODEL_KEYS + RECORDED_EVAL_FLAGS:
-        if key not in recorded or recorded[key] == getattr(args, key):
+        if key not in recorded or recorded[key] == getattr(config, key):
             continue
-        if key in args.explicit:
+        if key in config.explicit:
             log.info("%s was trained with --%s %s; evaluating with --%s %s as asked", path, key, recorded[key], key,
-                     getattr(args, key))
+                     getattr(config, key))
         else:
-            setattr(args, key, recorded[key])
+            adopted[key] = recorded[key]
+    return config.replace(f"checkpoint {path}", **adopted) if adopted else config
 
 
-def eval_name(args):
+def eval_name(config):
     """The folder of ``--test`` results, named by the evaluation settings."""
-    return f"crop{args.crop_size}" if args.crop_val else "full"
+    return f"crop{config.crop_size}" if config.crop_val else "full"
 
 
-def test(args, dist_info, status):
-    method_cls = get_method_class(args.method)
+def test(config, dist_info, status):
+    method_cls = get_method_class(config.method)
     rows = []
-    for step in steps_to_test(args, task_steps(args)):
-        plan = make_plan(args, step)
-        status["plan"] = plan
-        path = plan.final_path()
-        checkpoint = read_checkpoint(path, plan, step, f"checkpoint {path} does not exist: train step {step} first")
-        if checkpoint.get("method", args.method) != args.method:
-            raise UserError(f"checkpoint {path} was trained with --method {checkpoint['method']}, not {args.method}")
-        use_recorded_settings(args, checkpoint, path)
-        hyper = method_hyper(args, method_cls)
+    for step in steps_to_test(config, task_steps(config)):
+        ctx = make_context(config, step)
+        status["ctx"] = ctx
+        path = ctx.final_path()
+        checkpoint = read_checkpoint(path, ctx, step, f"checkpoint {path} does not exist: train step {step} first")
+        if checkpoint.get("method", config.method) != config.method:
+            raise UserError(f"checkpoint {path} was trained with --method {checkpoint['method']}, not {config.method}")
+        config = use_recorded_settings(config, checkpoint, path)
+        hyper = method_hyper(config, method_cls)
         if "hyper" in checkpoint:  # prediction follows the trained method's settings (e.g. sigmoid or softmax)
             known = {f.name for f in dataclasses.fields(method_cls.Hyper)}
-            given = {k: v for k, v in checkpoint["hyper"].items() if k in known and k not in args.explicit}
+            given = {k: v for k, v in checkpoint["hyper"].items() if k in known and k not in config.explicit}
             hyper = dataclasses.replace(hyper, **given)
-        method = method_cls(hyper, dataset=args.dataset)
-        confusion = evaluate_state(plan, args, method, model_spec(args, method_cls), model_state(checkpoint),
+        method = method_cls(hyper, dataset=config.dataset)
+        confusion = evaluate_state(ctx, config, method, model_spec(config, method_cls), model_state(checkpoint),
                                    dist_info)
-        results = step_results(confusion, plan, method.name, class_names(plan), path, method.eval_convention())
+        results = step_results(confusion, ctx, method.name, class_names(ctx), path, method.eval_convention())
         results.update(run_id=checkpoint.get("run_id"), parent_id=checkpoint.get("parent_id"),
-                       evaluation={k: getattr(args, k) for k in RECORDED_EVAL_FLAGS})
-        folder = os.path.join(plan.root, "eval", eval_name(args))
+                       evaluation={k: getattr(config, k) for k in RECORDED_EVAL_FLAGS})
+        folder = os.path.join(ctx.root, "eval", eval_name(config))
         if dist_info.is_main:
             write_step_results(results, os.path.join(folder, f"step{step}"))
             rows.append(summary_row(results))
             log.info(format_step(results))
             log.info("results in %s", os.path.join(folder, f"step{step}"))
-        if args.visualize:  # on every rank: the test loader is built collectively; rank 0 writes
-            visualize_test_step(plan, args, method, model_spec(args, method_cls), model_state(checkpoint), path,
-                                dist_info, args.visualize, os.path.join(folder, f"step{step}"))
+        if config.visualize:  # on every rank: the test loader is built collectively; rank 0 writes
+            visualize_test_step(ctx, config, method, model_spec(config, method_cls), model_state(checkpoint), path,
+                                dist_info, config.visualize, os.path.join(folder, f"step{step}"))
     if rows:
-        write_summary_rows(rows, os.path.join(plan.root, "eval", eval_name(args), "summary.csv"))
+        write_summary_rows(rows, os.path.join(ctx.root, "eval", eval_name(config), "summary.csv"))
         log.info("\n%s", format_summary(rows))
 
 
@@ -162,32 +164,32 @@ def _on_sigterm(signum, frame):
 
 def interruption_line(status, argv):
     """The one line printed when a run is interrupted: what is saved and how to continue."""
-    plan = status.get("plan")
+    ctx = status.get("ctx")
     command = "python train.py " + shlex.join([a for a in argv if a != "--resume"] + ["--resume"])
-    if plan is None:
+    if ctx is None:
         return f"interrupted before training started; run again with: {command}"
     if status.get("test"):
-        return f"interrupted while testing step {plan.step}; nothing was written for it"
-    if os.path.exists(plan.last_path()):
-        saved = f"the last finished epoch of step {plan.step} is in {plan.last_path()}"
+        return f"interrupted while testing step {ctx.step}; nothing was written for it"
+    if os.path.exists(ctx.last_path()):
+        saved = f"the last finished epoch of step {ctx.step} is in {ctx.last_path()}"
     else:
-        saved = f"no epoch of step {plan.step} had finished"
+        saved = f"no epoch of step {ctx.step} had finished"
     return f"interrupted: {saved}; continue with: {command} (under torchrun, add --resume to the torchrun command)"
 
 
-def run(args, argv=None):
-    """Train or test as the parsed ``args`` say (set-up and tear-down of the process group included). Ctrl-C
+def run(config, argv=None):
+    """Train or test as the parsed ``config`` say (set-up and tear-down of the process group included). Ctrl-C
     and SIGTERM end the run with one line saying what was saved and how to resume (exit status 130 / 143)."""
-    dist_info = setup(args.device)
+    dist_info = setup(config.device)
     setup_logging(dist_info.is_main)
     if dist_info.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as BARM train.py: fastest kernels, not bitwise reproducible
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matrix products in TF32 on Ampere and later
         torch.backends.cudnn.allow_tf32 = True  # (convolutions: PyTorch's default)
-    status = {"test": args.test}
+    status = {"test": config.test}
     previous_handler = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        (test if args.test else train)(args, dist_info, status)
+        (test if config.test else train)(config, dist_info, status)
     except KeyboardInterrupt as interrupt:
         if dist_info.is_main:
             print(interruption_line(status, sys.argv[1:] if argv is None else argv), file=sys.stderr, flush=True)

@@ -5,8 +5,7 @@
   ``range(1, first new class)``, which is wrong for shuffled orders; docs/differences.md), so they are
   correct for any class order.
 * :func:`label_lut` — a 256-entry lookup table from raw label values to training targets; the mapping is a
-  label policy: a function ``(steps, step, split) -> table`` that a method passes itself, or the name of one
-  registered with :func:`register_label_policy` (BARM's, "barm", is registered here).
+  label policy, a function ``(steps, step, split) -> table`` that each method defines (``Method.label_policy``).
 * :class:`IncrementalSegmentation` — the dataset: decode, map through the table, joint transforms of the
   image, the label and the method's extra per-sample maps (SSUL's saliency).
 """
@@ -23,7 +22,6 @@ LUT_SIZE = 256
 # label splits a policy maps: "train" / "val" (the step's classes), "test" (every class, channel order),
 # "memory" (SSUL-M's memory samples: current and previous classes)
 SPLITS = ("train", "val", "test", "memory")
-LABEL_POLICIES = {}
 
 
 def step_mask(index, steps, step, overlap):
@@ -49,47 +47,11 @@ def channel_order(steps):
     return order
 
 
-def register_label_policy(name):
-    """Decorator registering a label policy ``policy(steps, step, split) -> 256-entry table`` under ``name``
-    (so that :func:`label_lut` finds it by name); returns the function unchanged. A name is registered once."""
-    def register(policy):
-        if name in LABEL_POLICIES and LABEL_POLICIES[name] is not policy:
-            raise ValueError(f"label policy {name!r} is already registered")
-        LABEL_POLICIES[name] = policy
-        return policy
-    return register
-
-
-@register_label_policy("barm")
-def barm_lut(steps, step, split):
-    """BARM/SSUL label mapping (BARM datasets/voc.py::gt_label_mapping, SSUL datasets/voc.py::__init__).
-
-    train / val: raw values that are not classes of the current step become background 0 (old and future
-    classes included), void stays 255; then the channel order. test: the channel order only, so classes of
-    later steps keep indices >= the current number of channels and the metric ignores them. memory (SSUL-M's
-    memory samples, SSUL datasets/voc.py::__init__): the classes of steps 0..step keep their channel, future classes
-    become background 0, void stays 255.
-    """
-    order = channel_order(steps)
-    if split == "test":
-        return order
-    kept = list(steps[step]) if split != "memory" else [c for s in steps[:step + 1] for c in s]
-    lut = np.zeros(LUT_SIZE, dtype=np.uint8)
-    lut[kept] = order[kept]
-    lut[IGNORE] = IGNORE
-    return lut
-
-
-def label_lut(steps, step, split, policy="barm"):
+def label_lut(steps, step, split, policy):
     """The 256-entry uint8 table that maps raw label values to targets for ``split`` (one of ``SPLITS``) at
-    ``step``: ``policy(steps, step, split)`` when ``policy`` is callable (a method's own policy), else the
-    policy registered under that name (an unknown name is a UserError)."""
+    ``step``: ``policy(steps, step, split)``, a method's label policy (``Method.label_policy``), checked."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    if not callable(policy):
-        if policy not in LABEL_POLICIES:
-            raise UserError(f"unknown label policy '{policy}': expected one of {', '.join(LABEL_POLICIES)}")
-        policy = LABEL_POLICIES[policy]
     lut = np.asarray(policy(steps, step, split))
     if lut.shape != (LUT_SIZE,) or lut.min() < 0 or lut.max() >= LUT_SIZE:
         raise ValueError(f"label policy {policy!r} returned a table of shape {lut.shape}: expected"

@@ -5,13 +5,14 @@ Training uses a ``DistributedSampler`` in every case (one replica when single-pr
 epoch depends only on ``(random_seed, epoch)`` and the union of the ranks' first batches is the single
 process's first batch of the same global size. Every sample is augmented after seeding Python's ``random``
 from ``(random_seed, step, epoch, sample index)``, so an epoch can be replayed exactly (``--resume``) and the
-augmentation does not depend on the number of workers or processes; the workers persist for the whole step. Evaluation splits the images over the ranks
-without padding and sums the confusion matrices, so every image counts once.
+augmentation does not depend on the number of workers or processes; the workers persist for the whole step.
+Evaluation splits the images over the ranks without padding and sums the confusion matrices, so every image
+counts once.
 
 The method decides the transforms, the label table (its ``label_policy``), the extra per-sample maps and the
-memory. Memory samples (image ids from earlier steps' training lists) either replace a fraction of every
-batch (``memory_mode = "replace"``, SSUL-M) or join the training set (``"concat"``, DKD-M); either way a
-batch knows which of its samples came from the memory (``Batch.memory``).
+memory (its ``memory`` hook, a :class:`methods.base.MemoryUse`). Memory samples (image ids from earlier steps'
+training lists) either replace half of every batch (mode "replace", SSUL-M) or join the training set
+("concat", DKD-M); either way a batch knows which of its samples came from the memory (``Batch.memory``).
 """
 import os
 import random
@@ -32,21 +33,22 @@ MEMORY_KEY = "memory"  # extras entry that tags memory samples (popped into Batc
 MEMORY_TAG = 1  # seed-sequence tag of the memory loader's samples (training samples use 0)
 PASS_TAG = 2  # seed-sequence tag of the samples of StepData.batches
 PASS_EPOCH = np.iinfo(np.int32).max  # the sampler epoch of before-step passes (never a training epoch)
-MEMORY_CYCLES = 1000  # memory-loader epochs per training epoch (a memory restarts when exhausted)
+MEMORY_CYCLES = 1000
+MEMORY_FRACTION = 0.5  # the share of every batch a replacing memory takes (SSUL-M: B // 2 samples)  # memory-loader epochs per training epoch (a memory restarts when exhausted)
 
 
-def _samples(plan, split, args, dist_info, step=None):
-    """The samples of ``split`` at ``step`` (default: the plan's); rank 0 goes first (it may build the class
+def _samples(ctx, split, config, dist_info, step=None):
+    """The samples of ``split`` at ``step`` (default: the ctx's); rank 0 goes first (it may build the class
     index), the others read its cache."""
-    step = plan.step if step is None else step
-    return main_first(lambda: step_samples(plan.dataset, plan.data_root, [list(s) for s in plan.steps], step,
-                                           plan.overlap, split, cache_dir=args.cache_dir), dist_info)
+    step = ctx.step if step is None else step
+    return main_first(lambda: step_samples(ctx.dataset, ctx.data_root, [list(s) for s in ctx.steps], step,
+                                           ctx.overlap, split, cache_dir=config.cache_dir), dist_info)
 
 
-def class_names(plan):
+def class_names(ctx):
     """Names of the model's channels, in channel order."""
-    names = get_layout(plan.dataset).CLASS_NAMES
-    return [names[c] for s in plan.steps[:plan.step + 1] for c in s]
+    names = get_layout(ctx.dataset).CLASS_NAMES
+    return [names[c] for s in ctx.steps[:ctx.step + 1] for c in s]
 
 
 def sample_seed(seed, step, epoch, index, tag=0):
@@ -114,27 +116,27 @@ def check_images_nonempty(samples):
 class TrainData:
     """The training loader of a step, its per-epoch reseeding and the method's memory."""
 
-    def __init__(self, plan, args, dist_info, method):
-        self.plan, self.args, self.dist, self.method = plan, args, dist_info, method
-        self.extra_maps = method.extra_maps(plan, plan.data_root)
-        self.transform = method.train_transform(args.crop_size)
-        steps = [list(s) for s in plan.steps]
-        samples = _samples(plan, "train", args, dist_info)
+    def __init__(self, ctx, config, dist_info, method):
+        self.ctx, self.config, self.dist, self.method = ctx, config, dist_info, method
+        self.extra_maps = method.extra_maps(ctx, ctx.data_root)
+        self.transform = method.train_transform(config.crop_size)
+        steps = [list(s) for s in ctx.steps]
+        samples = _samples(ctx, "train", config, dist_info)
         check_images_nonempty(samples)
-        # --device_augment: the workers read and plan, the training device decodes and transforms
-        self.dataset_class = DeferredSegmentation if args.device_augment else IncrementalSegmentation
-        self.collate = deferred_collate(self.transform) if args.device_augment else None
-        self.current = self.dataset_class(samples, label_lut(steps, plan.step, "train", method.label_policy),
+        # --device_augment: the workers read and ctx, the training device decodes and transforms
+        self.dataset_class = DeferredSegmentation if config.device_augment else IncrementalSegmentation
+        self.collate = deferred_collate(self.transform) if config.device_augment else None
+        self.current = self.dataset_class(samples, label_lut(steps, ctx.step, "train", method.label_policy),
                                           self.transform, extra_maps=self.extra_maps)
-        self.memory = None  # the memory dataset, once set
+        self.memory = self.memory_use = None  # the memory dataset and the method's MemoryUse, once set
         self.memory_loader = None
-        self.seed, self.step, self.rank = args.random_seed, plan.step, dist_info.rank
+        self.seed, self.step, self.rank = config.random_seed, ctx.step, dist_info.rank
         self._build(SeededDataset(self.current, len(self.current)))
 
     def _loader(self, dataset, tag=0):
         sampler = SeededSampler(dataset, self.dist.world_size, self.dist.rank, self.seed, self.step, tag)
-        workers = self.args.num_workers
-        loader = DataLoader(dataset, batch_size=self.args.batch_size, sampler=sampler, num_workers=workers,
+        workers = self.config.num_workers
+        loader = DataLoader(dataset, batch_size=self.config.batch_size, sampler=sampler, num_workers=workers,
                             pin_memory=self.dist.device.type == "cuda" and self.collate is None, drop_last=True,
                             persistent_workers=workers > 0,  # workers live for the step: no restart per epoch
                             collate_fn=self.collate)
@@ -144,33 +146,35 @@ class TrainData:
         self.dataset = dataset
         self.sampler, self.loader = self._loader(dataset)
         if len(self.loader) == 0:
-            raise UserError(f"step {self.plan.step} of {self.plan.task} ({self.plan.setting}) has"
+            raise UserError(f"step {self.ctx.step} of {self.ctx.task} ({self.ctx.setting}) has"
                             f" {len(self.sampler)} training images per process, fewer than --batch_size"
-                            f" {self.args.batch_size}")
+                            f" {self.config.batch_size}")
 
-    def set_memory(self, image_ids):
-        """Use the memory ``image_ids`` (from the training lists of earlier steps) as the method says."""
-        if not image_ids:
+    def set_memory(self, memory):
+        """Use the method's memory (a :class:`methods.base.MemoryUse` of image ids from the training lists of
+        earlier steps, or None): its samples join the training set or replace half of every batch."""
+        if memory is None or not memory.ids:
             return
-        plan, method = self.plan, self.method
-        wanted = set(image_ids)
-        samples = [s for s in get_layout(plan.dataset).list_split(plan.data_root, "train") if s[0] in wanted]
+        ctx, method = self.ctx, self.method
+        wanted = set(memory.ids)
+        samples = [s for s in get_layout(ctx.dataset).list_split(ctx.data_root, "train") if s[0] in wanted]
         if len(samples) != len(wanted):
             missing = sorted(wanted - {s[0] for s in samples})
-            raise UserError(f"memory image {missing[0]} is not in the training list of {plan.data_root}")
-        steps = [list(s) for s in plan.steps]
-        lut = label_lut(steps, plan.step, method.memory_split, method.label_policy)
+            raise UserError(f"memory image {missing[0]} is not in the training list of {ctx.data_root}")
+        steps = [list(s) for s in ctx.steps]
+        lut = label_lut(steps, ctx.step, memory.label_split, method.label_policy)
+        self.memory_use = memory
         self.memory = self.dataset_class(samples, lut, self.transform, extra_maps=self.extra_maps)
-        if method.memory_mode == "concat":
+        if memory.mode == "concat":
             self._build(SeededDataset(ConcatDataset([self.current, self.memory]), len(self.current)))
             return
-        if method.memory_mode != "replace":
-            raise ValueError(f"unknown memory_mode {method.memory_mode!r}")
+        if memory.mode != "replace":
+            raise ValueError(f"unknown memory mode {memory.mode!r}")
         # SSUL-M (SSUL datasets/voc.py::__init__): the list is repeated until it fills a batch on every process
-        needed = self.args.batch_size * self.dist.world_size
+        needed = self.config.batch_size * self.dist.world_size
         repeats = -(-needed // len(samples))
-        memory = SeededDataset(ConcatDataset([self.memory] * repeats), 0)
-        self.memory_sampler, self.memory_loader = self._loader(memory, tag=MEMORY_TAG)
+        dataset = SeededDataset(ConcatDataset([self.memory] * repeats), 0)
+        self.memory_sampler, self.memory_loader = self._loader(dataset, tag=MEMORY_TAG)
 
     def __len__(self):
         return len(self.loader)
@@ -199,10 +203,10 @@ class TrainData:
         return cycle()
 
     def replace_with_memory(self, batch, memory_batch):
-        """Replace ``memory_fraction`` of the batch's samples, at random slots (``randperm``, as SSUL), by the
+        """Replace half of the batch's samples, at random slots (``randperm``, as SSUL's memory loader), by the
         memory batch's samples at the same slots."""
         size = batch.images.shape[0]
-        slots = torch.randperm(size)[:int(size * self.method.memory_fraction())].to(batch.images.device)
+        slots = torch.randperm(size)[:int(size * MEMORY_FRACTION)].to(batch.images.device)
         batch.images[slots] = memory_batch.images[slots]
         batch.labels[slots] = memory_batch.labels[slots]
         for name, value in batch.extras.items():
@@ -213,20 +217,20 @@ class TrainData:
         return batch
 
 
-def eval_loader(plan, args, split, dist_info, method):
+def eval_loader(ctx, config, split, dist_info, method):
     """Validation ("val": images with the step's classes, labels as in training) or test (the method's
     ``test_split``: "test" = the whole validation list, "test_seen" = images with a seen class; every seen
     class labelled) loader; this rank's share of the images, without padding."""
     split = method.test_split if split == "test" else split
-    samples = _samples(plan, split, args, dist_info)
-    lut = label_lut([list(s) for s in plan.steps], plan.step, "val" if split == "val" else "test",
+    samples = _samples(ctx, split, config, dist_info)
+    lut = label_lut([list(s) for s in ctx.steps], ctx.step, "val" if split == "val" else "test",
                     method.label_policy)
-    dataset = IncrementalSegmentation(samples, lut, method.eval_transform(args.crop_size, args.crop_val))
+    dataset = IncrementalSegmentation(samples, lut, method.eval_transform(config.crop_size, config.crop_val))
     shard = Subset(dataset, list(range(dist_info.rank, len(dataset), dist_info.world_size)))
-    return DataLoader(shard, batch_size=args.val_batch_size if args.crop_val else 1, shuffle=False,
-                      num_workers=args.num_workers, pin_memory=dist_info.device.type == "cuda")
+    return DataLoader(shard, batch_size=config.val_batch_size if config.crop_val else 1, shuffle=False,
+                      num_workers=config.num_workers, pin_memory=dist_info.device.type == "cuda")
 
 
-def previous_samples(plan, args, dist_info):
+def previous_samples(ctx, config, dist_info):
     """The training samples of step t-1 (SSUL-M / DKD-M memory candidates)."""
-    return _samples(plan, "train", args, dist_info, step=plan.step - 1)
+    return _samples(ctx, "train", config, dist_info, step=ctx.step - 1)

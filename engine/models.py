@@ -6,8 +6,8 @@ way for training, ``--test`` and ``--resume``. Step t > 0 loads step t-1's ``fin
 hold the classes of steps 0..t-1 of this task (ciss checkpoints record them; official BARM/SSUL ones are
 checked by loading strictly into the step t-1 model). The student is built fresh (seeded, as the reference
 re-seeds and rebuilds at every step), receives the old weights, then the method's surgery
-(``prepare_student``) initialises the new classes. The teacher is the step t-1 model prepared by the method
-(eval mode, no gradients); it is never wrapped in DDP.
+(``prepare_student``) initialises the new classes. The teacher is the step t-1 model, frozen (eval mode, no
+gradients); it is never wrapped in DDP. ``engine/setup.py`` calls these in order.
 """
 import logging
 import os
@@ -22,69 +22,76 @@ from utils.errors import UserError
 log = logging.getLogger("ciss")
 
 
-def model_spec(args, method_cls):
+def model_spec(config, method_cls):
     """The run's :class:`ModelSpec` from ``--model``/``--backbone``/``--output_stride`` and the method's
     model family (the backbone resolved: the flag, else the name's suffix, else resnet101)."""
-    name = args.model or method_cls.model_family
-    family, backbone = split_model_name(name, args.backbone)
-    if family not in method_cls.compatible_families:
+    name = config.model or method_cls.model_families[0]
+    family, backbone = split_model_name(name, config.backbone)
+    if family not in method_cls.model_families:
         raise UserError(f"--model {name}: method {method_cls.name} needs one of the model families"
-                        f" {', '.join(method_cls.compatible_families)}")
-    return ModelSpec(name=name, backbone=backbone, output_stride=args.output_stride)
+                        f" {', '.join(method_cls.model_families)}")
+    return ModelSpec(name=name, backbone=backbone, output_stride=config.output_stride)
 
 
-def pretrained_source(args):
+def pretrained_source(config):
     """``pretrained`` argument of ``build_network`` for step 0."""
-    if args.no_pretrained:
+    if config.no_pretrained:
         return None
-    return args.pretrained or "imagenet"
+    return config.pretrained or "imagenet"
 
 
-def use_channels_last(args, device):
-    return args.channels_last == "on" or (args.channels_last == "auto" and device.type == "cuda")
+def use_channels_last(config, device):
+    return config.channels_last == "on" or (config.channels_last == "auto" and device.type == "cuda")
 
 
-def to_device(model, args, device):
+def to_device(model, config, device):
     model = model.to(device)
-    if use_channels_last(args, device):
+    if use_channels_last(config, device):
         model = model.to(memory_format=torch.channels_last)
     return model
 
 
-def previous_checkpoint_path(plan, args, first_step):
-    if args.prev_ckpt and plan.step == first_step:
-        return args.prev_ckpt
-    return plan.final_path(plan.step - 1)
+def previous_checkpoint_path(ctx, config, first_step):
+    if config.prev_ckpt and ctx.step == first_step:
+        return config.prev_ckpt
+    return ctx.final_path(ctx.step - 1)
 
 
-def read_checkpoint(path, plan, upto, missing):
-    """The checkpoint at ``path`` holding the classes of steps 0..``upto`` of the plan's task; ``missing``
+def read_checkpoint(path, ctx, upto, missing):
+    """The checkpoint at ``path`` holding the classes of steps 0..``upto`` of the ctx's task; ``missing``
     says what to do when the file is absent. Every problem is a :class:`UserError`."""
     if not os.path.exists(path):
         raise UserError(missing)
     checkpoint = load_checkpoint_file(path)
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model_state", checkpoint), dict):
         raise UserError(f"checkpoint {path} holds no model state: expected a dict with 'model_state'")
-    expected = [list(s) for s in plan.steps[:upto + 1]]
+    expected = [list(s) for s in ctx.steps[:upto + 1]]
     if "classes" in checkpoint:  # ciss checkpoints record them; official BARM/SSUL files are checked by shape
-        if checkpoint.get("dataset") != plan.dataset or checkpoint["classes"] != expected:
+        if checkpoint.get("dataset") != ctx.dataset or checkpoint["classes"] != expected:
             raise UserError(
                 f"checkpoint {path} was trained on {checkpoint.get('dataset')} task {checkpoint.get('task')}"
-                f" (classes per step {checkpoint['classes']}), but step {plan.step} of {plan.dataset} task"
-                f" {plan.task} needs classes per step {expected}")
+                f" (classes per step {checkpoint['classes']}), but step {ctx.step} of {ctx.dataset} task"
+                f" {ctx.task} needs classes per step {expected}")
     return checkpoint
 
 
-def read_previous(plan, args, first_step):
+def read_previous(ctx, config, first_step):
     """The step t-1 checkpoint as ``(path, checkpoint dict)``."""
-    path = previous_checkpoint_path(plan, args, first_step)
-    missing = (f"previous checkpoint {path} does not exist: train step {plan.step - 1} of {plan.task}"
-               f" ({plan.setting}) first, or pass --prev_ckpt")
-    return path, read_checkpoint(path, plan, plan.step - 1, missing)
+    path = previous_checkpoint_path(ctx, config, first_step)
+    missing = (f"previous checkpoint {path} does not exist: train step {ctx.step - 1} of {ctx.task}"
+               f" ({ctx.setting}) first, or pass --prev_ckpt")
+    return path, read_checkpoint(path, ctx, ctx.step - 1, missing)
 
 
 def model_state(checkpoint):
     return strip_module_prefix(checkpoint.get("model_state", checkpoint))
+
+
+def freeze_teacher(model):
+    """The step t-1 model as the teacher: eval mode, no gradients (never wrapped in DDP)."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
 
 
 def load_exact(model, state, path):
@@ -117,9 +124,9 @@ def load_previous_into(student, state, path):
     student.load_state_dict(state, strict=False)
 
 
-def build_eval_model(method, spec, plan, state, path):
-    """The model of step ``plan.step`` with ``state`` loaded exactly (for the test and ``--test``)."""
-    model = method.build_network(spec, plan.classes_per_step, layout_step=plan.step)
+def build_eval_model(method, spec, ctx, state, path):
+    """The model of step ``ctx.step`` with ``state`` loaded exactly (for the test and ``--test``)."""
+    model = method.build_network(spec, ctx.classes_per_step, layout_step=ctx.step)
     load_exact(model, state, path)
     return model
 
@@ -127,48 +134,27 @@ def build_eval_model(method, spec, plan, state, path):
 MODEL_KEYS = ("model", "backbone", "output_stride")
 
 
-def adopt_recorded_model(args, checkpoint, path):
-    """A step t > 0 continues the model of its previous checkpoint: the model, backbone and output stride a
-    ciss checkpoint records are adopted (and said), unless a flag sets another value, which is refused."""
+def adopt_recorded_model(config, checkpoint, path):
+    """The configuration of a step t > 0, which continues the model of its previous checkpoint: the model,
+    backbone and output stride a ciss checkpoint records are adopted (and said), unless a flag sets another
+    value, which is refused."""
+    adopted = {}
     for key in MODEL_KEYS:
         if key not in checkpoint:  # official BARM/SSUL checkpoints: checked by loading
             continue
-        recorded, ours = checkpoint[key], getattr(args, key)
-        if key in getattr(args, "explicit", ()) and ours != recorded and not (
+        recorded, ours = checkpoint[key], getattr(config, key)
+        if key in config.explicit and ours != recorded and not (
                 key == "model" and split_model_name(recorded, checkpoint.get("backbone"))
-                == split_model_name(ours, args.backbone)):
+                == split_model_name(ours, config.backbone)):
             raise UserError(f"{path} was trained with --{key} {recorded}, but this run asks for --{key} {ours}: a step"
                             f" continues the model of the step before it (drop --{key})")
         if ours != recorded:
             # nothing to say when the flag was left out and the model is the method's family, or when the
             # user's own --model names the backbone (deeplabv3bga_resnet18)
             implied = ours is None and (key == "model" or (
-                key == "backbone" and "model" in getattr(args, "explicit", ())
-                and args.model.partition("_")[2] == recorded))
+                key == "backbone" and "model" in config.explicit
+                and config.model.partition("_")[2] == recorded))
             if not implied:
                 log.info("%s was trained with --%s %s: continuing with it", path, key, recorded)
-            setattr(args, key, recorded)
-
-
-def build_step_models(plan, args, method, spec, previous_checkpoint):
-    """``(student, teacher or None)`` for the step, on the CPU; ``previous_checkpoint`` is ``(path, dict)`` of
-    step t-1 (None at step 0).
-
-    The student is built first, then the previous model, in the reference's order (the random draws of
-    both happen after the step's seed was set).
-    """
-    pretrained = pretrained_source(args) if plan.step == 0 else None
-    if plan.step == 0:
-        return method.build_network(spec, plan.classes_per_step, pretrained=pretrained), None
-    student = method.build_network(spec, plan.classes_per_step, layout_step=plan.step - 1)
-    path, checkpoint = previous_checkpoint
-    previous = method.build_network(spec, plan.classes_per_step[:-1], layout_step=plan.step - 1)
-    state = method.convert_previous_state(checkpoint)
-    load_exact(previous, state, path)
-    load_previous_into(student, state, path)
-    method.load_previous_state(checkpoint.get("method_state", {}), plan)
-    method.prepare_student(student, previous, plan)
-    log.info("step %d starts from %s", plan.step, path)
-    if not method.needs_teacher(plan):
-        return student, None
-    return student, method.prepare_teacher(previous, plan)
+            adopted[key] = recorded
+    return config.replace(f"checkpoint {path}", **adopted) if adopted else config

@@ -27,8 +27,8 @@ def autocast(device, enabled):
 class StepData:
     """The data side of one step for before-step passes (see the module docstring)."""
 
-    def __init__(self, plan, args, dist_info, method, train_data, channels_last):
-        self.plan, self.args, self.dist, self.method = plan, args, dist_info, method
+    def __init__(self, ctx, config, dist_info, method, train_data, channels_last):
+        self.ctx, self.config, self.dist, self.method = ctx, config, dist_info, method
         self.train_data = train_data
         self.channels_last = channels_last
 
@@ -39,11 +39,11 @@ class StepData:
     @property
     def seed(self):
         """``--random_seed`` (the reference re-applies it at every step)."""
-        return self.args.random_seed
+        return self.config.random_seed
 
     def autocast(self):
         """The training forward's autocast (``--amp``); passes that the reference ran in fp32 skip it."""
-        return autocast(self.device, self.args.amp)
+        return autocast(self.device, self.config.amp)
 
     def _prepared(self, loader):
         for raw in loader:
@@ -56,25 +56,25 @@ class StepData:
 
     def previous_samples(self):
         """``[(id, image_path, label_path)]`` of step t-1's training list."""
-        return previous_samples(self.plan, self.args, self.dist)
+        return previous_samples(self.ctx, self.config, self.dist)
 
     def batches(self, samples, split="train", step=None, transform="eval", shard=False, batch_size=None):
         """Batches over ``samples`` in their order: labels through the method's table for ``split`` at
-        ``step`` (default: the plan's), the "eval" transform (resize + centre crop at ``--crop_size``) or the
+        ``step`` (default: the ctx's), the "eval" transform (resize + centre crop at ``--crop_size``) or the
         "train" one, the method's extra maps; every sample on every process unless ``shard``."""
-        step = self.plan.step if step is None else step
-        lut = label_lut([list(s) for s in self.plan.steps], step, split, self.method.label_policy)
-        transform = (self.method.train_transform(self.args.crop_size) if transform == "train"
-                     else self.method.eval_transform(self.args.crop_size, True))
+        step = self.ctx.step if step is None else step
+        lut = label_lut([list(s) for s in self.ctx.steps], step, split, self.method.label_policy)
+        transform = (self.method.train_transform(self.config.crop_size) if transform == "train"
+                     else self.method.eval_transform(self.config.crop_size, True))
         dataset = IncrementalSegmentation(samples, lut, transform,
-                                          extra_maps=self.method.extra_maps(self.plan, self.plan.data_root))
+                                          extra_maps=self.method.extra_maps(self.ctx, self.ctx.data_root))
         if shard:
             dataset = Subset(dataset, list(range(self.dist.rank, len(dataset), self.dist.world_size)))
         # in order, each sample augmented (with the "train" transform) from its own seed, as in training
-        sampler = SeededSampler(dataset, 1, 0, self.args.random_seed, self.plan.step, PASS_TAG, shuffle=False)
-        loader = DataLoader(SeededDataset(dataset, len(dataset)), batch_size=batch_size or self.args.batch_size,
+        sampler = SeededSampler(dataset, 1, 0, self.config.random_seed, self.ctx.step, PASS_TAG, shuffle=False)
+        loader = DataLoader(SeededDataset(dataset, len(dataset)), batch_size=batch_size or self.config.batch_size,
                             sampler=sampler,
-                            num_workers=self.args.num_workers, pin_memory=self.device.type == "cuda")
+                            num_workers=self.config.num_workers, pin_memory=self.device.type == "cuda")
         return self._prepared(loader)
 
     def all_reduce(self, tensor):

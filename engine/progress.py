@@ -1,6 +1,6 @@
 """Time left: the planned iterations of the steps a run trains, and estimates for the step and the task.
 
-The plan counts ``epochs × ⌊images per process / batch⌋`` for every step still to train (the step lists come
+The estimate counts ``epochs × ⌊images per process / batch⌋`` for every step still to train (the step lists come
 from the cached class index; a method's memory joining the training set is not counted). Estimates use the
 current step's measured time per iteration for the rest of the task, so they are rough until the teacher's
 steps have started (step 0 has none).
@@ -11,11 +11,11 @@ import time
 from datasets import step_samples
 
 
-def planned_iterations(args, plan, world_size):
-    """Iterations of ``plan``'s step at ``--train_epoch`` and ``--batch_size`` on ``world_size`` processes."""
-    samples = step_samples(plan.dataset, plan.data_root, [list(s) for s in plan.steps], plan.step, plan.overlap,
-                           "train", cache_dir=args.cache_dir)
-    return args.train_epoch * (math.ceil(len(samples) / world_size) // args.batch_size)
+def planned_iterations(config, ctx, world_size):
+    """Iterations of ``ctx``'s step at ``--train_epoch`` and ``--batch_size`` on ``world_size`` processes."""
+    samples = step_samples(ctx.dataset, ctx.data_root, [list(s) for s in ctx.steps], ctx.step, ctx.overlap,
+                           "train", cache_dir=config.cache_dir)
+    return config.train_epoch * (math.ceil(len(samples) / world_size) // config.batch_size)
 
 
 def duration(seconds):

@@ -22,13 +22,13 @@ SUMMARY_COLUMNS = ("step", "n_classes", "mIoU", "mIoU_old", "mIoU_new", "hIoU", 
                    "hIoU_nobg", "overall_acc", "mean_acc")
 
 
-def step_results(confusion, plan, method_name, class_names, checkpoint, convention=None):
+def step_results(confusion, ctx, method_name, class_names, checkpoint, convention=None):
     """The results dict of a step's test confusion matrix; ``convention`` is the method's evaluation
     convention (``Method.eval_convention``: ``exclude_absent`` and how background and absent classes count),
     recorded under ``convention`` and applied to ``summary``."""
     convention = dict(convention or {"background_in_old": True, "exclude_absent": False})
     results = results_from_confusion(confusion)
-    n_old, n = len(plan.steps[0]), plan.num_classes
+    n_old, n = len(ctx.steps[0]), ctx.num_classes
     iou = [results["Class IoU"][c] for c in range(n)]
     acc = [results["Class Acc"][c] for c in range(n)]
     results.update({
@@ -41,9 +41,9 @@ def step_results(confusion, plan, method_name, class_names, checkpoint, conventi
     results.update({
         "summary": step_summary(confusion, n_old, exclude_absent=convention.get("exclude_absent", False)),
         "convention": convention,
-        "dataset": plan.dataset, "task": plan.task, "setting": plan.setting, "step": plan.step,
+        "dataset": ctx.dataset, "task": ctx.task, "setting": ctx.setting, "step": ctx.step,
         "method": method_name, "checkpoint": checkpoint,
-        "classes": [list(s) for s in plan.steps[:plan.step + 1]],
+        "classes": [list(s) for s in ctx.steps[:ctx.step + 1]],
         "class_names": class_names,
         "confusion_matrix": np.asarray(confusion, dtype=np.int64).tolist(),
     })

@@ -1,4 +1,5 @@
-"""Incremental methods behind one interface (``methods/base.py``) and their loss terms (``methods/losses.py``).
+"""Incremental methods behind one interface (``methods/base.py``), one file each; the loss terms several methods
+share are in ``methods/losses.py``. Every method is registered in :data:`METHODS`, the one table of methods.
 
 ``get_method(name, dataset="voc", **overrides)`` returns a method with its reference hyper-parameters for
 ``dataset``, with ``overrides`` (hyper-parameter names) applied.
@@ -7,17 +8,20 @@ import dataclasses
 
 from methods.barm import BARM
 from methods.dkd import DKD
+from methods.ewc import EWCMethod
 from methods.finetune import FineTune
 from methods.ilt import ILT
 from methods.kproba import KProBA
 from methods.lwf import LwF, LwFMC
 from methods.mib import MiB
+from methods.pi import PIMethod
 from methods.plop import PLOP
 from methods.rcil import RCIL
-from methods.regularizers import EWCMethod, PIMethod, RWMethod
+from methods.rw import RWMethod
 from methods.ssul import SSUL
 from utils.errors import UserError
 
+#: The methods, by ``--method`` name.
 METHODS = {cls.name: cls for cls in (BARM, FineTune, MiB, PLOP, LwF, LwFMC, ILT, EWCMethod, PIMethod, RWMethod, DKD,
                                      RCIL, SSUL, KProBA)}
 

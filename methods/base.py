@@ -1,71 +1,41 @@
 """The method interface: everything method-specific the trainer needs, as hooks with neutral defaults.
 
-A method is a class with a hyper-parameter dataclass (``Hyper``: defaults are the reference values, every
-loss weight a named field; each field becomes a command-line flag of the same name; ``default_hyper``
-gives per-dataset values) and the hooks below. The trainer (``engine/``) calls them in this order for step
-t of a task and never branches on a method's name:
+A method is a class with a hyper-parameter dataclass (``Hyper``: every field is a command-line flag of the
+same name, every loss weight a named field; ``default_hyper(dataset)`` gives the reference values for a
+dataset) and the hooks of :class:`Method`. The trainer calls them in the order that
+``engine/setup.py::set_up_step`` lists (then, every epoch, ``set_train_mode``; every iteration, ``loss`` and,
+with ``uses_gradients``, ``after_backward``; at the end of the step ``end_of_step``, ``predict``,
+``eval_convention`` and ``step_files``), and never branches on a method's name. docs/writing-a-method.md
+describes every hook and its order. Methods are registered in ``methods/__init__.py``.
 
-1. **Model** (training, ``--test`` and ``--resume`` alike). ``build_network`` builds every model of the step
-   (student, teacher, evaluation model) from the resolved :class:`ModelSpec`; ``layout_step`` says whose
-   checkpoint it must load (a method whose architecture changes after step 0, such as RCIL's merged
-   branches, builds the layout that step saved). At t > 0 the student receives step t-1's weights
-   (``strict=False``: the new classes are missing) and ``prepare_student(student, previous, ctx)`` performs
-   the surgery (classifier initialisation, branch merge, weight transfer); ``previous`` is the step t-1
-   model with its weights, on the CPU. The teacher (``needs_teacher``) is that model after
-   ``prepare_teacher`` (frozen, eval). ``configure`` freezes parameters (``requires_grad``);
-   ``param_groups`` gives the optimizer's groups (a group may carry its own ``weight_decay``);
-   ``bn_trains`` says whether BatchNorm statistics train (SyncBatchNorm and the batch-size check);
-   ``sync_batchnorm`` converts the model's norm layers for multi-GPU training.
-2. **Data.** ``label_policy`` (a function ``(steps, step, split) -> 256-entry table``, see
-   ``datasets.incremental``), ``train_transform`` / ``eval_transform``, ``extra_maps`` (per-sample maps
-   transformed with the image, e.g. SSUL's saliency), ``test_split`` (which images the end-of-step test
-   uses), and a memory: ``memory_ids`` (image ids chosen by the method, kept in its state),
-   ``memory_mode`` ("replace" part of every batch, or "concat" to the training set) and the memory's label
-   split.
-3. **Before the first epoch** (skipped on ``--resume``, whose checkpoint holds the results):
-   ``before_step(student, teacher, data, ctx)`` with ``data`` a :class:`engine.passes.StepData` giving
-   ready-to-use batches (normalised, on the device, in the model's memory format) and an autocast context.
-4. **Every epoch** ``set_train_mode``; **every iteration**: teacher and student forward (autocast), then
-   ``loss(outputs, teacher_outputs, batch, ctx)`` -> named terms with ``total``; the backward of
-   ``total``; with ``uses_gradients``: the gradients are unscaled and ``after_backward(model, ctx,
-   finite)`` may update statistics from them and return a penalty (named terms with ``total``) whose
-   backward is added, unscaled; then the optimizer and scheduler step. ``validation_due`` decides when
-   to validate; ``validation_score`` scores the validation confusion matrix; ``selects_best`` whether the
-   step's result is its best-validated weights rather than its last ones.
-5. **End of the step**: ``end_of_step(model, ctx)`` (statistics carried to the next step), then
-   ``predict`` (logits -> labels) for the test, ``eval_convention`` (recorded in the results) and
-   ``step_files`` (JSON files written into the step folder).
-6. **State**: ``state_dict`` goes into every checkpoint; ``load_state_dict`` restores it exactly
-   (``--resume``); ``load_previous_state`` receives step t-1's final state at the start of step t.
-
-Methods are registered in ``methods/__init__.py``.
+A neutral default is no method's protocol: no teacher surgery, every trainable parameter in one group, no
+validation unless ``--val_interval`` asks, the last weights as the step's result, the argmax of the upsampled
+logits. What a method must say (its loss and its label table) has no default.
 """
 import dataclasses
+import os
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from torch import nn
 
-from datasets.incremental import barm_lut
 from datasets.transforms import eval_transform, train_transform
-from methods.losses import CRITERIA, activation, upsample
+from methods.losses import upsample
 from network import build_model
 from network.abn import ABN
 from utils.checkpoint import strip_module_prefix
 
-# BARM's validation cadence (BARM trainer/trainer.py::Trainer.train): after every epoch when an epoch has more
-# than this many iterations, else after every 5th epoch.
-BARM_VALIDATION_ITERATIONS = 100
-BARM_VALIDATION_PERIOD = 5
-
-
 @dataclass(frozen=True)
 class StepContext:
-    """What a method may know about the step being trained."""
+    """The step being run: its dataset, the class ids of every step of the task, its index, and (in a run)
+    where its data and its files are. Methods read the first three; the trainer the rest."""
     dataset: str
     steps: tuple  # class ids per step of the whole task
     step: int
+    data_root: str = None
+    task: str = None  # the name runs are filed under
+    overlap: bool = False
+    root: str = None  # {ckpt_dir}/{subpath}/{task}/{setting}
 
     @property
     def classes_per_step(self):
@@ -85,6 +55,22 @@ class StepContext:
     def num_new(self):
         return len(self.steps[self.step])
 
+    @property
+    def setting(self):
+        return "overlap" if self.overlap else "disjoint"
+
+    def step_dir(self, step=None):
+        return os.path.join(self.root, f"step{self.step if step is None else step}")
+
+    def final_path(self, step=None):
+        return os.path.join(self.step_dir(step), "final.pth")
+
+    def last_path(self):
+        return os.path.join(self.step_dir(), "last.pth")
+
+    def best_path(self, step=None):
+        return os.path.join(self.step_dir(step), "best.pth")
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -92,6 +78,16 @@ class ModelSpec:
     name: str
     backbone: str
     output_stride: int = 16
+
+
+@dataclass(frozen=True)
+class MemoryUse:
+    """The exemplar memory of a step (:meth:`Method.memory`): image ids from the training lists of earlier
+    steps; ``mode`` "replace": half of every training batch is replaced by memory samples (SSUL-M), "concat":
+    they join the training set (DKD-M); ``label_split``: the label-table split their labels go through."""
+    ids: tuple
+    mode: str = "replace"
+    label_split: str = "memory"
 
 
 @dataclass
@@ -151,13 +147,6 @@ def batchnorm_to_eval(model):
         module.eval()
 
 
-def freeze(model):
-    """A frozen copy-free view of ``model``: eval mode and no gradients (the teacher)."""
-    model.eval()
-    model.requires_grad_(False)
-    return model
-
-
 def module_params(*modules):
     """Parameters of several modules (or module lists) as one list."""
     return [p for m in modules for p in (m.parameters() if isinstance(m, nn.Module) else m)]
@@ -166,15 +155,9 @@ def module_params(*modules):
 class Method:
     name = ""
     Hyper = None  # a dataclass; every field is a flag of the same name
-    model_family = "deeplabv3bga"
-    compatible_families = ("deeplabv3bga", "deeplabv3", "deeplabv3inc")
-    find_unused_parameters = False  # DDP: do all trainable parameters get a gradient every iteration?
+    model_families = ()  # the network families the method runs on; the first is its default
     uses_gradients = False  # True: after_backward runs between the task-loss backward and the optimizer step
-    test_split = "test"  # "test": the whole validation list (BARM/SSUL); "test_seen": images with a seen class
-    memory_mode = "replace"  # "replace": part of every batch comes from the memory; "concat": joins the set
-    memory_split = "memory"  # label split of memory samples (see datasets.incremental)
-    # BARM/SSUL: activation, then upsample (BARM trainer/trainer.py::Trainer.validate); MiB: upsample logits
-    upsample_probabilities = True
+    test_split = "test"  # "test": the whole validation list; "test_seen": the images holding a seen class
 
     def __init__(self, hyper=None, dataset="voc"):
         self.hp = hyper if hyper is not None else self.default_hyper(dataset)
@@ -185,27 +168,15 @@ class Method:
         """The reference hyper-parameters for ``dataset`` (override for per-dataset values)."""
         return cls.Hyper()
 
-    @classmethod
-    def hyper_fields(cls):
-        return dataclasses.fields(cls.Hyper)
-
     def hyper_dict(self):
         return dataclasses.asdict(self.hp)
 
     # ---- model ----------------------------------------------------------------------------------------
-    def network_options(self):
-        """Extra keyword arguments of the model family's builder (e.g. SSUL's ``unknown=True``)."""
-        return {}
-
     def build_network(self, spec, classes_per_step, pretrained=None, layout_step=None):
         """A model for ``classes_per_step`` whose state dict fits the checkpoint of ``layout_step`` (None: a
-        fresh model of the current step). Default: the spec's family with :meth:`network_options`."""
+        fresh model of the current step). Default: the spec's family, built as it is."""
         return build_model(spec.name, classes_per_step, backbone=spec.backbone, output_stride=spec.output_stride,
-                           pretrained=pretrained, **self.network_options())
-
-    def needs_teacher(self, ctx):
-        """Whether the step needs the frozen step t-1 model (the teacher) in every iteration."""
-        return ctx.step > 0
+                           pretrained=pretrained)
 
     def convert_previous_state(self, checkpoint):
         """The model state of a step t-1 checkpoint file's contents (default: ``model_state`` or the bare state
@@ -213,19 +184,16 @@ class Method:
         here, so that ``--prev_ckpt`` takes the reference's released checkpoints."""
         return strip_module_prefix(checkpoint.get("model_state", checkpoint))
 
+    def needs_teacher(self, ctx):
+        """Whether the step needs the frozen step t-1 model (the teacher) in every iteration."""
+        return ctx.step > 0
+
     def prepare_student(self, model, previous, ctx):
         """Surgery at t > 0, after step t-1's weights were loaded into the student (default: none)."""
-
-    def prepare_teacher(self, teacher, ctx):
-        """Make the step t-1 model the teacher (default: eval mode, no gradients)."""
-        return freeze(teacher)
 
     def bn_frozen(self, ctx):
         """Whether every BN runs on running statistics with frozen affine parameters at this step."""
         return False
-
-    def bn_trains(self, ctx):
-        return not self.bn_frozen(ctx)
 
     def sync_batchnorm(self, model):
         """The model with synchronised BatchNorm for multi-GPU CUDA training."""
@@ -247,33 +215,31 @@ class Method:
         return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}]
 
     def schedule_options(self, ctx):
-        """Options of ``utils.schedulers.build_scheduler`` for ``--lr_policy`` (default BARM's: poly's 1e-6
-        floor, a 10% warm-up rounded down): ``min_lr``, ``warmup``, ``round_warmup``."""
+        """Options of ``utils.schedulers.build_scheduler`` for ``--lr_policy``: ``min_lr``, ``warmup``,
+        ``round_warmup`` (default: none, the schedule's own)."""
         return {}
 
     # ---- data -----------------------------------------------------------------------------------------
     def label_policy(self, steps, step, split):
-        """The 256-entry table from raw label values to targets (default: BARM's,
-        BARM datasets/voc.py::gt_label_mapping)."""
-        return barm_lut(steps, step, split)
+        """The 256-entry table from raw label values to targets for ``split`` ("train", "val", "test" or
+        "memory") at ``step`` (see ``datasets.incremental.label_lut``). Every method states its own."""
+        raise NotImplementedError(f"method {self.name!r} defines no label_policy")
 
     def train_transform(self, crop_size):
+        """The joint training transform (default: random scale 0.5-2, crop, flip; ``datasets.transforms``)."""
         return train_transform(crop_size)
 
     def eval_transform(self, crop_size, crop_val):
+        """The joint evaluation transform (resize + centre crop with ``crop_val``, else the full image)."""
         return eval_transform(crop_size, crop_val)
 
     def extra_maps(self, ctx, data_root):
         """Per-sample maps loaded and transformed with the image: ``{name: image_id -> PNG path}``."""
         return {}
 
-    def memory_ids(self):
-        """Image ids of the step's memory (from the previous steps' training lists); empty: no memory."""
-        return []
-
-    def memory_fraction(self):
-        """With ``memory_mode == "replace"``: the fraction of every batch taken from the memory."""
-        return 0.5
+    def memory(self, ctx):
+        """The step's exemplar memory as a :class:`MemoryUse`, or None (default: none)."""
+        return None
 
     # ---- passes before the first epoch ----------------------------------------------------------------
     def before_step(self, model, teacher, data, ctx):
@@ -283,10 +249,7 @@ class Method:
     def loss(self, outputs, teacher_outputs, batch, ctx):
         """Named loss terms (``total`` is optimised) from ``(logits, features)`` of the student and the
         teacher (None without teacher) and the :class:`Batch` (labels at image resolution)."""
-        raise NotImplementedError
-
-    def criterion(self, logits, labels):
-        return CRITERIA[self.hp.loss_type](upsample(logits.float(), labels.shape[-2:]), labels)
+        raise NotImplementedError(f"method {self.name!r} defines no loss")
 
     def after_backward(self, model, ctx, finite):
         """With ``uses_gradients``: called after the task-loss backward with unscaled gradients in
@@ -300,38 +263,21 @@ class Method:
     # ---- validation and checkpoint selection ----------------------------------------------------------
     def validation_due(self, iteration, iterations_per_epoch, total_iterations, val_interval):
         """Validate after ``iteration`` (1-based, counted over the step)? ``val_interval`` is ``--val_interval``
-        (epochs; None = the method's rule, 0 = never). Default: BARM's per-epoch rule
-        (BARM trainer/trainer.py::Trainer.train)."""
-        if iteration % iterations_per_epoch:
+        (epochs; None = the method's rule, 0 = never). Default: every ``--val_interval`` epochs, else never."""
+        if not val_interval or iteration % iterations_per_epoch:
             return False
-        epoch = iteration // iterations_per_epoch  # epochs completed
-        if val_interval is None:
-            return (iterations_per_epoch > BARM_VALIDATION_ITERATIONS
-                    or epoch % BARM_VALIDATION_PERIOD == 0)
-        return val_interval > 0 and epoch % val_interval == 0
-
-    def validation_score(self, class_iou, ctx):
-        """Model-selection score from the validation split's per-class IoU (BARM
-        trainer/trainer.py::Trainer.validate): mean IoU of the step's new classes (at step 0: classes 0..n_0-1,
-        background included)."""
-        first = ctx.num_old if ctx.step > 0 else 0
-        return float(np.mean([class_iou[c] for c in range(first, ctx.num_classes)]))
+        return (iteration // iterations_per_epoch) % val_interval == 0
 
     def selects_best(self, ctx, select_best):
         """Whether step t's result (its ``final.pth``, test and successor) is its best-validated weights.
         ``select_best`` is ``--select_best`` (True), ``--select_last`` (False) or None (the method's
-        default). Default (BARM): only with ``--select_best`` and only at step 0 (BARM
-        trainer/trainer.py::Trainer.init_ckpt loaded step 0's best file; ciss needs the flag:
-        docs/differences.md)."""
-        return bool(select_best) and ctx.step == 0
+        default). Default: only with ``--select_best``."""
+        return bool(select_best)
 
     # ---- prediction and evaluation --------------------------------------------------------------------
     def predict(self, logits, size):
-        """Labels at ``size`` from logits at feature resolution."""
-        logits = logits.float()
-        if self.upsample_probabilities:
-            return upsample(activation(self.hp.loss_type)(logits), size).argmax(dim=1)
-        return upsample(logits, size).argmax(dim=1)
+        """Labels at ``size`` from logits at feature resolution (default: argmax of the upsampled logits)."""
+        return upsample(logits.float(), size).argmax(dim=1)
 
     def eval_convention(self):
         """How the paper reports results (recorded in results.json; see ``metrics.summary``)."""

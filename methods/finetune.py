@@ -9,12 +9,12 @@ family's (:class:`methods.mib.MiBFamily`).
 from dataclasses import dataclass
 
 from methods import losses
-from methods.mib import MiBFamily, protocol_field
+from methods.mib_family import MiBFamily, protocol_hyper
 
 
 @dataclass
 class FineTuneHyper:
-    protocol: str = protocol_field()  # FT has no loss weight: CE only (MiB argparser.py)
+    protocol: str = protocol_hyper()  # FT has no loss weight: CE only (MiB argparser.py)
 
 
 class FineTune(MiBFamily):

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from methods import losses
-from methods.barm import BARM, BarmHyper
+from methods.barm import BARM, BarmHyper, barm_loss
 
 log = logging.getLogger("ciss")
 
@@ -353,9 +353,9 @@ class KProBA(BARM):
         prev_logits, prev_features = teacher_outputs
         pseudo = self.pseudo_labels(features["back_out"], prev_logits, batch.labels, ctx)
         hp = self.hp
-        terms, _ = losses.barm_loss(logits, features, prev_logits, prev_features, batch.labels, ctx.num_new,
-                                    loss_type=hp.loss_type, w_tri=hp.w_tri, w_fd=hp.w_fd, w_gkd=hp.w_gkd,
-                                    w_bga_ce=hp.w_bga_ce, pseudo_labels=pseudo)
+        terms, _ = barm_loss(logits, features, prev_logits, prev_features, batch.labels, ctx.num_new,
+                             loss_type=hp.loss_type, w_tri=hp.w_tri, w_fd=hp.w_fd, w_gkd=hp.w_gkd,
+                             w_bga_ce=hp.w_bga_ce, pseudo_labels=pseudo)
         return terms
 
     # ---- state ----------------------------------------------------------------------------------------

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from methods.base import hyper
-from methods.losses import ce_all_pixels
-from methods.mib import INIT_FULL, PLOP_LABELS, MiBFamily, protocol_field
+from methods.losses import ce_all_pixels, check_map_pairs, collapse_logits, layer_factors
+from methods.mib_family import INIT_FULL, PLOP_PROTOCOL, MiBFamily, protocol_hyper
 
 IGNORE_INDEX = 255
 
@@ -39,16 +39,6 @@ ENTROPY_BINS = 100  # histogram bins of the per-class entropy medians
 ENTROPY_THRESHOLD_MIN = 0.001  # τ_min: lower bound of every class threshold (`--threshold`)
 ENTROPY_EPS = 1e-8  # inside the log of the entropy, as the reference
 ADAPTIVE_FACTOR_EPS = 1e-6  # denominator ε of the per-image factor a_b (PLOP commit b70fb8f, train.py::Trainer.train)
-
-
-def layer_factors(n_maps, factor, last_factor):
-    """The per-map weights λ_1..λ_n: ``factor`` for every map but the last, ``last_factor`` for the last one.
-
-    PLOP's Local POD (PLOP train.py::features_distillation): λ_1..λ_5 = pod factor, λ_6 (collapsed small
-    logits) = the "after" factor. RCIL's pooled-cube KD uses the same layout (RCIL
-    train.py::features_distillation_spatial).
-    """
-    return [float(factor)] * (n_maps - 1) + [float(last_factor)]
 
 
 def normalized_entropy(probs):
@@ -171,18 +161,6 @@ def weighted_ce_all_pixels(logits, labels, factor):
     return (per_pixel * factor.float().view(-1, 1, 1)).mean()
 
 
-def collapse_logits(new_small_logits, n_old):
-    """The student's small logits collapsed to the teacher's K_old channels (PLOP train.py::features_distillation).
-
-    ``new_small_logits``: (B, K_t, h, w) raw logits z'. Returns (B, K_old, h, w)::
-
-        [z'_0 + Σ_{c ≥ K_old} z'_c, z'_1, …, z'_{K_old−1}]      (raw logits summed, "extra_channels: sum")
-    """
-    z = new_small_logits.float()
-    background = z[:, :1] + z[:, n_old:].sum(dim=1, keepdim=True)
-    return torch.cat([background, z[:, 1:n_old]], dim=1)
-
-
 def _local_pod_embedding(x, scales):
     """Φ(X) of Local POD for squared maps ``x`` (B, C, H, W): per scale s (k = W // s) and region (i, j), the means
     over the width axis and over the height axis, concatenated per sample.
@@ -202,20 +180,6 @@ def _local_pod_embedding(x, scales):
         pieces.append(regions.mean(dim=5).reshape(batch, -1))  # mean over each region's width axis
         pieces.append(regions.mean(dim=3).reshape(batch, -1))  # mean over each region's height axis
     return torch.cat(pieces, dim=1)
-
-
-def check_map_pairs(name, old_maps, new_maps, factors, n_new):
-    """Raise ValueError unless the teacher maps, student maps and factors of a distillation term ``name`` pair
-    up (same count, at least one, equal shapes) and ``n_new`` ≥ 1 (the √(K_t/N_new) factor)."""
-    if not len(old_maps) == len(new_maps) == len(factors) or not old_maps:
-        raise ValueError(f"{name}: expected as many old maps, new maps and factors (at least one), got"
-                         f" {len(old_maps)}, {len(new_maps)}, {len(factors)}")
-    for index, (old, new) in enumerate(zip(old_maps, new_maps)):
-        if old.shape != new.shape:
-            raise ValueError(f"{name}: map {index} has teacher shape {tuple(old.shape)} but student shape"
-                             f" {tuple(new.shape)} (collapse the student's logits first)")
-    if n_new < 1:
-        raise ValueError(f"{name}: n_new must be at least 1 (distillation runs at steps >= 1), got {n_new}")
 
 
 def local_pod(old_maps, new_maps, factors, n_classes_total, n_new, scales=POD_SCALES):
@@ -259,7 +223,7 @@ class PLOPHyper:
                                                 " background pixels that were pseudo-labelled")
     init_balanced: bool = hyper(True, "t>0: background initialisation of the new classifier (weights and biases,"
                                       " b <- b_bg - log(N+1))")
-    protocol: str = protocol_field(PLOP_LABELS)
+    protocol: str = protocol_hyper(PLOP_PROTOCOL)
 
 
 class PLOP(MiBFamily):
@@ -280,7 +244,7 @@ class PLOP(MiBFamily):
 
     name = "plop"
     Hyper = PLOPHyper
-    label_convention = PLOP_LABELS
+    default_protocol = PLOP_PROTOCOL
 
     def __init__(self, hyper=None, dataset="voc"):
         super().__init__(hyper, dataset)

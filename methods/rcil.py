@@ -12,7 +12,7 @@ over windows of three channels (RCIL train.py::features_distillation_spatial, fe
   ``prepare_student``, the merged layers frozen and in eval mode every epoch, the gates' generator seeded from
   ``--random_seed`` and the step and carried in the method state (``--resume``).
 * The PCKD terms as pure functions of tensors (:func:`pooled_cube_spatial`, :func:`pooled_cube_channel`); the
-  student's small logits are collapsed to the teacher's channels as in PLOP (:func:`methods.plop.collapse_logits`).
+  student's small logits are collapsed to the teacher's channels as in PLOP (:func:`methods.losses.collapse_logits`).
 
 Shapes: B images, K_t current classes, N_new classes added at this step.
 """
@@ -25,12 +25,10 @@ import torch.nn.functional as F
 
 from methods import losses
 from methods.base import hyper
-from methods.mib import INIT_WEIGHTS, PLOP_LABELS, MiBFamily
-# collapse_logits is re-exported: RCIL collapses the student's small logits exactly as PLOP
-# (RCIL train.py::features_distillation_spatial)
-from methods.plop import check_map_pairs, collapse_logits, layer_factors  # noqa: F401
+from methods.losses import check_map_pairs, collapse_logits, layer_factors
+from methods.mib_family import INIT_WEIGHTS, PLOP_PROTOCOL, MiBFamily, kd_alpha_hyper
 from network import build_model
-from network.rcil import freeze_merged, merge_branches
+from network.rcil_merge import freeze_merged, merge_branches
 
 RCIL_W_KD = 100.0  # L = UNCE + 100·UNKD + PCKD (RCIL argparser.py: --loss_kd 100)
 # The reference validates every 15 epochs (RCIL's --val_interval default, RCIL argparser.py); validation never
@@ -152,8 +150,7 @@ def gate_seed(seed, step):
 @dataclass
 class RCILHyper:
     loss_kd: float = hyper(RCIL_W_KD, "t>0: weight of the unbiased knowledge distillation", low=0.0)
-    alpha: float = hyper(losses.KD_ALPHA, "teacher logits are multiplied by it before the softmax (--alpha)",
-                         positive=True)
+    alpha: float = kd_alpha_hyper()
     pckd_factor: float = hyper(PCKD_FACTOR_VOC, "t>0: pooled-cube KD weight of the four backbone stages (spatial and"
                                                 " channel terms) and of x_pl (spatial term); ADE default 5e-6",
                                low=0.0)
@@ -183,9 +180,8 @@ class RCIL(MiBFamily):
 
     name = "rcil"
     Hyper = RCILHyper
-    model_family = "rcil"
-    compatible_families = ("rcil",)
-    label_convention = PLOP_LABELS
+    model_families = ("rcil",)
+    default_protocol = PLOP_PROTOCOL
 
     def __init__(self, hyper=None, dataset="voc"):
         super().__init__(hyper, dataset)

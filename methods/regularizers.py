@@ -1,4 +1,4 @@
-"""Parameter regularisers of the MiB family: EWC, PI (path integral) and RW (Riemannian Walk).
+"""What the parameter regularisers of the MiB family share: EWC, PI (path integral) and RW (Riemannian Walk).
 
 Reference: MiB utils/regularizer.py (EWC, PI, RW), loop placement MiB train.py::Trainer.train. Plain classes
 working on name → tensor dicts; they know nothing about models, optimizers or the trainer. Life cycle of one
@@ -34,8 +34,9 @@ parameter or gradient on another device shows up). Penalties are computed in flo
 differentiable with respect to ``params``. In the reference only rank 0 updates the statistics; the
 penalty uses only the carried statistics, identical on every rank.
 
-The methods ``ewc``, ``pi`` and ``rw`` (:class:`EWCMethod`, :class:`PIMethod`, :class:`RWMethod`, at the end of
-this file) are FT under MiB's protocol (CE over all pixels, no teacher forward, default initialisation of
+This module holds what EWC (``methods/ewc.py``), PI (``methods/pi.py``) and RW (``methods/rw.py``) share: the
+statistics' bookkeeping (:class:`Regularizer`) and the method (:class:`RegularizedMethod`). The methods ``ewc``,
+``pi`` and ``rw`` are FT under MiB's protocol (CE over all pixels, no teacher forward, default initialisation of
 the new classifier) plus ``reg_importance`` · R, the penalty's gradients added after the task-loss backward
 (a second backward pass, as the reference). Differences from the reference: every rank updates the
 statistics from the all-reduced gradients (the reference: rank 0 only, so only rank 0's statistics were
@@ -44,21 +45,26 @@ the method is refused (the reference silently trained without penalty).
 """
 import logging
 
-from dataclasses import dataclass
-
 import torch
 
 from methods.base import hyper
-from methods.losses import (EWC_ALPHA, EWC_IMPORTANCE, PI_IMPORTANCE, RW_ALPHA, RW_IMPORTANCE, RW_ITERATIONS,
-                            ce_all_pixels)
-from methods.mib import MiBFamily, protocol_field
+from methods.losses import ce_all_pixels
+from methods.mib_family import MiBFamily
 from utils.errors import UserError
 
 log = logging.getLogger("ciss")
 
 NORMALIZE_EPS = 1e-8  # ε of the min-max normalisation (MiB utils/regularizer.py)
-PI_EPS = 1e-20  # denominator of the PI importance (MiB utils/regularizer.py::PI)
-RW_EPS = 1e-8  # denominator of the RW score (MiB utils/regularizer.py::RW)
+
+
+def normalize_hyper():
+    """The ``reg_normalize`` hyper-parameter of EWC, PI and RW."""
+    return hyper(True, "min-max normalise the carried statistics per tensor before the penalty (MiB's default)")
+
+
+def alpha_hyper(default):
+    """The ``reg_alpha`` hyper-parameter of EWC and RW: the EMA factor of their Fisher update."""
+    return hyper(default, "EMA factor of the Fisher update F <- a·g² + (1-a)·F", low=0.0, high=1.0)
 
 
 def min_max_normalize(x):
@@ -71,23 +77,23 @@ def min_max_normalize(x):
     return (x - low) / (x.max() - low + NORMALIZE_EPS)
 
 
-def _positive_part(x):
+def positive_part(x):
     # the reference keeps x where x > 0 (PI) / x >= 0 (RW) and writes 0 elsewhere: NaN becomes 0, unlike clamp
     return torch.where(x > 0, x, torch.zeros_like(x))
 
 
-def _f32(t):
+def f32(t):
     return t.detach().float()
 
 
-def _cpu(store):
+def cpu_copy(store):
     """A CPU float32 copy of a name → tensor dict (None stays None)."""
     if store is None:
         return None
     return {name: t.detach().to("cpu", torch.float32, copy=True) for name, t in store.items()}
 
 
-def _on(store, name, device):
+def on_device(store, name, device):
     """``store[name]`` on ``device``, moving (and keeping) it there when it lives elsewhere."""
     t = store[name]
     if t.device != device:
@@ -96,12 +102,12 @@ def _on(store, name, device):
     return t
 
 
-def _ema_of_squares(fisher, g, alpha):
+def ema_of_squares(fisher, g, alpha):
     """F ← α·g² + (1 − α)·F in place (one pass over F, no temporaries: the statistics are as large as the model)."""
     fisher.mul_(1 - alpha).addcmul_(g, g, value=alpha)
 
 
-def _snapshot(params, grads, into=None):
+def snapshot(params, grads, into=None):
     """θ of the parameters that have a gradient this iteration (the reference's model_temp), float32, copied
     into the tensors of an earlier snapshot ``into`` where they fit (no model-sized allocation per iteration)."""
     snapshot = {}
@@ -112,19 +118,20 @@ def _snapshot(params, grads, into=None):
         if earlier is not None and earlier.shape == p.shape and earlier.device == p.device:
             snapshot[name] = earlier.copy_(p.detach())
         else:
-            snapshot[name] = _f32(p).clone()
+            snapshot[name] = f32(p).clone()
     return snapshot
 
 
-class _Regularizer:
+class Regularizer:
     """Shared bookkeeping; subclasses define ``kind``, the statistics and ``_importance_from``."""
 
     kind = None
-    carry_keys = ()  # the statistics ``end_step`` returns and ``previous`` must hold
+    carry_keys = ()
+    options = ()  # keyword arguments of the constructor set from the hyper-parameters reg_{name}  # the statistics ``end_step`` returns and ``previous`` must hold
 
     def __init__(self, params, reference=None, previous=None, normalize=True):
         self.normalize = normalize
-        self.reference = None if reference is None else {n: _f32(t) for n, t in reference.items()}
+        self.reference = None if reference is None else {n: f32(t) for n, t in reference.items()}
         self._set_previous(previous)
         if self.reference is not None and self.previous is None:
             log.warning("%s: no statistics carried from the previous step (was it trained with the same "
@@ -141,7 +148,7 @@ class _Regularizer:
         if previous is not None and not all(previous.get(key) for key in self.carry_keys):
             previous = None  # nothing stored: no penalty (the reference's penalize=False)
         self.previous = None if previous is None else {
-            "kind": self.kind, **{key: _cpu(previous[key]) for key in self.carry_keys}}
+            "kind": self.kind, **{key: cpu_copy(previous[key]) for key in self.carry_keys}}
         self.importance = None if self.previous is None else self._importance_from(self.previous)
 
     def _normalized(self, t):
@@ -167,8 +174,8 @@ class _Regularizer:
         for name, p in params.items():
             if not p.requires_grad or name not in self.importance or name not in reference:
                 continue
-            importance = _on(self.importance, name, p.device)
-            term = (importance * (p.float() - _on(reference, name, p.device)) ** 2).sum()
+            importance = on_device(self.importance, name, p.device)
+            term = (importance * (p.float() - on_device(reference, name, p.device)) ** 2).sum()
             total = term if total is None else total + term
         return total
 
@@ -184,213 +191,6 @@ class _Regularizer:
             raise UserError(f"the saved regulariser state is '{state.get('kind')}', expected '{self.kind}'")
         self._set_previous(state["previous"])
         self._load_running(state)
-
-
-class EWC(_Regularizer):
-    """Elastic weight consolidation as in MiB utils/regularizer.py::EWC.
-
-    * F starts from the carried (un-normalised) Fisher, with ones for trainable parameters it does not
-      contain yet (all of them at step 0, the new classifier later).
-    * ``update``: F_n ← α·g_n² + (1 − α)·F_n for every parameter with a gradient: an EMA dominated by the
-      last ~10 iterations, not an average Fisher (reproduced on purpose).
-    * ``penalty``: R = Σ_{n ∈ θ*, trainable} Σ F̂_n ⊙ (θ_n − θ*_n)², F̂ = min-max normalised carried F.
-      New-classifier parameters are not penalised.
-    * carry: ``{"kind": "ewc", "fisher": F}``.
-    """
-
-    kind = "ewc"
-    carry_keys = ("fisher",)
-
-    def __init__(self, params, reference=None, previous=None, alpha=EWC_ALPHA, normalize=True):
-        super().__init__(params, reference, previous, normalize)
-        self.alpha = alpha
-        self.fisher = {} if self.previous is None else {n: t.clone() for n, t in self.previous["fisher"].items()}
-        for name, p in params.items():
-            if p.requires_grad and name not in self.fisher:
-                self.fisher[name] = torch.ones_like(p, dtype=torch.float32)
-
-    def _importance_from(self, previous):
-        return {name: self._normalized(f) for name, f in previous["fisher"].items()}
-
-    def update(self, params, grads):
-        """F_n ← α·g_n² + (1 − α)·F_n for every n with a gradient (``params`` unused, for a common call)."""
-        for name, g in grads.items():
-            if g is None:
-                continue
-            g = _f32(g)
-            if name not in self.fisher:
-                self.fisher[name] = torch.ones_like(g)
-            _ema_of_squares(_on(self.fisher, name, g.device), g, self.alpha)
-
-    def end_step(self, params=None):
-        """The carry for the next step: ``{"kind": "ewc", "fisher": F}`` (un-normalised, CPU)."""
-        return {"kind": self.kind, "fisher": _cpu(self.fisher)}
-
-    def _running_state(self):
-        return {"fisher": _cpu(self.fisher)}
-
-    def _load_running(self, state):
-        self.fisher = _cpu(state["fisher"])
-
-
-class PI(_Regularizer):
-    """Path integral (synaptic intelligence) as in MiB utils/regularizer.py::PI.
-
-    * θ_ref,n = θ*_n for parameters that existed before, else the value of the parameter given to the
-      constructor (its initial value: the new classifier; every parameter at step 0).
-    * ``update``: if θ_prev exists, δ_n += g_n ⊙ (θ_prev,n − θ_n); then θ_prev ← θ (parameters with a
-      gradient only). δ starts at 0 every step.
-    * ``end_step``: ω_n = max(δ_n / ((θ_n − θ_ref,n)² + 1e-20), 0) + ω_prev,n (the carried importance, when
-      present: summed, although the reference's comment says "averaged").
-    * ``penalty``: R = Σ_{n ∈ ω_prev, trainable} Σ ω̂_n ⊙ (θ_n − θ_ref,n)², ω̂ = min-max normalised
-      ω_prev.
-    * carry: ``{"kind": "pi", "score": ω}``.
-    """
-
-    kind = "pi"
-    carry_keys = ("score",)
-
-    def __init__(self, params, reference=None, previous=None, normalize=True):
-        super().__init__(params, reference, previous, normalize)
-        old = self.reference or {}
-        self.start_new = {name: _f32(p).clone() for name, p in params.items() if name not in old}
-        self.theta_ref = {**self.start_new, **old}
-        self.delta = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
-        self.theta_prev = None
-
-    def _importance_from(self, previous):
-        return {name: self._normalized(s) for name, s in previous["score"].items()}
-
-    def _penalty_reference(self):
-        return self.theta_ref
-
-    def update(self, params, grads):
-        """δ_n += g_n ⊙ (θ_prev,n − θ_n) (from the second call on), then θ_prev ← θ."""
-        if self.theta_prev is not None:
-            for name, p in params.items():
-                g = grads.get(name)
-                if g is None or name not in self.theta_prev:
-                    continue
-                g, theta = _f32(g), _f32(p)
-                if name not in self.delta:
-                    self.delta[name] = torch.zeros_like(theta)
-                _on(self.delta, name, theta.device).addcmul_(g, _on(self.theta_prev, name, theta.device) - theta)
-        self.theta_prev = _snapshot(params, grads, into=self.theta_prev)
-
-    def end_step(self, params):
-        """The carry for the next step: ``{"kind": "pi", "score": ω}`` (CPU), ω over the parameters in
-        ``params`` (the final weights) that were known at construction."""
-        theta_ref = self.theta_ref
-        previous = self.previous["score"] if self.previous is not None else {}
-        score = {}
-        for name, p in params.items():
-            if name not in theta_ref:
-                continue
-            theta = _f32(p)
-            delta = _on(self.delta, name, theta.device) if name in self.delta else torch.zeros_like(theta)
-            omega = _positive_part(delta / ((theta - _on(theta_ref, name, theta.device)) ** 2 + PI_EPS))
-            if name in previous:
-                omega = previous[name].to(theta.device) + omega
-            score[name] = omega
-        return {"kind": self.kind, "score": _cpu(score)}
-
-    def _running_state(self):
-        return {"delta": _cpu(self.delta), "theta_prev": _cpu(self.theta_prev), "start_new": _cpu(self.start_new)}
-
-    def _load_running(self, state):
-        self.delta = _cpu(state["delta"])
-        self.theta_prev = _cpu(state["theta_prev"])
-        self.start_new = _cpu(state["start_new"])
-        self.theta_ref = {**self.start_new, **(self.reference or {})}
-
-
-class RW(_Regularizer):
-    """Riemannian Walk as in MiB utils/regularizer.py::RW.
-
-    * F starts from the carried Fisher (ones for trainable parameters it lacks); S starts at 0 every step
-      (trainable parameters).
-    * ``update`` (counter c, starting at 0): if c % ``iterations`` == 0: when θ_tmp exists,
-      S_n += g_n ⊙ (θ_tmp,n − θ_n) / (½·F_n ⊙ (θ_n − θ_tmp,n)² + 1e-8), then θ_tmp ← θ; c += 1;
-      then at every call F_n ← α·g_n² + (1 − α)·F_n. The score therefore uses the Fisher of the previous
-      iteration (reproduced on purpose).
-    * ``end_step``: S_save = ½·(max(S, 0) + S_old) where a carried score exists, else max(S, 0).
-    * ``penalty``: R = Σ_{n ∈ θ*, trainable} Σ (F̂_old,n + Ŝ_old,n) ⊙ (θ_n − θ*_n)², both carried tensors
-      min-max normalised separately.
-    * carry: ``{"kind": "rw", "fisher": F, "score": S_save}``; both must be present to penalise (the
-      reference discards a Fisher stored without a score, and vice versa).
-    """
-
-    kind = "rw"
-    carry_keys = ("fisher", "score")
-
-    def __init__(self, params, reference=None, previous=None, alpha=RW_ALPHA, iterations=RW_ITERATIONS,
-                 normalize=True):
-        super().__init__(params, reference, previous, normalize)
-        self.alpha = alpha
-        self.iterations = iterations
-        self.fisher = {} if self.previous is None else {n: t.clone() for n, t in self.previous["fisher"].items()}
-        for name, p in params.items():
-            if p.requires_grad and name not in self.fisher:
-                self.fisher[name] = torch.ones_like(p, dtype=torch.float32)
-        self.score = {name: torch.zeros_like(p, dtype=torch.float32)
-                      for name, p in params.items() if p.requires_grad}
-        self.theta_tmp = None
-        self.count = 0
-
-    def _importance_from(self, previous):
-        importance = {name: self._normalized(f) for name, f in previous["fisher"].items()}
-        for name, s in previous["score"].items():
-            # a score without a Fisher entry (the reference would raise a KeyError) counts alone
-            importance[name] = importance[name] + self._normalized(s) if name in importance else self._normalized(s)
-        return importance
-
-    def update(self, params, grads):
-        """The score step every ``iterations`` calls (with the Fisher before this call's update), then the
-        Fisher EMA for every parameter with a gradient."""
-        if self.count % self.iterations == 0:
-            if self.theta_tmp is not None:
-                for name, p in params.items():
-                    g = grads.get(name)
-                    if g is None or name not in self.theta_tmp:
-                        continue
-                    g, theta = _f32(g), _f32(p)
-                    theta_tmp = _on(self.theta_tmp, name, theta.device)
-                    fisher = _on(self.fisher, name, theta.device) if name in self.fisher else torch.ones_like(theta)
-                    gain = g * (theta_tmp - theta)
-                    den = 0.5 * fisher * (theta - theta_tmp) ** 2 + RW_EPS
-                    score = _on(self.score, name, theta.device) if name in self.score else torch.zeros_like(theta)
-                    self.score[name] = score + gain / den
-            self.theta_tmp = _snapshot(params, grads, into=self.theta_tmp)
-        self.count += 1
-        for name, p in params.items():
-            g = grads.get(name)
-            if g is None:
-                continue
-            g = _f32(g)
-            if name not in self.fisher:
-                self.fisher[name] = torch.ones_like(g)
-            _ema_of_squares(_on(self.fisher, name, g.device), g, self.alpha)
-
-    def end_step(self, params=None):
-        """The carry for the next step: ``{"kind": "rw", "fisher": F, "score": S_save}`` (CPU)."""
-        previous = self.previous["score"] if self.previous is not None else {}
-        score = {}
-        for name, s in self.score.items():
-            s = _positive_part(s)
-            if name in previous:
-                s = 0.5 * (s + previous[name].to(s.device))
-            score[name] = s
-        return {"kind": self.kind, "fisher": _cpu(self.fisher), "score": _cpu(score)}
-
-    def _running_state(self):
-        return {"fisher": _cpu(self.fisher), "score": _cpu(self.score), "theta_tmp": _cpu(self.theta_tmp),
-                "count": self.count}
-
-    def _load_running(self, state):
-        self.fisher = _cpu(state["fisher"])
-        self.score = _cpu(state["score"])
-        self.theta_tmp = _cpu(state["theta_tmp"])
-        self.count = int(state["count"])
 
 
 # ======================================================================================================
@@ -427,8 +227,10 @@ class RegularizedMethod(MiBFamily):
         return False  # the penalty needs θ* only, kept by prepare_student
 
     def regularizer_options(self):
-        """Keyword arguments of :attr:`regularizer_cls` besides ``params``, ``reference``, ``previous``."""
-        return {"normalize": self.hp.reg_normalize}
+        """Keyword arguments of :attr:`regularizer_cls` besides ``params``, ``reference``, ``previous``: the
+        hyper-parameter ``reg_{name}`` for every name of the statistics' ``options``, and ``normalize``."""
+        return {"normalize": self.hp.reg_normalize,
+                **{name: getattr(self.hp, f"reg_{name}") for name in self.regularizer_cls.options}}
 
     def load_previous_state(self, state, ctx):
         carry = (state or {}).get("carry")
@@ -482,63 +284,3 @@ class RegularizedMethod(MiBFamily):
         if state.get("running") is not None:
             self.regularizer.load_state_dict(state["running"])
         self.carry = state.get("carry")
-
-
-
-_NORMALIZE_HELP = "min-max normalise the carried statistics per tensor before the penalty (MiB's default)"
-
-
-@dataclass
-class EWCHyper:
-    reg_importance: float = hyper(EWC_IMPORTANCE, "t>0: weight λ of the EWC penalty (MiB 500; PLOP/RCIL argparsers"
-                                                  " 100)", low=0.0)
-    reg_alpha: float = hyper(EWC_ALPHA, "EMA factor of the Fisher update F <- a·g² + (1-a)·F", low=0.0, high=1.0)
-    reg_normalize: bool = hyper(True, _NORMALIZE_HELP)
-    protocol: str = protocol_field()
-
-
-class EWCMethod(RegularizedMethod):
-    """EWC (MiB utils/regularizer.py::EWC): CE + ``reg_importance`` · Σ F̂ ⊙ (θ − θ*)²."""
-
-    name = "ewc"
-    Hyper = EWCHyper
-    regularizer_cls = EWC
-
-    def regularizer_options(self):
-        return {**super().regularizer_options(), "alpha": self.hp.reg_alpha}
-
-
-@dataclass
-class PIHyper:
-    reg_importance: float = hyper(PI_IMPORTANCE, "t>0: weight λ of the path-integral penalty (MiB 500; PLOP/RCIL"
-                                                 " argparsers 100)", low=0.0)
-    reg_normalize: bool = hyper(True, _NORMALIZE_HELP)
-    protocol: str = protocol_field()
-
-
-class PIMethod(RegularizedMethod):
-    """PI / synaptic intelligence (MiB utils/regularizer.py::PI): CE + ``reg_importance`` · Σ ω̂ ⊙ (θ − θ_ref)²."""
-
-    name = "pi"
-    Hyper = PIHyper
-    regularizer_cls = PI
-
-
-@dataclass
-class RWHyper:
-    reg_importance: float = hyper(RW_IMPORTANCE, "t>0: weight λ of the Riemannian-walk penalty", low=0.0)
-    reg_alpha: float = hyper(RW_ALPHA, "EMA factor of the Fisher update F <- a·g² + (1-a)·F", low=0.0, high=1.0)
-    reg_iterations: int = hyper(RW_ITERATIONS, "the RW score is updated every this many iterations", positive=True)
-    reg_normalize: bool = hyper(True, _NORMALIZE_HELP)
-    protocol: str = protocol_field()
-
-
-class RWMethod(RegularizedMethod):
-    """RW (MiB utils/regularizer.py::RW): CE + ``reg_importance`` · Σ (F̂ + Ŝ) ⊙ (θ − θ*)²."""
-
-    name = "rw"
-    Hyper = RWHyper
-    regularizer_cls = RW
-
-    def regularizer_options(self):
-        return {**super().regularizer_options(), "alpha": self.hp.reg_alpha, "iterations": self.hp.reg_iterations}

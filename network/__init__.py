@@ -14,9 +14,9 @@ that family's reference key layout. A model name is a family, optionally suffixe
   DKD models/model.py::DeepLabV3; :mod:`network.dkd`).
 
 A family is a builder ``(classes_per_step, backbone, output_stride, pretrained, **options) -> nn.Module``
-registered in :data:`FAMILIES` (:func:`register_family`); every model it builds returns ``(logits,
-features)`` with logits at feature resolution, and has ``classes_per_step``, ``num_classes``,
-``num_outputs`` and ``add_step(n_new)``.
+registered in :data:`FAMILIES`, the one table of families (a new family is a new entry there; its name holds
+no ``_``, which separates the backbone). Every model it builds returns ``(logits, features)`` with logits at
+feature resolution, and has ``classes_per_step``, ``num_classes``, ``num_outputs`` and ``add_step(n_new)``.
 """
 from network.aspp import ATROUS_RATES
 from network.backbone import ARCHITECTURES, ResNetBackbone, check_backbone_args
@@ -32,7 +32,7 @@ DEFAULT_BACKBONE = "resnet101"
 
 __all__ = [
     "BackgroundAdaptationHead", "DeepLabV3", "IncrementalHead", "ResNetBackbone", "SSULHead",
-    "build_model", "list_models", "register_family", "split_model_name",
+    "build_model", "list_models", "split_model_name",
 ]
 
 
@@ -59,14 +59,6 @@ FAMILIES = {
     "dkd": build_dkd_model,
     "rcil": build_rcil_model,
 }
-
-
-def register_family(name, builder):
-    """Register a model family (used by the network modules of other methods)."""
-    if "_" in name:
-        raise ValueError(f"a family name cannot contain '_' (it separates the backbone): {name!r}")
-    FAMILIES[name] = builder
-    return builder
 
 
 def list_models():

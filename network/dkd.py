@@ -150,7 +150,7 @@ def build_dkd_model(classes_per_step, backbone="resnet101", output_stride=16, pr
             loaded into the backbone by :func:`network.pretrained.load_pretrained_backbone`.
         **head_kwargs: passed to :class:`DKDHead` (``return_parts``).
 
-    The signature is a model-family builder's (``network.register_family``). Raises UserError on bad
+    The signature is a model-family builder's (an entry of ``network.FAMILIES``). Raises UserError on bad
     arguments or unusable weights.
     """
     check_backbone_args(backbone, output_stride)

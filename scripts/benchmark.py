@@ -23,90 +23,42 @@ warm-up; compare figures only within one run (the machines are noisy).
 ``data`` measures decoding and augmentation alone (one process, i.e. per DataLoader worker) on VOC-sized
 (500x375) JPEGs at the given crop, and the ``--device_augment`` split of the same work: what is left to each
 worker (read, label, plan) and what the device does (decode, transform); ``index`` the class-index build and its cached reload.
+The data and index benchmarks are in ``scripts/benchmark_inputs.py``, the measuring helpers in
+``scripts/measure.py``.
 """
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
-import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-PEAK_SIZE = 4096
-VOC_IMAGE_SIZE = (500, 375)
+import train  # noqa: E402  (the repository's root, inserted above)
+from datasets.synthetic import generate  # noqa: E402
+from engine.cli import method_hyper, parse_args  # noqa: E402
+from engine.context import make_context  # noqa: E402
+from engine.data import to_batch  # noqa: E402
+from engine.evaluate import deterministic_cudnn  # noqa: E402
+from engine.iteration import train_iteration  # noqa: E402
+from engine.passes import autocast  # noqa: E402
+from engine.run_folder import RunFolder  # noqa: E402
+from engine.setup import set_up_step  # noqa: E402
+from methods import get_method_class  # noqa: E402
+from scripts.benchmark_inputs import bench_data, bench_index  # noqa: E402
+from scripts.measure import (amp_dtype, in_child, measured_peaks, peak_memory_mib, synchronize,  # noqa: E402
+                             timed)
+from utils.distributed import setup  # noqa: E402
+from utils.logging import setup_logging  # noqa: E402
+
 TASK = "15-1"
 CASES = ("step0", "step1", "teacher", "eval")
 OVERHEAD_TOLERANCE = 0.05  # an incremental step should cost at most step 0 + one teacher forward + 5%
 
-
-def timed(function, repeats):
-    """Median wall time of ``repeats`` calls and the last result."""
-    times, result = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
-
-
-def in_child(function, *args):
-    """Run ``function(*args)`` in a fresh process (so that its peak memory is its own) and return its result."""
-    import multiprocessing
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(function, args)
-
-
-def peak_memory_mib(device):
-    """Peak memory of this process so far: CUDA allocations on a GPU, resident set size on the CPU."""
-    import torch
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def synchronize(device):
-    import torch
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def amp_dtype(device):
-    import torch
-    return torch.float16 if device.type == "cuda" else torch.bfloat16
-
-
-def rate(function, flops, device, repeats):
-    def run():
-        function()
-        synchronize(device)
-
-    run()
-    seconds, _ = timed(run, repeats)
-    return flops / seconds
-
-
-def measured_peaks(device, dtype, channels_last, repeats=5):
-    """``(matrix product, convolution)`` FLOP/s measured now: a PEAK_SIZE² ``torch.mm`` in ``dtype``, and a
-    3x3 convolution of the network's shape (2 x 256 x 65², 256 filters) in ``dtype`` and the case's memory
-    format. On CPUs where the BLAS behind ``torch.mm`` is slower than oneDNN's convolutions (MKL on AMD), the
-    second is the achievable rate."""
-    import torch
-    import torch.nn.functional as F
-    a = torch.randn(PEAK_SIZE, PEAK_SIZE, device=device).to(dtype)
-    b = torch.randn(PEAK_SIZE, PEAK_SIZE, device=device).to(dtype)
-    matmul = rate(lambda: torch.mm(a, b), 2 * PEAK_SIZE ** 3, device, repeats)
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    x = torch.randn(2, 256, 65, 65, device=device).to(dtype).contiguous(memory_format=memory_format)
-    w = torch.randn(256, 256, 3, 3, device=device).to(dtype).contiguous(memory_format=memory_format)
-    conv = rate(lambda: F.conv2d(x, w, padding=1), 2 * 2 * 256 * 256 * 9 * 65 * 65, device, repeats)
-    return matmul, conv
-
-
-# ---- train: the trainer's own steps ---------------------------------------------------------------------
 
 def train_argv(data_root, ckpt_dir, method, args, *extra):
     return ["--data_root", data_root, "--ckpt_dir", ckpt_dir, "--method", method, "--task", TASK, "--overlap",
@@ -124,27 +76,12 @@ def method_flags(method):
 
 def prepare_step0(data_root, ckpt_dir, method, args):
     """A step-0 checkpoint of ``method`` (one epoch on the small synthetic set) for the incremental cases."""
-    import train
-    from utils.args import parse_args
     train.run(parse_args(train_argv(data_root, ckpt_dir, method, args, "--initial", "--train_epoch", "1",
                                     *method_flags(method))))
 
 
 def _train_case(data_root, ckpt_dir, method_name, case, precision, channels_last, compile_model, args):
     """One case in this (fresh) process: returns the measurements as a dict."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from engine.data import to_batch
-    from engine.evaluate import deterministic_cudnn
-    from engine.plan import make_plan
-    from engine.run_folder import RunFolder
-    from engine.step import StepRun, train_iteration
-    from methods import get_method_class
-    from utils.args import method_hyper, parse_args
-    from utils.distributed import setup
-    from utils.logging import setup_logging
-
     amp = precision == "amp"
     step = 0 if case == "step0" else 1  # eval: the step-1 model (its head has every channel of step 1)
     extra = ["--curr_step", str(step), "--end_step", str(step), "--train_epoch", "1",
@@ -159,15 +96,14 @@ def _train_case(data_root, ckpt_dir, method_name, case, precision, channels_last
     device = dist_info.device
     method_cls = get_method_class(method_name)
     method = method_cls(method_hyper(run_args, method_cls), dataset="voc")
-    plan = make_plan(run_args, step)
+    ctx = make_context(run_args, step)
     folder = RunFolder(os.path.join(ckpt_dir, "bench", f"{method_name}-{case}-{precision}-{channels_last}"), False)
-    run = StepRun(plan, run_args, method, dist_info, step, folder)
+    run = set_up_step(ctx, run_args, method, dist_info, step, folder)
     raw = next(iter(run.data.epoch(0)))
     batch = to_batch(raw, device, run.channels_last)
-    method.set_train_mode(run.student, plan)
+    method.set_train_mode(run.student, ctx)
 
     if case == "teacher":  # the step-1 iteration's teacher forward alone, as train_iteration runs it
-        from engine.passes import autocast
         if run.teacher is None:
             return None  # the method trains without one
 
@@ -185,7 +121,7 @@ def _train_case(data_root, ckpt_dir, method_name, case, precision, channels_last
             synchronize(device)
     else:
         def iteration():
-            train_iteration(run.model, run.student, run.teacher, method, plan, batch, run.optimizer, run.scheduler,
+            train_iteration(run.model, run.student, run.teacher, method, ctx, batch, run.optimizer, run.scheduler,
                             run.scaler, amp)
             synchronize(device)
 
@@ -245,8 +181,6 @@ def incremental_costs(rows):
 
 
 def bench_train(args):
-    import torch
-    from datasets.synthetic import generate
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     print(f"training steps of VOC {TASK}: {args.backbone}, crop {args.crop}, batch {args.batch}, device {device},"
@@ -287,87 +221,6 @@ def bench_train(args):
     if args.markdown:
         with open(args.markdown, "w", encoding="utf-8") as handle:
             handle.write(markdown(rows) + "\n")
-
-
-# ---- data pipeline ----------------------------------------------------------------------------------------
-
-def bench_data(args):
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    from datasets.deferred import DeferredSegmentation, deferred_collate
-
-    from datasets.incremental import IncrementalSegmentation, barm_lut
-    from datasets.transforms import mib_train_transform, train_transform
-    from utils.tasks import get_task
-
-    transforms = {"barm": train_transform(args.size), "mib": mib_train_transform(args.size)}
-    steps = get_task("voc", TASK)
-    rng = np.random.default_rng(0)
-    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
-        samples = []
-        width, height = VOC_IMAGE_SIZE
-        yy, xx = np.mgrid[0:height, 0:width]
-        for i in range(args.images):  # smooth content with texture and noise, VOC-sized, quality 90 like photos
-            base = np.stack([(xx * (i + 1) % 256), (yy * 3 % 256), ((xx + yy) * 2 % 256)], axis=-1)
-            image = np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
-            label = ((xx // 50 + yy // 50 + i) % 21).astype(np.uint8)
-            image_path, label_path = os.path.join(tmp, f"{i}.jpg"), os.path.join(tmp, f"{i}.png")
-            Image.fromarray(image).save(image_path, quality=90)
-            Image.fromarray(label).save(label_path)
-            samples.append((str(i), image_path, label_path))
-        print(f"data pipeline, one process (= per DataLoader worker), {args.images} VOC-sized JPEGs"
-              f" {width}x{height}, crop {args.size}, median of {args.repeats} passes")
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        for name in args.transforms:
-            lut = barm_lut(steps, 0, "train")
-            dataset = IncrementalSegmentation(samples, lut, transforms[name])
-            seconds, _ = timed(lambda: [dataset[i] for i in range(len(dataset))], args.repeats)
-            print(f"  {name:<5} decode + augmentation: {len(dataset) / seconds:6.1f} images/s per worker")
-            # --device_augment: the workers read and plan, the device decodes and transforms a batch at a time
-            deferred = DeferredSegmentation(samples, lut, transforms[name])
-            seconds, items = timed(lambda: [deferred[i] for i in range(len(deferred))], args.repeats)
-            batches = [deferred_collate(transforms[name])(items[i:i + args.batch])
-                       for i in range(0, len(items) - args.batch + 1, args.batch)]
-
-            def materialize():
-                for batch in batches:
-                    batch.materialize(device)
-                synchronize(device)
-
-            materialize()  # warm-up (CUDA context, nvJPEG handles)
-            device_seconds, _ = timed(materialize, args.repeats)
-            print(f"  {name:<5} --device_augment: workers {len(deferred) / seconds:6.1f} images/s per worker,"
-                  f" {device} decode + augmentation {len(batches) * args.batch / device_seconds:6.1f} images/s"
-                  f" (batches of {args.batch})")
-
-
-# ---- class index ------------------------------------------------------------------------------------------
-
-def bench_index(args):
-    from datasets import split_class_index
-    from datasets.synthetic import generate
-
-    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
-        root = os.path.join(tmp, "ADEChallengeData2016")
-        start = time.perf_counter()
-        generate("ade", root, n_train=args.n, n_val=1, size=args.size, workers=args.workers, labels_only=True)
-        for name in os.listdir(os.path.join(root, "annotations", "training")):  # the index reads labels only
-            open(os.path.join(root, "images", "training", name[:-4] + ".jpg"), "wb").close()
-        print(f"generated {args.n} ADE-style labels (~{args.size} px) in {time.perf_counter() - start:.1f} s")
-
-        def build():
-            cache = tempfile.mkdtemp(dir=tmp)
-            return split_class_index("ade", root, "train", cache_dir=cache, workers=args.workers)
-
-        full, (samples, _) = timed(build, args.repeats)
-        cache = tempfile.mkdtemp(dir=tmp)
-        split_class_index("ade", root, "train", cache_dir=cache, workers=args.workers)
-        reload, _ = timed(lambda: split_class_index("ade", root, "train", cache_dir=cache), max(3, args.repeats))
-        print(f"class index, full build:    {full:7.2f} s  ({len(samples)} labels, {args.workers or 'all'} threads,"
-              f" {len(samples) / full:.0f} labels/s)")
-        print(f"class index, cached reload: {reload:7.3f} s  (file listing + change check + load)")
 
 
 def main(argv=None):

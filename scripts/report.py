@@ -16,7 +16,7 @@ highest step), a step folder ``.../step{t}`` (the run that ends at that step) or
 
 Runs evaluated under different conventions (``results.json``'s ``convention``) are refused (one line, exit
 status 2) unless ``--allow_mixed_conventions``; the tables then name each run's convention. The logic lives
-in ``metrics.report`` (tables) and ``utils.plots`` (figures).
+in ``reports`` (``reports.runs``: the runs, ``reports.tables``: the tables, ``reports.plots``: the figures).
 """
 import argparse
 import logging
@@ -26,7 +26,8 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from metrics.report import load_run, write_report  # noqa: E402 (after the path set-up)
+from reports.runs import load_run  # noqa: E402 (after the path set-up)
+from reports.tables import write_report  # noqa: E402
 from utils.errors import UserError, exit_on_user_error  # noqa: E402
 from utils.logging import setup_logging  # noqa: E402
 

@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from engine.step import grad_scaler, train_iteration
+from engine.iteration import grad_scaler, train_iteration
 from methods import get_method
 from methods.base import Batch, StepContext
 from network import build_model

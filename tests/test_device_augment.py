@@ -10,10 +10,11 @@ import torch
 import train
 from datasets import step_samples
 from datasets.deferred import DeferredSegmentation, deferred_collate
-from datasets.incremental import IncrementalSegmentation, barm_lut
+from datasets.incremental import IncrementalSegmentation
+from methods.barm import barm_lut
 from datasets.transforms import mib_train_transform, train_transform
 from helpers import step_dir
-from utils.args import parse_args
+from engine.cli import parse_args
 from utils.checkpoint import load_checkpoint_file
 from utils.errors import UserError
 from utils.tasks import get_task

@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from engine.step import grad_scaler, train_iteration
+from engine.iteration import grad_scaler, train_iteration
 from methods import get_method
 from methods.base import Batch, StepContext
 from network import build_model

@@ -9,13 +9,13 @@ import pytest
 import torch
 from torchvision import models
 
-from methods import dkd, get_method
-from methods.base import Batch, StepContext
+from methods import dkd, dkd_losses, get_method
+from methods.base import Batch, MemoryUse, StepContext
 from methods.memory import collect_candidates
 from network.aspp import ATROUS_RATES
 from network.dkd import (DKDHead, build_dkd_model, convert_reference_state_dict, init_novel_classifier,
                          reference_checkpoint_state)
-from utils.args import parse_args
+from engine.cli import parse_args
 from utils.errors import UserError
 from utils.schedulers import build_scheduler
 from utils.tasks import get_task
@@ -234,7 +234,7 @@ def test_mbce_counts_void_old_and_background_as_negatives():
     for pos_weight, w_of in [(1.0, lambda c: 1.0), (2.5, lambda c: 2.5),
                              (torch.tensor([2.0, 0.5]), lambda c: [2.0, 0.5][c])]:
         expected = per_class_mean_sum(logits, target, w_of)
-        got = dkd.mbce_loss(logits, labels, ids, pos_weight)
+        got = dkd_losses.mbce_loss(logits, labels, ids, pos_weight)
         assert got.dtype == torch.float32
         assert got.item() == pytest.approx(expected, rel=1e-5)
     # void pixels are not skipped: leaving them out would change the value
@@ -243,7 +243,7 @@ def test_mbce_counts_void_old_and_background_as_negatives():
         (torch.nn.functional.binary_cross_entropy_with_logits(
             logits[:, c], (labels == ids[c]).float(), reduction="none") * valid).sum() / valid.sum()
         for c in range(2))
-    assert abs(dkd.mbce_loss(logits, labels, ids, 1.0).item() - masked.item()) > 1e-3
+    assert abs(dkd_losses.mbce_loss(logits, labels, ids, 1.0).item() - masked.item()) > 1e-3
 
 
 def test_mbce_by_hand_single_pixel():
@@ -251,9 +251,9 @@ def test_mbce_by_hand_single_pixel():
     labels = torch.tensor([[[7]]])
     # class 7 positive with weight 3, class 8 negative
     expected = 3 * math.log1p(math.exp(-0.3)) + math.log1p(math.exp(-1.2))
-    assert dkd.mbce_loss(logits, labels, range(7, 9), 3.0).item() == pytest.approx(expected, rel=1e-6)
+    assert dkd_losses.mbce_loss(logits, labels, range(7, 9), 3.0).item() == pytest.approx(expected, rel=1e-6)
     with pytest.raises(ValueError):
-        dkd.mbce_loss(logits, labels, [7], 1.0)
+        dkd_losses.mbce_loss(logits, labels, [7], 1.0)
 
 
 def test_kd_and_dkd_losses_against_loops():
@@ -261,17 +261,17 @@ def test_kd_and_dkd_losses_against_loops():
     student = torch.tensor(rng.normal(size=(2, 3, 2, 3)) * 2, dtype=torch.float32)
     teacher = torch.tensor(rng.normal(size=(2, 3, 2, 3)) * 2, dtype=torch.float32)
     expected = per_class_mean_sum(student, lambda b, c, y, x: sigmoid(float(teacher[b, c, y, x])))
-    assert dkd.kd_loss(student, teacher).item() == pytest.approx(expected, rel=1e-5)
-    assert dkd.dkd_loss(student, teacher).item() == pytest.approx(expected, rel=1e-5)
-    assert dkd.kd_loss(student.half(), teacher.half()).dtype == torch.float32
+    assert dkd_losses.kd_loss(student, teacher).item() == pytest.approx(expected, rel=1e-5)
+    assert dkd_losses.dkd_loss(student, teacher).item() == pytest.approx(expected, rel=1e-5)
+    assert dkd_losses.kd_loss(student.half(), teacher.half()).dtype == torch.float32
     with pytest.raises(ValueError):
-        dkd.dkd_loss(student, teacher[:, :2])
+        dkd_losses.dkd_loss(student, teacher[:, :2])
 
 
 def test_ac_loss_by_hand():
     aux = torch.tensor([[[[0.0, 2.0]], ], [[[-1.0, 0.5]], ]])  # (2, 1, 1, 2)
     values = [-math.log(1 - sigmoid(v)) for v in (0.0, 2.0, -1.0, 0.5)]
-    assert dkd.ac_loss(aux).item() == pytest.approx(sum(values) / 4, rel=1e-6)
+    assert dkd_losses.ac_loss(aux).item() == pytest.approx(sum(values) / 4, rel=1e-6)
 
 
 def test_loss_terms_step_0_and_step_1():
@@ -284,7 +284,7 @@ def test_loss_terms_step_0_and_step_1():
         return float(logits[b, c, 0, 0])
 
     # step 0 of a 5-class model: classes 1..4 current, aux channel 0
-    terms = dkd.dkd_loss_terms(logits, {}, labels, 1, pos_weight=2.0)
+    terms = dkd_losses.dkd_loss_terms(logits, {}, labels, 1, pos_weight=2.0)
     mbce = sum(sum(bce(z(b, c), float(labels[b, y, x] == c), 2.0) for b in range(2) for y in range(2)
                    for x in range(3)) / 12 for c in range(1, 5))
     ac = sum(bce(z(b, 0), 0.0) for b in range(2)) / 2
@@ -299,7 +299,7 @@ def test_loss_terms_step_0_and_step_1():
              for k in ("pos_logits", "neg_logits")}
     parts_old = {k: torch.tensor(rng.normal(size=(2, 2, 2, 2)), dtype=torch.float32)
                  for k in ("pos_logits", "neg_logits")}
-    terms = dkd.dkd_loss_terms(logits, parts, labels, 3, old, parts_old, pos_weight=1.0)
+    terms = dkd_losses.dkd_loss_terms(logits, parts, labels, 3, old, parts_old, pos_weight=1.0)
     mbce = sum(sum(bce(z(b, c), float(labels[b, y, x] == c)) for b in range(2) for y in range(2)
                    for x in range(3)) / 12 for c in (3, 4))
     kd = sum(sum(bce(z(b, c), sigmoid(float(old[b, c, 0, 0]))) for b in range(2)) / 2 for c in (1, 2))
@@ -312,7 +312,7 @@ def test_loss_terms_step_0_and_step_1():
     total = mbce + 5 * kd + 5 * dkd_pos + 5 * dkd_neg + ac
     assert terms["total"].item() == pytest.approx(total, rel=1e-5)
     with pytest.raises(ValueError):
-        dkd.dkd_loss_terms(logits, parts, labels, 3)  # a step ≥ 1 without a teacher
+        dkd_losses.dkd_loss_terms(logits, parts, labels, 3)  # a step ≥ 1 without a teacher
 
 
 def test_reference_constants():
@@ -338,14 +338,14 @@ def test_prediction_rule_by_hand():
     # 0: no s > 0.5 (σ(0) = 0.5 is not > 0.5) -> background; 1: class 2; 2: tie 1/3 -> 1;
     # 3: σ(20) and σ(40) both round to 1.0 in float32 -> tie -> 2 (argmax of the logits would say 3);
     # 4: only class 3 above 0.5
-    assert dkd.dkd_predict(logits).tolist() == [[[0, 2, 1, 2, 3]]]
+    assert dkd_losses.dkd_predict(logits).tolist() == [[[0, 2, 1, 2, 3]]]
 
 
 def test_prediction_upsamples_logits_before_the_sigmoid():
     logits = torch.tensor([[[[-10.0, -10.0]], [[-10.0, 2.0]]]])  # (1, 2, 1, 2): aux, class 1
     # bilinear ×2 (align_corners=False) of class 1 along x: -10, -7, -1, 2 -> only the last one is > 0;
     # upsampling σ instead would give σ(-10)/4 + 3σ(2)/4 ≈ 0.66 > 0.5 at the third position
-    pred = dkd.dkd_predict(logits, size=(1, 4))
+    pred = dkd_losses.dkd_predict(logits, size=(1, 4))
     assert pred.shape == (1, 1, 4) and pred.dtype == torch.int64
     assert pred.tolist() == [[[0, 0, 0, 1]]]
 
@@ -366,8 +366,7 @@ def test_method_registry_defaults_and_flags():
     assert (voc.hp.pos_weight_base, voc.hp.pos_weight, ade.hp.pos_weight_base, ade.hp.pos_weight) == (2, 1, 35, 35)
     assert (voc.hp.w_mbce, voc.hp.w_kd, voc.hp.w_dkd_pos, voc.hp.w_dkd_neg, voc.hp.w_ac) == (1, 5, 5, 5, 1)
     assert voc.hp.head_lr_factor == 10 and voc.hp.mem_size == 0 and voc.hp.mem_pseudo_thresh == 0.9
-    assert (voc.model_family, voc.test_split, voc.memory_mode, voc.memory_split) == ("dkd", "test_seen", "concat",
-                                                                                     "train")
+    assert (voc.model_families, voc.test_split) == (("dkd",), "test_seen")
     args = parse_args(["--data_root", "x", "--method", "dkd", "--dataset", "ade", "--mem_size", "300",
                        "--pos_weight", "3"])
     assert (args.mem_size, args.pos_weight, args.pos_weight_base) == (300, 3.0, 35.0)
@@ -461,7 +460,7 @@ def test_train_mode_freezes_bn_and_dropout_at_t1_only():
         assert all(m.training != frozen and m.weight.requires_grad != frozen for m in bns)
         assert all(m.training != frozen for m in drops)
         assert model.classifier.cls[0].training  # the rest stays in training mode
-    assert not method.bn_trains(StepContext("voc", VOC_15_1, 1)) and method.bn_trains(StepContext("voc", VOC_15_1, 0))
+    assert method.bn_frozen(StepContext("voc", VOC_15_1, 1)) and not method.bn_frozen(StepContext("voc", VOC_15_1, 0))
 
 
 def test_prepare_student_copies_the_aux_classifier_only_when_w_ac_is_positive():
@@ -548,11 +547,11 @@ def test_memory_pseudo_labels_by_hand():
     logits = torch.zeros(2, 4, 1, 1)
     logits[0, :, 0, 0] = torch.tensor([9.0, 3.0, 1.0, -1.0])  # aux ignored; class 1: σ(3) = 0.953 ≥ 0.9
     logits[1, :, 0, 0] = torch.tensor([9.0, -1.0, 2.0, 1.0])  # class 2: σ(2) = 0.881 < 0.9
-    out = dkd.dkd_memory_pseudo_labels(logits, labels)
+    out = dkd_losses.dkd_memory_pseudo_labels(logits, labels)
     assert out.dtype == torch.int64
     assert out.tolist() == [[[1, 3], [255, 1]], [[0, 0], [1, 0]]]  # only background pixels change
     at = float(torch.sigmoid(torch.tensor(2.0)))  # the comparison is ≥
-    assert dkd.dkd_memory_pseudo_labels(logits, labels, at)[1].tolist() == [[2, 2], [1, 2]]
+    assert dkd_losses.dkd_memory_pseudo_labels(logits, labels, at)[1].tolist() == [[2, 2], [1, 2]]
 
 
 class FakeStepData:
@@ -598,6 +597,12 @@ def single_class_batches(n_per_class, classes, size=2):
     return batches
 
 
+def memory_ids(method):
+    """The image ids of the memory the method gives the trainer (its ``memory`` hook)."""
+    memory = method.memory(None)
+    return list(memory.ids) if memory is not None else []
+
+
 def test_memory_is_class_balanced_and_terminates():
     steps = ((0, 1, 2, 3), (4,), (5,))
     ctx = StepContext("voc", steps, 1)
@@ -606,17 +611,18 @@ def test_memory_is_class_balanced_and_terminates():
     method = get_method("dkd", mem_size=6)
     method.before_step(None, None, data, ctx)
     assert data.calls == [(["previous"], "train", 0, "train")]  # step t-1's masked labels, augmented crops
-    chosen = method.memory_ids()
+    chosen = memory_ids(method)
+    assert method.memory(ctx) == MemoryUse(tuple(chosen), mode="concat", label_split="train")  # joins the set
     assert len(chosen) == 6 and chosen == sorted(chosen)
     counts = collections.Counter(name.split("_")[0] for name in chosen)
     assert counts == {"img1": 2, "img2": 2, "img3": 2}  # round-robin over the old classes
     again = get_method("dkd", mem_size=6)
     again.before_step(None, None, FakeStepData(data._batches), ctx)
-    assert again.memory_ids() == chosen  # reproducible for a seed
+    assert memory_ids(again) == chosen  # reproducible for a seed
     big = get_method("dkd", mem_size=100)
     big.before_step(None, None, FakeStepData(data._batches), ctx)  # more than the candidates: stops
-    assert len(big.memory_ids()) == 15 and "nothing" not in big.memory_ids()
-    assert get_method("dkd").memory_ids() == [] and not get_method("dkd").step_files()  # DKD: no memory
+    assert len(memory_ids(big)) == 15 and "nothing" not in memory_ids(big)
+    assert get_method("dkd").memory(ctx) is None and not get_method("dkd").step_files()  # DKD: no memory
 
 
 def test_memory_at_t2_starts_from_the_previous_memory_and_uses_teacher_pseudo_labels():
@@ -625,7 +631,7 @@ def test_memory_at_t2_starts_from_the_previous_memory_and_uses_teacher_pseudo_la
     previous = {"step": 1, "memories": {"step_1": {"memory_list": ["a", "b"],
                                                   "memory_candidates": [["a", [1]], ["b", [2]]]}}}
     method.load_previous_state(previous, StepContext("voc", steps, 2))
-    assert method.memory_ids() == []  # step 2's memory is chosen by before_step
+    assert memory_ids(method) == []  # step 2's memory is chosen by before_step
     labels = torch.tensor([[[0, 0], [0, 0]], [[3, 0], [0, 255]], [[0, 0], [0, 0]]])
     batch = Batch(torch.zeros(3, 3, 2, 2), labels, ids=("c", "d", "e"))
     # teacher (step 1 model, K_old = 4): image c → class 2 at σ(4) ≥ 0.9; d → class 1 on its background;
@@ -646,9 +652,9 @@ def test_memory_state_round_trip():
     state = method.state_dict()
     restored = get_method("dkd", mem_size=4)
     restored.load_state_dict(json.loads(json.dumps(state)))  # JSON-safe
-    assert restored.memory_ids() == method.memory_ids() and len(method.memory_ids()) == 4
+    assert memory_ids(restored) == memory_ids(method) and len(memory_ids(method)) == 4
     assert restored.step_files() == method.step_files()
-    assert method.step_files()["memory.json"]["step_1"]["memory_list"] == method.memory_ids()
+    assert method.step_files()["memory.json"]["step_1"]["memory_list"] == memory_ids(method)
 
 
 def test_collect_candidates_with_and_without_relabelling():

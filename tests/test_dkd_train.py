@@ -10,7 +10,7 @@ import torch
 import train
 from datasets import step_image_ids
 from methods.dkd import DKD
-from utils.args import parse_args
+from engine.cli import parse_args
 from utils.checkpoint import load_checkpoint_file
 
 MEM_SIZE = 4

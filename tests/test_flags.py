@@ -1,26 +1,27 @@
 """Every flag of train.py is read: runs that together use every flag, with attribute reads recorded."""
-import argparse
 import json
 
 import torch
 import torchvision
 
 import train
-from utils.args import build_parser, parse_args
+from engine.cli import build_parser, parse_args
+from engine.config import RunConfig
 
 
-class RecordingNamespace(argparse.Namespace):
-    """A Namespace that remembers which attributes were read (``vars()`` does not count)."""
+class RecordingConfig(RunConfig):
+    """A run configuration that remembers which settings were read (``to_dict()`` does not count); what it
+    makes with ``replace`` records too."""
     reads = set()
 
-    def __getattribute__(self, name):
-        if not name.startswith("_"):
-            type(self).reads.add(name)
-        return super().__getattribute__(name)
+    def __getattr__(self, name):
+        type(self).reads.add(name)
+        return super().__getattr__(name)
 
 
 def recorded(argv):
-    return RecordingNamespace(**vars(parse_args(argv)))
+    config = parse_args(argv)
+    return RecordingConfig(config.to_dict(), config.explicit)
 
 
 def parser_dests(parser):
@@ -28,7 +29,7 @@ def parser_dests(parser):
 
 
 def test_every_flag_is_read(tiny_voc, tmp_path):
-    RecordingNamespace.reads = set()
+    RecordingConfig.reads = set()
     weights = tmp_path / "resnet18.pth"
     torch.save(torchvision.models.resnet18().state_dict(), weights)
     order = tmp_path / "custom.json"
@@ -51,7 +52,7 @@ def test_every_flag_is_read(tiny_voc, tmp_path):
         "--curr_step", "1", "--end_step", "1", "--no_pretrained", "--train_epoch", "1", "--prev_ckpt", str(best),
         "--pseudo", "--pseudo_thresh", "0.6", "--bn_freeze", "--resume", "--lr_policy", "warm_poly"]))
     train.run(recorded(common + ["--test", "--curr_step", "1", "--visualize", "1"]))
-    unread = parser_dests(build_parser("barm", "voc")) - RecordingNamespace.reads
+    unread = parser_dests(build_parser("barm", "voc")) - RecordingConfig.reads
     assert not unread, f"flags never read: {sorted(unread)}"
 
 

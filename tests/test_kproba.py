@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from methods import get_method, kproba, losses
+from methods import barm, get_method, kproba, losses
 from methods.base import Batch, StepContext
 from network import build_model
-from utils.args import parse_args
+from engine.cli import parse_args
 
 
 def phi_np(x, rff):
@@ -230,17 +230,17 @@ def barm_inputs(seed=0):
 
 def test_barm_loss_with_given_pseudo_labels():
     (logits, features), (prev_logits, prev_features), labels = barm_inputs()
-    base, pseudo = losses.barm_loss(logits, features, prev_logits, prev_features, labels, 1)
-    same, out = losses.barm_loss(logits, features, prev_logits, prev_features, labels, 1, pseudo_labels=pseudo)
+    base, pseudo = barm.barm_loss(logits, features, prev_logits, prev_features, labels, 1)
+    same, out = barm.barm_loss(logits, features, prev_logits, prev_features, labels, 1, pseudo_labels=pseudo)
     assert out is pseudo and all(torch.equal(base[k], same[k]) for k in base)  # BARM's numbers unchanged
     other = torch.where(labels == 0, torch.ones_like(labels), labels)  # every background pixel -> class 1
-    changed, out = losses.barm_loss(logits, features, prev_logits, prev_features, labels, 1, pseudo_labels=other)
+    changed, out = barm.barm_loss(logits, features, prev_logits, prev_features, labels, 1, pseudo_labels=other)
     assert out is other and not torch.equal(changed["std"], base["std"])
     assert all(torch.equal(changed[k], base[k]) for k in ("tri_bg", "fd", "gkd", "bga_ce"))  # masks from labels
     assert torch.equal(changed["std"], losses.bce_with_ignore(torch.cat(
         [losses.upsample(logits, (49, 49))[:, :1], losses.upsample(logits, (49, 49))[:, 1:]], dim=1), other))
     with pytest.raises(ValueError):
-        losses.barm_loss(logits, features, prev_logits, prev_features, labels, 1, pseudo_labels=other[:, :3])
+        barm.barm_loss(logits, features, prev_logits, prev_features, labels, 1, pseudo_labels=other[:, :3])
 
 
 # ---------- the method class (KProBA trainer/trainer.py::Trainer.compute_class_feature_averages, Trainer.train_episode)
@@ -381,11 +381,11 @@ def test_method_loss_uses_kappa_pseudo_labels():
     score = kappa_up * q
     expected = np.where(labels.numpy() > 0, labels.numpy(), np.where(score.max(1) > 0, score.argmax(1), 0))
     assert (expected[labels.numpy() == 0] > 0).any()  # some background pixels become old classes
-    want, _ = losses.barm_loss(logits, features, prev_logits, prev_features, labels, 1,
+    want, _ = barm.barm_loss(logits, features, prev_logits, prev_features, labels, 1,
                                pseudo_labels=torch.from_numpy(expected))
     for key in want:
         torch.testing.assert_close(terms[key], want[key], rtol=1e-5, atol=1e-6)
-    barm_terms, _ = losses.barm_loss(logits, features, prev_logits, prev_features, labels, 1)
+    barm_terms, _ = barm.barm_loss(logits, features, prev_logits, prev_features, labels, 1)
     assert not torch.allclose(terms["std"], barm_terms["std"])  # not BARM's thresholded rule
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from methods import losses
+from methods import barm, losses
 
 
 def softplus(x):
@@ -55,12 +55,12 @@ def test_pseudo_labels_by_hand():
     labels = torch.tensor([[[0, 0, 0, 0]]])
     # pixel 0: class 1 at sigma(3)=0.95 -> 1; pixel 1: class 1 at sigma(.5)=0.62 < 0.7 -> 0;
     # pixel 2: class 2 at sigma(1)=0.73 -> 2; pixel 3: background wins -> stays 0
-    assert losses.barm_pseudo_labels(prev, labels, 0.7).tolist() == [[[1, 0, 2, 0]]]
+    assert barm.barm_pseudo_labels(prev, labels, 0.7).tolist() == [[[1, 0, 2, 0]]]
     # only background pixels are relabelled: current-class and ignored pixels are kept
     labels = torch.tensor([[[255, 3, 0, 0]]])
-    assert losses.barm_pseudo_labels(prev, labels, 0.7).tolist() == [[[255, 3, 2, 0]]]
+    assert barm.barm_pseudo_labels(prev, labels, 0.7).tolist() == [[[255, 3, 2, 0]]]
     # softmax for non-BCE losses: pixel 0 has p(class 1) ~ 1
-    assert losses.barm_pseudo_labels(prev, torch.zeros(1, 1, 4, dtype=torch.long), 0.7, "ce_loss")[0, 0, 0] == 1
+    assert barm.barm_pseudo_labels(prev, torch.zeros(1, 1, 4, dtype=torch.long), 0.7, "ce_loss")[0, 0, 0] == 1
 
 
 def test_tri_bg_and_bga_ce_by_hand():
@@ -69,13 +69,13 @@ def test_tri_bg_and_bga_ce_by_hand():
     fg = 1 - bg
     terms = [max(0.0, (sigmoid(r) - 1) ** 2 - sigmoid(r) ** 2) for r in (0.0, 2.0, -2.0)]
     assert terms[2] == pytest.approx(1 - 2 * sigmoid(-2.0))
-    assert losses.tri_bg_loss(residual, bg).item() == pytest.approx(sum(terms) / 3, rel=1e-6)
-    assert losses.bga_ce_loss(residual, fg).item() == pytest.approx(softplus(1.0), rel=1e-6)
+    assert barm.tri_bg_loss(residual, bg).item() == pytest.approx(sum(terms) / 3, rel=1e-6)
+    assert barm.bga_ce_loss(residual, fg).item() == pytest.approx(softplus(1.0), rel=1e-6)
 
 
 def test_tri_bg_without_background_pixels_is_finite():
     residual = torch.randn(2, 1, 3, 3, requires_grad=True)
-    loss = losses.tri_bg_loss(residual, torch.zeros(2, 1, 3, 3))
+    loss = barm.tri_bg_loss(residual, torch.zeros(2, 1, 3, 3))
     loss.backward()
     assert loss.item() == 0.0 and torch.isfinite(residual.grad).all()
 
@@ -85,12 +85,12 @@ def test_feature_distillation_and_group_kd_by_hand():
     g = [torch.tensor([[[[0.0, 0.0]], [[1.0, 1.0]]]])]
     mask = torch.tensor([[[[1.0, 0.0]]]])
     # masked: student (1, 0 | 3, 0), teacher (0, 0 | 1, 0): squared errors 1, 0, 4, 0 over 4 elements
-    assert losses.feature_distillation(f, g, mask).item() == pytest.approx(5 / 4)
+    assert barm.feature_distillation(f, g, mask).item() == pytest.approx(5 / 4)
     z, z_prev = torch.tensor([[[[0.5, -1.0]]]]), torch.tensor([[[[2.0, 0.0]]]])
     per_pixel = [softplus(0.5) - 0.5 * sigmoid(2.0), softplus(-1.0) + 1.0 * sigmoid(0.0)]
-    assert losses.group_kd([z], [z_prev]).item() == pytest.approx(sum(per_pixel) / 2, rel=1e-6)
+    assert barm.group_kd([z], [z_prev]).item() == pytest.approx(sum(per_pixel) / 2, rel=1e-6)
     two_channels = [torch.cat([z, z], dim=1)], [torch.cat([z_prev, z_prev], dim=1)]
-    assert losses.group_kd(*two_channels).item() == pytest.approx(sum(per_pixel), rel=1e-6)  # sum over channels
+    assert barm.group_kd(*two_channels).item() == pytest.approx(sum(per_pixel), rel=1e-6)  # sum over channels
 
 
 def independent_barm_loss(logits, feats, prev_logits, prev_feats, labels, num_new, thresh=0.7):
@@ -152,7 +152,7 @@ def test_barm_loss_matches_an_independent_computation():
     labels = torch.randint(0, 5, (2, 9, 11), generator=g)
     labels[labels == 3] = 0  # step-1 class absent from the step-2 labels, as after masking
     labels[0, 0, :3] = 255
-    terms, pseudo = losses.barm_loss(logits, feats, prev_logits, prev_feats, labels, num_new=1)
+    terms, pseudo = barm.barm_loss(logits, feats, prev_logits, prev_feats, labels, num_new=1)
     expected, expected_pseudo = independent_barm_loss(logits, feats, prev_logits, prev_feats, labels, 1)
     assert (pseudo.numpy() == expected_pseudo).all()
     assert (pseudo != labels).any(), "the toy teacher should relabel some background pixels"
@@ -166,7 +166,7 @@ def test_barm_loss_detaches_old_foreground_channels():
     prev_logits, prev_feats = make_outputs(g, 1, 4, 3, 3, heads=[3, 2])
     logits.requires_grad_(True)
     labels = torch.randint(0, 5, (1, 6, 6), generator=g)
-    terms, _ = losses.barm_loss(logits, feats, prev_logits, prev_feats, labels, num_new=1)
+    terms, _ = barm.barm_loss(logits, feats, prev_logits, prev_feats, labels, num_new=1)
     terms["std"].backward()
     grad = logits.grad.abs().sum(dim=(0, 2, 3))
     assert grad[1:4].sum() == 0  # old foreground channels 1..3 (base classes and the step-1 class)
@@ -178,8 +178,8 @@ def test_barm_loss_weights_are_named_and_overridable():
     logits, feats = make_outputs(g, 1, 4, 3, 3, heads=[3, 2])
     prev_logits, prev_feats = make_outputs(g, 1, 3, 3, 3, heads=[3])
     labels = torch.randint(0, 4, (1, 6, 6), generator=g)
-    base, _ = losses.barm_loss(logits, feats, prev_logits, prev_feats, labels, 1)
-    zero, _ = losses.barm_loss(logits, feats, prev_logits, prev_feats, labels, 1,
+    base, _ = barm.barm_loss(logits, feats, prev_logits, prev_feats, labels, 1)
+    zero, _ = barm.barm_loss(logits, feats, prev_logits, prev_feats, labels, 1,
                                w_tri=0, w_fd=0, w_gkd=0, w_bga_ce=0)
     assert zero["total"].item() == pytest.approx(base["std"].item())
-    assert (losses.BARM_W_TRI, losses.BARM_W_FD, losses.BARM_W_GKD, losses.BARM_W_BGA_CE) == (5, 4, 1, 1)
+    assert (barm.BARM_W_TRI, barm.BARM_W_FD, barm.BARM_W_GKD, barm.BARM_W_BGA_CE) == (5, 4, 1, 1)

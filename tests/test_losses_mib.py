@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from helpers import lse, softmax
-from methods import losses
-from methods.mib import init_new_classifier
+from methods import ewc, ilt, losses, lwf, mib, pi, rw
+from methods.mib_family import init_new_classifier
 
 B, C, H, W = 2, 5, 3, 4
 REL = 1e-5
@@ -79,9 +79,9 @@ def test_losses_compute_in_float32():
     logits, old_logits, labels = make_inputs()
     half, old_half = logits.half(), old_logits.half()
     for value in (losses.ce_all_pixels(half, labels), losses.unbiased_ce(half, labels, 3),
-                  losses.unbiased_kd(half, old_half), losses.kd_old_channels(half, old_half),
-                  losses.bce_all_pixels(half, labels), losses.icarl_distillation(half, old_half),
-                  losses.feature_mse(half, half * 0.5), losses.focal_with_ignore(half, labels)):
+                  losses.unbiased_kd(half, old_half), lwf.kd_old_channels(half, old_half),
+                  lwf.bce_all_pixels(half, labels), lwf.icarl_distillation(half, old_half),
+                  ilt.feature_mse(half, half * 0.5), losses.focal_with_ignore(half, labels)):
         assert value.dtype == torch.float32
 
 
@@ -155,7 +155,7 @@ def test_kd_old_channels_by_loop(alpha):
         d = lse(z)
         total += sum(q[c] * (z[c] - d) for c in range(n_old)) / n_old
     expected = -total / (B * H * W)
-    assert losses.kd_old_channels(logits, old_logits, alpha).item() == pytest.approx(expected, rel=REL)
+    assert lwf.kd_old_channels(logits, old_logits, alpha).item() == pytest.approx(expected, rel=REL)
 
 
 # ---- LwF-MC (MiB utils/loss.py::BCEWithLogitsLossWithIgnoreIndex, train.py::Trainer.train) -----------
@@ -168,7 +168,7 @@ def test_bce_all_pixels_by_loop():
             continue
         z = z_at(logits, b, i, j)
         total += sum(bce(z[c], 1.0 if c == y else 0.0) for c in range(C))
-    assert losses.bce_all_pixels(logits, labels).item() == pytest.approx(total / (B * H * W), rel=REL)
+    assert lwf.bce_all_pixels(logits, labels).item() == pytest.approx(total / (B * H * W), rel=REL)
     # BARM's BCE divides by the valid pixels instead
     assert losses.bce_with_ignore(logits, labels).item() == pytest.approx(total / (B * H * W - 3), rel=REL)
 
@@ -181,7 +181,7 @@ def test_icarl_distillation_by_loop():
         z, z_old = z_at(logits, b, i, j), z_at(old_logits, b, i, j)
         total += sum(bce(z[c], sigmoid(z_old[c])) for c in range(n_old))
     expected = n_old * total / (B * n_old * H * W)
-    assert losses.icarl_distillation(logits, old_logits).item() == pytest.approx(expected, rel=REL)
+    assert lwf.icarl_distillation(logits, old_logits).item() == pytest.approx(expected, rel=REL)
 
 
 # ---- ILT (MiB train.py::Trainer.train) ---------------------------------------------------------------
@@ -189,14 +189,14 @@ def test_feature_mse_by_loop():
     gen = torch.Generator().manual_seed(6)
     f, g = torch.randn(2, 3, 2, 2, generator=gen), torch.randn(2, 3, 2, 2, generator=gen)
     values = [(float(a) - float(b)) ** 2 for a, b in zip(f.flatten(), g.flatten())]
-    assert losses.feature_mse(f, g).item() == pytest.approx(sum(values) / 24, rel=REL)
+    assert ilt.feature_mse(f, g).item() == pytest.approx(sum(values) / 24, rel=REL)
 
 
 def test_mib_family_default_weights():
-    assert (losses.LWF_W_KD, losses.ILT_W_KD, losses.ILT_W_DE) == (100.0, 100.0, 100.0)
-    assert (losses.LWFMC_W_ICARL, losses.MIB_W_KD, losses.KD_ALPHA) == (10.0, 10.0, 1.0)
-    assert (losses.EWC_IMPORTANCE, losses.EWC_ALPHA, losses.PI_IMPORTANCE) == (500.0, 0.9, 500.0)
-    assert (losses.RW_IMPORTANCE, losses.RW_ALPHA, losses.RW_ITERATIONS) == (100.0, 0.9, 10)
+    assert (lwf.LWF_W_KD, ilt.ILT_W_KD, ilt.ILT_W_DE) == (100.0, 100.0, 100.0)
+    assert (lwf.LWFMC_W_ICARL, mib.MIB_W_KD, losses.KD_ALPHA) == (10.0, 10.0, 1.0)
+    assert (ewc.EWC_IMPORTANCE, ewc.EWC_ALPHA, pi.PI_IMPORTANCE) == (500.0, 0.9, 500.0)
+    assert (rw.RW_IMPORTANCE, rw.RW_ALPHA, rw.RW_ITERATIONS) == (100.0, 0.9, 10)
 
 
 # ---- BARM's focal loss (BARM utils/loss.py::FocalLoss; see docs/differences.md) ------------------------

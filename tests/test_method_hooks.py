@@ -8,13 +8,14 @@ import pytest
 import torch
 from torch import nn
 
+import engine.step
 import train
 from datasets import step_image_ids
-from engine.step import add_gradients, train_iteration
+from engine.iteration import add_gradients, train_iteration
 from methods import METHODS
-from methods.base import Batch, StepContext
+from methods.base import Batch, MemoryUse, StepContext
 from methods.finetune import FineTune
-from utils.args import parse_args
+from engine.cli import parse_args
 from utils.checkpoint import load_checkpoint_file
 from utils.errors import UserError
 from utils.schedulers import build_scheduler
@@ -144,14 +145,11 @@ class Recorder(FineTune):
         return super().build_network(spec, classes_per_step, pretrained, layout_step)
 
     def needs_teacher(self, ctx):
+        self._call("needs_teacher", ctx.step)
         return ctx.step > 0
 
     def prepare_student(self, model, previous, ctx):
         self._call("prepare_student", ctx.step, previous.num_classes)
-
-    def prepare_teacher(self, teacher, ctx):
-        self._call("prepare_teacher", ctx.step)
-        return super().prepare_teacher(teacher, ctx)
 
     def configure(self, model, ctx):
         self._call("configure", ctx.step)
@@ -237,7 +235,7 @@ def test_order_of_hook_calls_and_state_carried_to_the_next_step(tiny_voc, tmp_pa
     step1 = calls[first_index(calls, "load_previous_state") - 2:]
     names = [c[0] for c in step1]
     assert step1[0] == ("build_network", 2, 0) and step1[1] == ("build_network", 1, 0)
-    order = ["load_previous_state", "prepare_student", "prepare_teacher", "configure", "param_groups",
+    order = ["load_previous_state", "prepare_student", "needs_teacher", "configure", "param_groups",
              "before_step", "loss", "after_backward", "end_of_step", "predict"]
     positions = [names.index(name) for name in order]
     assert positions == sorted(positions), list(zip(order, positions))
@@ -278,8 +276,8 @@ def test_resume_restores_method_state_and_skips_the_passes(tiny_voc, tmp_path, r
 def test_memory_samples_join_the_batches(tiny_voc, tmp_path, recorder, monkeypatch, mode):
     memory = step_image_ids("voc", tiny_voc, "15-1", 0, True)[:5]
     seen = []
-    monkeypatch.setattr(Recorder, "memory_mode", mode)
-    monkeypatch.setattr(Recorder, "memory_ids", lambda self: memory if self.state["carried"] is not None else [])
+    monkeypatch.setattr(Recorder, "memory", lambda self, ctx: MemoryUse(tuple(memory), mode)
+                        if self.state["carried"] is not None else None)
     original = Recorder.loss
 
     def loss(self, outputs, teacher_outputs, batch, ctx):
@@ -303,7 +301,7 @@ def test_validation_policy_and_best_selection(tiny_voc, tmp_path, recorder, monk
     monkeypatch.setattr(Recorder, "validate_every", 2)
     monkeypatch.setattr(Recorder, "best", True)
     scores = iter([0.1, 0.5, 0.2, 0.3, 0.4, 0.05] * 10)
-    monkeypatch.setattr(Recorder, "validation_score", lambda self, iou, ctx: next(scores))
+    monkeypatch.setattr(engine.step, "selection_score", lambda iou, ctx: next(scores))
     train.run(parse_args(common(tiny_voc, tmp_path, "recorder", "--initial", "--train_epoch", "3")))
     checkpoint = final(tmp_path, "recorder", 0)
     assert checkpoint["selected"] == {"iteration": 4, "score": 0.5}  # the second validation scored best

@@ -3,6 +3,7 @@ import pytest
 import torch
 from torch import nn
 
+from engine.step import selection_score
 from methods import get_method, list_methods
 from methods.base import Batch, StepContext
 from network import build_model
@@ -116,7 +117,7 @@ def test_prediction_upsamples_probabilities_for_barm_and_logits_for_ft():
 
 def test_ft_trains_everything_with_one_group():
     method = get_method("ft")  # FT under MiB's protocol (MiB argparser.py, train.py): MiB's network, CE over all pixels
-    assert method.model_family == "mib" and not method.needs_teacher(StepContext("voc", STEPS, 1))
+    assert method.model_families == ("mib",) and not method.needs_teacher(StepContext("voc", STEPS, 1))
     model = build_model("mib_resnet18", [16, 1])
     groups = method.param_groups(model, StepContext("voc", STEPS, 1), lr=0.001)
     assert len(groups) == 1 and groups[0]["lr"] == 0.001
@@ -142,12 +143,11 @@ def test_barm_validation_rule():
     assert not any(due(i, 10, 60, 0) for i in range(1, 61))  # --val_interval 0
 
 
-def test_barm_validation_score_includes_background_at_step_0_only():
+def test_selection_score_includes_background_at_step_0_only():
     steps = ((0, 1, 2), (3, 4))
     iou = {0: 0.9, 1: 0.5, 2: 0.1, 3: 0.3, 4: 0.7}
-    method = get_method("barm")
-    assert method.validation_score(iou, StepContext("voc", steps, 0)) == pytest.approx((0.9 + 0.5 + 0.1) / 3)
-    assert method.validation_score(iou, StepContext("voc", steps, 1)) == pytest.approx((0.3 + 0.7) / 2)
+    assert selection_score(iou, StepContext("voc", steps, 0)) == pytest.approx((0.9 + 0.5 + 0.1) / 3)
+    assert selection_score(iou, StepContext("voc", steps, 1)) == pytest.approx((0.3 + 0.7) / 2)
 
 
 def test_barm_selects_best_only_at_step_0_and_only_when_asked():

@@ -16,7 +16,7 @@ from datasets.transforms import RandomResizedCrop
 from helpers import lse, softmax
 from methods import get_method, list_methods
 from methods.base import Batch, StepContext
-from methods.mib import MiBFamily, mib_ade_lut, mib_voc_lut, plop_lut
+from methods.mib_family import MiBFamily, mib_ade_lut, mib_voc_lut, plop_lut
 from network import build_model
 from network.abn import ABN, SyncABN
 from utils.errors import UserError
@@ -122,8 +122,10 @@ def test_family_protocol():
     ctx0, ctx1 = StepContext("voc", STEPS, 0), StepContext("voc", STEPS, 1)
     for name in FAMILY:
         method = get_method(name)
-        assert method.model_family == "mib" and method.compatible_families == ("mib",)
-        assert method.test_split == "test_seen" and not method.upsample_probabilities
+        assert method.model_families == ("mib",) and method.test_split == "test_seen"
+        logits = torch.tensor([[[[0.0, 4.0]], [[1.0, 0.0]]]])  # argmax of the upsampled logits, not probabilities
+        expected = nn.functional.interpolate(logits, size=(2, 4), mode="bilinear", align_corners=False).argmax(1)
+        assert torch.equal(method.predict(logits, (2, 4)), expected)
         assert method.schedule_options(ctx1) == {"min_lr": 0.0}
         assert isinstance(method.train_transform(49).transforms[0], RandomResizedCrop)
         assert method.param_groups(nn.Linear(2, 2), ctx1, 0.001)[0]["lr"] == 0.001

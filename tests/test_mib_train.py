@@ -16,8 +16,8 @@ import pytest
 import torch
 
 import train
-from methods.regularizers import RWMethod
-from utils.args import parse_args
+from methods.rw import RWMethod
+from engine.cli import parse_args
 from utils.checkpoint import load_checkpoint_file
 from utils.errors import UserError
 

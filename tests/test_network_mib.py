@@ -13,7 +13,8 @@ from torchvision import models
 
 from helpers import randomise_norm_layers
 from network.abn import ABN, SyncABN, convert_sync_abn, effective_weight, sync_batch_norm
-from network.mib import IABN_IMAGENET_URL, build_mib_model, image_pooling, load_mib_checkpoint
+from network.mib import build_mib_model, image_pooling, load_mib_checkpoint
+from network.mib_resnet import IABN_IMAGENET_URL
 from utils.errors import UserError
 
 EPS = 1e-5

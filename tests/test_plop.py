@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from methods import plop
+from methods import losses, plop
 
 
 def entropy_by_hand(p):
@@ -155,9 +155,9 @@ def test_weighted_ce_all_pixels_by_hand():
 
 def test_collapse_logits_by_hand():
     z = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]).view(1, 5, 1, 1)
-    assert plop.collapse_logits(z, n_old=3).flatten().tolist() == [1 + 4 + 5, 2, 3]
+    assert losses.collapse_logits(z, n_old=3).flatten().tolist() == [1 + 4 + 5, 2, 3]
     z = torch.arange(12.0).view(1, 4, 1, 3)  # channels (0,1,2) (3,4,5) (6,7,8) (9,10,11), K_old = 2
-    assert plop.collapse_logits(z, n_old=2)[0, :, 0].tolist() == [[15, 18, 21], [3, 4, 5]]
+    assert losses.collapse_logits(z, n_old=2)[0, :, 0].tolist() == [[15, 18, 21], [3, 4, 5]]
 
 
 def test_local_pod_tiny_by_hand():
@@ -202,7 +202,7 @@ def test_local_pod_against_explicit_loops():
     shapes = [(2, 3, 8, 8), (2, 4, 6, 6), (2, 2, 4, 4)]
     old_maps = [rng.normal(size=shape).astype(np.float32) for shape in shapes]
     new_maps = [rng.normal(size=shape).astype(np.float32) for shape in shapes]
-    factors = plop.layer_factors(3, plop.POD_FACTOR_VOC, plop.POD_LOGITS_FACTOR_VOC)
+    factors = losses.layer_factors(3, plop.POD_FACTOR_VOC, plop.POD_LOGITS_FACTOR_VOC)
     assert factors == [0.01, 0.01, 0.0005]
     expected = local_pod_numpy(old_maps, new_maps, factors, 5, 2, (1, 2, 4))
     new_tensors = [torch.from_numpy(m).requires_grad_() for m in new_maps]

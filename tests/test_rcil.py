@@ -14,7 +14,8 @@ from methods.rcil import GATE_STATE_KEY, RCIL_VAL_INTERVAL, gate_seed
 from network import FAMILIES
 from network.mib import build_mib_model
 from network.rcil import (BranchGates, DualBranchBlock, DualDeeplabV3Head, add_merge_biases, build_rcil_model,
-                          fold_branch, gate_weights, merge_branches)
+                          gate_weights)
+from network.rcil_merge import fold_branch, merge_branches
 from helpers import randomise_norm_layers as randomise
 from test_rcil_losses import channel_numpy, spatial_numpy
 
@@ -307,7 +308,7 @@ def test_hyper_parameters_per_dataset():
     assert (voc.pckd_factor, voc.pckd_last_factor) == (0.01, 0.0005)
     assert (ade.pckd_factor, ade.pckd_last_factor) == (5e-6, 5e-7)
     method = get_method("rcil")
-    assert method.label_convention == "plop" and method.model_family == "rcil"
+    assert method.default_protocol == "plop" and method.model_families == ("rcil",)
     assert [method.validation_due(i, 2, 60, None) for i in (2, 28, 30, 60)] == [False, False, True, True]
     assert method.validation_due(2, 2, 60, 1) and not method.validation_due(30, 2, 60, 0)
     assert RCIL_VAL_INTERVAL == 15

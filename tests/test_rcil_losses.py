@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from methods import plop, rcil
+from methods import losses, rcil
 
 
 def avg_pool_numpy(x, k):
@@ -111,7 +111,7 @@ def test_spatial_on_collapsed_logits_in_half_precision():
     new = rng.normal(size=(2, 5, 4, 4)).astype(np.float32)
     collapsed = np.concatenate([new[:, :1] + new[:, 3:].sum(axis=1, keepdims=True), new[:, 1:3]], axis=1)
     expected = spatial_numpy([old], [collapsed], [0.0005], 5, 2, rcil.PCKD_SPATIAL_KERNELS)
-    student = rcil.collapse_logits(torch.from_numpy(new), n_old=3)
+    student = losses.collapse_logits(torch.from_numpy(new), n_old=3)
     result = rcil.pooled_cube_spatial([torch.from_numpy(old)], [student], [0.0005], 5, 2)
     assert result.item() == pytest.approx(expected, rel=1e-5)
     # bfloat16 inputs are computed in float32
@@ -146,7 +146,7 @@ def test_factors_per_dataset():
     assert rcil.pckd_factors("voc", rcil.PCKD_CHANNEL_MAPS) == [0.01] * 4 + [0.0005]  # x_pl gets 0.0005
     assert rcil.pckd_factors("ade", rcil.PCKD_SPATIAL_MAPS) == [5e-6] * 5 + [5e-7]
     assert rcil.pckd_factors("ade", rcil.PCKD_CHANNEL_MAPS) == [5e-6] * 4 + [5e-7]
-    assert rcil.collapse_logits is plop.collapse_logits
+    assert losses.collapse_logits is losses.collapse_logits
 
 
 def test_rejects_mismatched_maps():

@@ -13,7 +13,7 @@ from datasets import step_image_ids
 from methods.rcil import GATE_STATE_KEY, RCIL
 from network import FAMILIES
 from network.rcil import build_rcil_model
-from utils.args import parse_args
+from engine.cli import parse_args
 from utils.checkpoint import load_checkpoint_file
 
 CROP = "49"

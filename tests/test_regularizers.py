@@ -6,7 +6,10 @@ import logging
 import pytest
 import torch
 
-from methods.regularizers import EWC, PI, RW, min_max_normalize
+from methods.ewc import EWC
+from methods.pi import PI
+from methods.regularizers import min_max_normalize
+from methods.rw import RW
 from utils.errors import UserError
 
 REL = 1e-5

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from metrics import report
+from reports import runs as report_runs, tables as report_tables
+from reports.plots import heatmap_size
 from utils.errors import UserError
-from utils.plots import heatmap_size
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = [[0, 1], [2], [3]]  # a 3-step toy task: background + class 1, then class 2, then class 3
@@ -74,7 +74,7 @@ def pct(value):
 def test_step_values_averages_and_forgetting_by_hand(tmp_path):
     ft = write_run(tmp_path / "ckpt", "ft", IOU_FT, SUMMARY_FT)
     barm = write_run(tmp_path / "ckpt", "barm", IOU_BARM, SUMMARY_BARM)
-    written = report.write_report([report.load_run(ft), report.load_run(barm)], str(tmp_path / "out"))
+    written = report_tables.write_report([report_runs.load_run(ft), report_runs.load_run(barm)], str(tmp_path / "out"))
     rows = read_csv(written["report.csv"])
     assert [(r["run"], r["step"]) for r in rows] == [("ft", "0"), ("ft", "1"), ("ft", "2"), ("ft", "avg"),
                                                      ("barm", "0"), ("barm", "1"), ("barm", "2"), ("barm", "avg")]
@@ -105,7 +105,7 @@ def test_step_values_averages_and_forgetting_by_hand(tmp_path):
 def test_markdown_puts_runs_side_by_side(tmp_path):
     ft = write_run(tmp_path / "ckpt", "ft", IOU_FT, SUMMARY_FT)
     barm = write_run(tmp_path / "ckpt", "barm", IOU_BARM, SUMMARY_BARM)
-    written = report.write_report([report.load_run(ft), report.load_run(barm)], str(tmp_path / "out"), plots=False)
+    written = report_tables.write_report([report_runs.load_run(ft), report_runs.load_run(barm)], str(tmp_path / "out"), plots=False)
     text = open(written["report.md"], encoding="utf-8").read()
     assert "## voc 2-1 (overlap)" in text
     assert "Evaluation convention: background with the old classes, absent classes count as 0." in text
@@ -123,22 +123,22 @@ def test_markdown_puts_runs_side_by_side(tmp_path):
 def test_runs_of_one_method_get_their_subpath_and_labels_can_be_given(tmp_path):
     a = write_run(tmp_path, "ft", IOU_FT, SUMMARY_FT, subpath="lr01")
     b = write_run(tmp_path, "ft", IOU_FT, SUMMARY_FT, subpath="lr001")
-    runs = report.label_runs([report.load_run(a), report.load_run(b)])
+    runs = report_runs.label_runs([report_runs.load_run(a), report_runs.load_run(b)])
     assert [r.label for r in runs] == ["ft (lr01)", "ft (lr001)"]
-    runs = report.label_runs([report.load_run(a, "mine"), report.load_run(b)])
+    runs = report_runs.label_runs([report_runs.load_run(a, "mine"), report_runs.load_run(b)])
     assert [r.label for r in runs] == ["mine", "ft"]
 
 
 def test_step_folder_and_chain_of_one_run(tmp_path):
     setting = write_run(tmp_path, "ft", IOU_FT, SUMMARY_FT)
-    run = report.load_run(os.path.join(setting, "step1"))
+    run = report_runs.load_run(os.path.join(setting, "step1"))
     assert run.steps == [0, 1] and run.kind == "step"
     # step 0 re-trained by another run: steps 1-2 are reported alone, with a note
     write_run(tmp_path, "ft", IOU_FT[:1], SUMMARY_FT[:1], run_ids=["other-0"])
-    run = report.load_run(setting)
+    run = report_runs.load_run(setting)
     assert run.steps == [1, 2] and "another run" in run.notes[0]
     with pytest.raises(UserError, match="holds no step"):
-        report.load_run(str(tmp_path))
+        report_runs.load_run(str(tmp_path))
 
 
 def test_eval_folder_is_a_run(tmp_path):
@@ -147,9 +147,9 @@ def test_eval_folder_is_a_run(tmp_path):
     os.makedirs(eval_dir)
     for t in range(3):
         os.rename(os.path.join(setting, f"step{t}"), os.path.join(eval_dir, f"step{t}"))
-    run = report.load_run(eval_dir)
+    run = report_runs.load_run(eval_dir)
     assert run.kind == "eval" and run.steps == [0, 1, 2]
-    assert [r.label for r in report.label_runs([run, report.load_run(eval_dir)])] == ["ft [test crop65]",
+    assert [r.label for r in report_runs.label_runs([run, report_runs.load_run(eval_dir)])] == ["ft [test crop65]",
                                                                             "ft [test crop65] #2"]
 
 
@@ -157,7 +157,7 @@ def test_mixed_conventions_refused_unless_allowed(tmp_path, capsys):
     ft = write_run(tmp_path, "ft", IOU_FT, SUMMARY_FT)
     mib = write_run(tmp_path, "mib", IOU_BARM, SUMMARY_BARM, convention=MIB)
     with pytest.raises(UserError, match="different evaluation conventions"):
-        report.write_report([report.load_run(ft), report.load_run(mib)], str(tmp_path / "out"))
+        report_tables.write_report([report_runs.load_run(ft), report_runs.load_run(mib)], str(tmp_path / "out"))
     assert not os.path.exists(tmp_path / "out" / "report.md")
     script = load_script()
     with pytest.raises(SystemExit) as exit_info:
@@ -182,7 +182,7 @@ def test_steps_of_one_run_with_different_conventions_are_refused(tmp_path):
     results["convention"] = MIB
     json.dump(results, open(path, "w", encoding="utf-8"))
     with pytest.raises(UserError, match="steps with different evaluation conventions"):
-        report.check_conventions(report.label_runs([report.load_run(setting)]))
+        report_runs.check_conventions(report_runs.label_runs([report_runs.load_run(setting)]))
 
 
 def test_absent_classes_are_left_out_under_exclude_absent(tmp_path):
@@ -190,21 +190,21 @@ def test_absent_classes_are_left_out_under_exclude_absent(tmp_path):
     confusions = [np.diag([5, 5]).tolist(), np.diag([5, 0, 5]).tolist(), np.diag([5, 5, 0, 5]).tolist()]
     ious = [[0.9, 0.6], [0.8, 0.0, 0.5], [0.7, 0.4, 0.0, 0.6]]
     setting = write_run(tmp_path, "mib", ious, SUMMARY_FT, convention=MIB, confusions=confusions)
-    rows = report.forgetting(report.load_run(setting))
+    rows = report_runs.forgetting(report_runs.load_run(setting))
     assert [r["best_iou"] for r in rows] == [0.9, 0.6, 0.5, 0.6]
     assert [r["final_iou"] for r in rows] == [0.7, 0.4, None, 0.6]
     assert rows[0]["forgetting"] == pytest.approx(0.2) and rows[1]["forgetting"] == pytest.approx(0.2)
     assert rows[2]["forgetting"] is None
     # counted as 0 under BARM's convention: class 2 then forgets all of its 0.5
     setting = write_run(tmp_path / "barm", "ft", ious, SUMMARY_FT, convention=BARM, confusions=confusions)
-    assert report.forgetting(report.load_run(setting))[2]["forgetting"] == pytest.approx(0.5)
+    assert report_runs.forgetting(report_runs.load_run(setting))[2]["forgetting"] == pytest.approx(0.5)
 
 
 def test_figures_are_pngs_of_the_expected_size(tmp_path):
     ft = write_run(tmp_path / "ckpt", "ft", IOU_FT, SUMMARY_FT)
     barm = write_run(tmp_path / "ckpt", "barm", IOU_BARM, SUMMARY_BARM)
     out = str(tmp_path / "out")
-    written = report.write_report([report.load_run(ft), report.load_run(barm)], out)
+    written = report_tables.write_report([report_runs.load_run(ft), report_runs.load_run(barm)], out)
     pngs = sorted(name for name in written if name.endswith(".png"))
     assert pngs == ["heatmap_0_ft.png", "heatmap_1_barm.png", "miou_voc_2-1_overlap.png"]
     sizes = {}

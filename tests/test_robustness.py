@@ -18,7 +18,7 @@ from datasets import step_image_ids
 from helpers import REPO, assert_user_error, copy_run, eval_results, run, step_dir, train_cmd
 from methods.barm import BARM
 from utils import distributed
-from utils.args import parse_args
+from engine.cli import parse_args
 from utils.errors import UserError
 from utils.runlock import LOCK_NAME
 
@@ -235,17 +235,18 @@ def test_more_processes_than_gpus_is_refused(monkeypatch):
 
 
 def test_recorded_backbone_implied_by_the_model_name_is_not_announced(caplog):
-    import argparse
     import logging
 
+    from engine.config import RunConfig
     from engine.models import adopt_recorded_model
     checkpoint = {"model": "deeplabv3bga_resnet18", "backbone": "resnet18", "output_stride": 16}
-    named = argparse.Namespace(model="deeplabv3bga_resnet18", backbone=None, output_stride=16, explicit={"model"})
+    named = RunConfig({"model": "deeplabv3bga_resnet18", "backbone": None, "output_stride": 16}, explicit={"model"})
     with caplog.at_level(logging.INFO, logger="ciss"):
-        adopt_recorded_model(named, checkpoint, "prev.pth")
-    assert named.backbone == "resnet18" and "continuing with it" not in caplog.text
-    unnamed = argparse.Namespace(model=None, backbone=None, output_stride=16, explicit=set())
+        adopted = adopt_recorded_model(named, checkpoint, "prev.pth")
+    assert adopted.backbone == "resnet18" and "continuing with it" not in caplog.text
+    assert named.backbone is None and adopted.source("backbone") == "checkpoint prev.pth"  # a new configuration
+    unnamed = RunConfig({"model": None, "backbone": None, "output_stride": 16})
     with caplog.at_level(logging.INFO, logger="ciss"):
-        adopt_recorded_model(unnamed, checkpoint, "prev.pth")
-    assert (unnamed.model, unnamed.backbone) == ("deeplabv3bga_resnet18", "resnet18")
+        adopted = adopt_recorded_model(unnamed, checkpoint, "prev.pth")
+    assert (adopted.model, adopted.backbone) == ("deeplabv3bga_resnet18", "resnet18")
     assert "trained with --backbone resnet18: continuing with it" in caplog.text

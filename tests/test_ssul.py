@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from methods import get_method, ssul
-from methods.base import Batch, ModelSpec, StepContext
+from methods import get_method, ssul, ssul_losses
+from methods.base import Batch, MemoryUse, ModelSpec, StepContext
 from methods.memory import Memory
 from network.heads import SSULHead
 from utils.errors import UserError
@@ -37,24 +37,24 @@ SALIENCY = torch.tensor([[1, 0, 5], [0, 0, 3]])
 def test_unknown_labels_voc_uses_saliency():
     # shifted: [[1, 2, 255], [3, 1, 1]]; background (1) with saliency > 0 becomes unknown (0); 255 stays
     expected = [[0, 2, 255], [3, 1, 0]]
-    assert ssul.unknown_labels(LABELS, SALIENCY).tolist() == expected
+    assert ssul_losses.unknown_labels(LABELS, SALIENCY).tolist() == expected
 
 
 def test_unknown_labels_ade_every_background_is_unknown():
-    assert ssul.unknown_labels(LABELS).tolist() == [[0, 2, 255], [3, 0, 0]]
+    assert ssul_losses.unknown_labels(LABELS).tolist() == [[0, 2, 255], [3, 0, 0]]
 
 
 def test_unknown_labels_batched_and_dtype_kept():
     labels = torch.stack([LABELS, torch.tensor([[255, 3, 0], [0, 255, 1]])]).to(torch.uint8)
     saliency = torch.stack([SALIENCY, torch.tensor([[9, 0, 0], [2, 7, 0]])])
-    out = ssul.unknown_labels(labels, saliency)
+    out = ssul_losses.unknown_labels(labels, saliency)
     assert out.dtype == torch.uint8
     assert out.tolist() == [[[0, 2, 255], [3, 1, 0]], [[255, 4, 1], [0, 255, 2]]]
 
 
 def test_unknown_labels_saliency_shape_mismatch():
     with pytest.raises(UserError, match="saliency"):
-        ssul.unknown_labels(LABELS, SALIENCY[:, :2])
+        ssul_losses.unknown_labels(LABELS, SALIENCY[:, :2])
 
 
 # ---------------------------------------------------------------- weight transfer (SSUL main.py::main)
@@ -78,7 +78,7 @@ def distinctive_head():
 def test_transfer_unknown_head_copies_every_value():
     head = distinctive_head()
     before = {k: v.clone() for k, v in head.state_dict().items()}
-    ssul.transfer_unknown_head(head, 1)
+    ssul_losses.transfer_unknown_head(head, 1)
     after = head.state_dict()
     unk, new = "head.0.", "head.3."
     assert torch.equal(after[new + "0.weight"], before[unk + "0.weight"])
@@ -100,7 +100,7 @@ def test_transfer_unknown_head_at_step_two():
     with torch.no_grad():
         head.head[0][3].bias.fill_(-4.0)
     before = {k: v.clone() for k, v in head.state_dict().items()}
-    ssul.transfer_unknown_head(head, 2)
+    ssul_losses.transfer_unknown_head(head, 2)
     after = head.state_dict()
     assert torch.equal(after["head.4.3.bias"], torch.full((3,), -4.0))
     assert torch.equal(after["head.4.3.weight"], before["head.0.3.weight"].expand(3, -1, -1, -1))
@@ -109,20 +109,20 @@ def test_transfer_unknown_head_at_step_two():
 
 def test_transfer_unknown_head_checks():
     with pytest.raises(ValueError):
-        ssul.transfer_unknown_head(SSULHead(64, [3, 2], (6, 12, 18), unknown=False), 1)
+        ssul_losses.transfer_unknown_head(SSULHead(64, [3, 2], (6, 12, 18), unknown=False), 1)
     with pytest.raises(ValueError):
-        ssul.transfer_unknown_head(SSULHead(64, [3, 2], (6, 12, 18), unknown=True), 2)
+        ssul_losses.transfer_unknown_head(SSULHead(64, [3, 2], (6, 12, 18), unknown=True), 2)
 
 
 def test_trainable_heads():
     head = SSULHead(64, [3, 2], (6, 12, 18), unknown=True)
-    groups = ssul.trainable_heads(head, 1)
+    groups = ssul_losses.trainable_heads(head, 1)
     assert [(m is e, f) for (m, f), e in zip(groups, [head.head[3], head.head[0], head.head[1]])] == [
         (True, 1.0), (True, 1.0), (True, 1e-4)]
     plain = SSULHead(64, [3, 2], (6, 12, 18))
-    assert [(m is plain.head[1], f) for m, f in ssul.trainable_heads(plain, 1, unknown=False)] == [(True, 1.0)]
+    assert [(m is plain.head[1], f) for m, f in ssul_losses.trainable_heads(plain, 1, unknown=False)] == [(True, 1.0)]
     with pytest.raises(ValueError):
-        ssul.trainable_heads(head, 0)
+        ssul_losses.trainable_heads(head, 0)
 
 
 # ---------------------------------------------------------------- pseudo-labels (SSUL main.py::main)
@@ -138,16 +138,16 @@ def test_pseudo_labels_with_unknown():
     labels = torch.tensor([[[0, 1, 1, 255, 2, 0]]])
     # p0 unknown -> channel 3 at sigma(3)=.95; p1 background -> 2 at sigma(2)=.88; p2 sigma(.5)=.62 < .7 stays;
     # p3 ignored; p4 a current class stays; p5 teacher says background (1 = fg_idx, not > fg_idx): stays 0
-    out = ssul.ssul_pseudo_labels(OLD, labels, 0.7, fg_idx=1)
+    out = ssul_losses.ssul_pseudo_labels(OLD, labels, 0.7, fg_idx=1)
     assert out.tolist() == [[[3, 2, 1, 255, 2, 0]]]
 
 
 def test_pseudo_labels_without_unknown():
     labels = torch.tensor([[[0, 1, 1, 255, 2, 0]]])
     # fg_idx 0: label 1 is a class (kept); p5's teacher class 1 > 0 now relabels the background pixel
-    out = ssul.ssul_pseudo_labels(OLD, labels, 0.7, fg_idx=0)
+    out = ssul_losses.ssul_pseudo_labels(OLD, labels, 0.7, fg_idx=0)
     assert out.tolist() == [[[3, 1, 1, 255, 2, 1]]]
-    assert ssul.fg_index(True) == 1 and ssul.fg_index(False) == 0
+    assert ssul_losses.fg_index(True) == 1 and ssul_losses.fg_index(False) == 0
 
 
 # ---------------------------------------------------------------- prediction (SSUL main.py::main, network/utils.py)
@@ -160,9 +160,9 @@ def test_predict_unknown_merge_changes_the_argmax():
         scores = [bg + unk, c1, c2]
         merged.append(scores.index(max(scores)))
     assert merged == [0, 2, 0]
-    assert ssul.ssul_predict(logits, (1, 3)).tolist() == [[merged]]
+    assert ssul_losses.ssul_predict(logits, (1, 3)).tolist() == [[merged]]
     # without the unknown channel the same logits are four plain classes: class 2 wins pixels 0 and 2
-    assert ssul.ssul_predict(logits, (1, 3), unknown=False).tolist() == [[[2, 3, 2]]]
+    assert ssul_losses.ssul_predict(logits, (1, 3), unknown=False).tolist() == [[[2, 3, 2]]]
 
 
 def test_predict_upsamples_logits_before_the_sigmoid():
@@ -180,7 +180,7 @@ def test_predict_upsamples_logits_before_the_sigmoid():
         scores = [p[1] + p[0], p[2]]
         probs_first.append(scores.index(max(scores)))
     assert expected != probs_first  # the inputs tell the two orders apart
-    assert ssul.ssul_predict(logits, (1, 4)).tolist() == [[expected]]
+    assert ssul_losses.ssul_predict(logits, (1, 4)).tolist() == [[expected]]
 
 
 # ---------------------------------------------------------------- loss, schedule
@@ -189,11 +189,11 @@ def test_ssul_loss_on_pseudo_labels():
     logits = torch.tensor([[[[0.5, -1.0]], [[2.0, 0.0]], [[-0.3, 1.5]]]])  # (1, 3, 1, 2)
     old = torch.tensor([[[[-5.0, -5.0]], [[-5.0, -5.0]], [[3.0, -5.0]]]])
     labels = torch.tensor([[[0, 255]]])
-    terms, targets = ssul.ssul_loss(logits, labels, old, fg_idx=1)
+    terms, targets = ssul_losses.ssul_loss(logits, labels, old, fg_idx=1)
     assert targets.tolist() == [[[2, 255]]]  # unknown pixel relabelled to channel 2, ignore kept
     expected = softplus(0.5) + softplus(2.0) + (softplus(-0.3) + 0.3)  # BCE over all channels, target channel 2
     assert terms["total"].item() == pytest.approx(expected, rel=1e-6)
-    terms, targets = ssul.ssul_loss(logits, labels)
+    terms, targets = ssul_losses.ssul_loss(logits, labels)
     assert targets is labels
     assert terms["std"].item() == pytest.approx(softplus(0.5) - 0.5 + softplus(2.0) + softplus(-0.3), rel=1e-6)
 
@@ -348,18 +348,19 @@ def test_saliency_maps_are_required_on_voc_only(tmp_path):
 
 def test_memory_state_round_trip_and_memory_json():
     method = get_method("ssul", mem_size=2)
-    assert method.state_dict() == {} and method.memory_ids() == [] and method.step_files() == {}
-    method.memory = Memory(ids=["a", "b"], candidates=[["b", [2]], ["a", [1, 2]]])
+    assert method.state_dict() == {} and method.memory(None) is None and method.step_files() == {}
+    method.selected = Memory(ids=["a", "b"], candidates=[["b", [2]], ["a", [1, 2]]])
+    assert method.memory(None) == MemoryUse(("a", "b"), mode="replace", label_split="memory")  # half of a batch
     method.memory_step = 3
     state = json.loads(json.dumps(method.state_dict()))  # JSON-safe
     other = get_method("ssul", mem_size=2)
     other.load_state_dict(state)
-    assert other.memory_ids() == ["a", "b"] and other.memory_step == 3
+    assert other.memory(None).ids == ("a", "b") and other.memory_step == 3
     assert other.step_files() == {"memory.json": {"step": 3, "memory_list": ["a", "b"],
                                                   "memory_candidates": [["b", [2]], ["a", [1, 2]]]}}
     nxt = get_method("ssul", mem_size=2)
     nxt.load_previous_state(state, StepContext("voc", STEPS, 2))
-    assert nxt.previous_memory.candidates == [["b", [2]], ["a", [1, 2]]] and nxt.memory is None
+    assert nxt.previous_memory.candidates == [["b", [2]], ["a", [1, 2]]] and nxt.selected is None
 
 
 class FakeTeacher:
@@ -377,7 +378,7 @@ def test_memory_candidates_shift_and_pseudo_label():
     saliency = torch.tensor([[[1, 0], [0, 0]], [[0, 0], [0, 0]]], dtype=torch.uint8)
     batch = Batch(torch.zeros(2, 3, 2, 2), labels, extras={"saliency": saliency}, ids=("x", "y"))
     # t = 1: no teacher, the classes of the labels (background, unknown and 255 dropped)
-    assert ssul.memory_candidates([batch]) == [["x", [2]], ["y", []]]
+    assert ssul_losses.memory_candidates([batch]) == [["x", [2]], ["y", []]]
     # t > 1: channels (unknown, bg, c1, c2); image x: pixel (1, 1) -> c1 at σ(2) = 0.88; image y: pixel (0, 0)
     # c1 = c2 = 2: σ 0.88 passes 0.7 (argmax = c1) but the softmax (0.44) does not
     logits = torch.full((2, 4, 2, 2), -6.0)
@@ -385,9 +386,9 @@ def test_memory_candidates_shift_and_pseudo_label():
     logits[1, 2, 0, 0] = logits[1, 3, 0, 0] = 2.0
     logits[1, :2, 0, 0] = 0.0
     teacher = FakeTeacher(logits)
-    assert ssul.memory_candidates([batch], teacher) == [["x", [1, 2]], ["y", [1]]]
-    assert ssul.memory_candidates([batch], teacher, loss_type="focal_loss") == [["x", [1, 2]], ["y", [1]]]
-    assert ssul.memory_candidates([batch], teacher, loss_type="ce_loss")[1] == ["y", []]  # softmax: 0.44 < 0.7
+    assert ssul_losses.memory_candidates([batch], teacher) == [["x", [1, 2]], ["y", [1]]]
+    assert ssul_losses.memory_candidates([batch], teacher, loss_type="focal_loss") == [["x", [1, 2]], ["y", [1]]]
+    assert ssul_losses.memory_candidates([batch], teacher, loss_type="ce_loss")[1] == ["y", []]  # softmax: 0.44 < 0.7
     # without the unknown class the labels are used as they are (fg_idx 0)
     plain = FakeTeacher(logits[:, 1:])
-    assert ssul.memory_candidates([batch], plain, unknown=False) == [["x", [1, 2]], ["y", [1]]]
+    assert ssul_losses.memory_candidates([batch], plain, unknown=False) == [["x", [1, 2]], ["y", [1]]]

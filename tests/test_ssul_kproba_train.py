@@ -15,7 +15,7 @@ import train
 from datasets import SALIENCY_DIR, step_image_ids
 from methods.kproba import KPROBA_RFF_DIM, KProBA
 from methods.ssul import SSUL
-from utils.args import parse_args
+from engine.cli import parse_args
 from utils.checkpoint import load_checkpoint_file
 from utils.errors import UserError
 from utils.tasks import get_task

@@ -6,7 +6,8 @@ from PIL import Image
 
 from datasets import step_image_ids, voc
 from datasets.class_index import ClassIndex
-from datasets.incremental import barm_lut, channel_order, label_lut, register_label_policy, step_mask
+from datasets.incremental import channel_order, label_lut, step_mask
+from methods.barm import barm_lut
 from utils.errors import UserError
 from utils.tasks import get_task, list_tasks
 
@@ -113,7 +114,7 @@ def test_every_named_task_resolves():
 def test_lut_train_and_val_keep_only_current_classes():
     steps = get_task("voc", "15-1")
     for split in ("train", "val"):
-        lut = label_lut(steps, 2, split)
+        lut = label_lut(steps, 2, split, barm_lut)
         assert lut[17] == 17
         assert lut[0] == 0 and lut[255] == 255
         assert lut[16] == 0 and lut[1] == 0 and lut[18] == 0 and lut[20] == 0  # old and future → background
@@ -122,30 +123,28 @@ def test_lut_train_and_val_keep_only_current_classes():
 
 def test_lut_test_is_the_channel_order():
     steps = get_task("voc", "15-1")
-    lut = label_lut(steps, 2, "test")
+    lut = label_lut(steps, 2, "test", barm_lut)
     assert lut[:21].tolist() == list(range(21))
     assert lut[255] == 255 and lut[21] == 255 and lut[100] == 255
 
 
 def test_lut_for_a_shuffled_order():
     steps = get_task("voc", "15-1_b")  # step 0: [0, 12, 9, 20, 7, ...], step 1: [17], step 2: [3]
-    test = label_lut(steps, 1, "test")
+    test = label_lut(steps, 1, "test", barm_lut)
     assert test[0] == 0 and test[12] == 1 and test[9] == 2 and test[20] == 3 and test[11] == 15
     assert test[17] == 16 and test[3] == 17 and test[10] == 20
-    train1 = label_lut(steps, 1, "train")
+    train1 = label_lut(steps, 1, "train", barm_lut)
     assert train1[17] == 16 and train1[12] == 0 and train1[3] == 0
-    train0 = label_lut(steps, 0, "train")
+    train0 = label_lut(steps, 0, "train", barm_lut)
     assert train0[12] == 1 and train0[17] == 0 and train0[255] == 255
     order = channel_order(steps)
     assert sorted(order[:21].tolist()) == list(range(21))
 
 
-def test_lut_rejects_unknown_split_and_policy():
+def test_lut_rejects_unknown_split():
     steps = get_task("voc", "15-1")
     with pytest.raises(ValueError):
-        label_lut(steps, 0, "validation")
-    with pytest.raises(UserError, match="barm"):
-        label_lut(steps, 0, "train", policy="nonsense")
+        label_lut(steps, 0, "validation", barm_lut)
 
 
 # ---- MiB/PLOP/RCIL/DKD test list: validation images with a seen class (MiB dataset/utils.py::filter_images) ----------
@@ -197,16 +196,16 @@ def test_lut_memory_keeps_current_and_previous_classes():
     # SSUL-M memory labels (SSUL datasets/voc.py::__init__): current and all previous classes kept, future → 0,
     # 255 stays
     steps = get_task("voc", "15-1")  # step 2 adds 17
-    lut = label_lut(steps, 2, "memory")
+    lut = label_lut(steps, 2, "memory", barm_lut)
     assert lut[:18].tolist() == list(range(18))
     assert lut[18:21].tolist() == [0, 0, 0] and lut[255] == 255 and lut[21] == 0 and lut[100] == 0
     shuffled = get_task("voc", "15-1_b")  # step 0: [0, 12, 9, 20, 7, ...], step 1: [17], step 2: [3]
-    lut = label_lut(shuffled, 1, "memory")
+    lut = label_lut(shuffled, 1, "memory", barm_lut)
     assert lut[12] == 1 and lut[9] == 2 and lut[20] == 3 and lut[17] == 16  # channel order
     assert lut[3] == 0 and lut[10] == 0 and lut[255] == 255  # future classes of steps 2.. → background
     assert lut[0] == 0
     # step 0: the memory table is the training table
-    assert np.array_equal(label_lut(steps, 0, "memory"), label_lut(steps, 0, "train"))
+    assert np.array_equal(label_lut(steps, 0, "memory", barm_lut), label_lut(steps, 0, "train", barm_lut))
 
 
 def test_lut_accepts_a_callable_policy():
@@ -224,22 +223,3 @@ def test_lut_accepts_a_callable_policy():
     assert lut[0] == 0 and (lut[1:] == 255).all()
     with pytest.raises(ValueError, match="256"):
         label_lut(steps, 0, "train", lambda *a: np.zeros(10, dtype=np.uint8))
-
-
-def test_register_label_policy():
-    import datasets.incremental as inc
-
-    @register_label_policy("test_identity_policy")
-    def identity(policy_steps, step, split):
-        return np.arange(256)
-
-    try:
-        assert identity(None, 0, "train").tolist() == list(range(256))  # the decorator returns the function
-        assert label_lut(get_task("voc", "15-1"), 1, "test", "test_identity_policy").tolist() == list(range(256))
-        with pytest.raises(UserError, match="test_identity_policy"):  # listed among the known policies
-            label_lut(get_task("voc", "15-1"), 0, "train", policy="nonsense")
-        with pytest.raises(ValueError, match="already registered"):
-            register_label_policy("test_identity_policy")(lambda *a: np.arange(256))
-        assert inc.LABEL_POLICIES["barm"] is barm_lut
-    finally:
-        inc.LABEL_POLICIES.pop("test_identity_policy", None)

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, default_collate
 
 from datasets import saliency_path, step_samples
 from datasets.incremental import IncrementalSegmentation, label_lut
+from methods.barm import barm_lut
 from datasets.transforms import (CenterCrop, RandomCrop, RandomHorizontalFlip, RandomResizedCrop, Resize,
                                  ToUint8Tensor, eval_transform, mib_train_transform, normalize, resized_crop_box,
                                  train_transform)
@@ -108,13 +109,13 @@ def test_normalize_equals_torchvision_on_the_cpu():
 def test_dataset_item_maps_labels(synthetic_voc, tmp_path):
     steps = get_task("voc", "15-1")
     samples = step_samples("voc", synthetic_voc, steps, 1, True, "train", cache_dir=str(tmp_path))
-    dataset = IncrementalSegmentation(samples, label_lut(steps, 1, "train"), eval_transform(64, True))
+    dataset = IncrementalSegmentation(samples, label_lut(steps, 1, "train", barm_lut), eval_transform(64, True))
     image, label, extras, image_id = dataset[0]
     assert image_id == samples[0][0] and extras == {}
     assert set(torch.unique(label).tolist()) <= {0, 16, 255}
     assert 16 in torch.unique(label).tolist() or len(dataset) == 0
     # at test time the natural order's table is the identity: the label is the raw label, transformed
-    test_set = IncrementalSegmentation(samples, label_lut(steps, 1, "test"), eval_transform(64, True))
+    test_set = IncrementalSegmentation(samples, label_lut(steps, 1, "test", barm_lut), eval_transform(64, True))
     raw = Image.open(samples[0][2]).convert("L")
     expected = eval_transform(64, True)(Image.open(samples[0][1]).convert("RGB"), raw)[1]
     assert torch.equal(test_set[0][1], expected)
@@ -300,7 +301,7 @@ def test_dataset_extras_follow_the_label(synthetic_voc, tmp_path):
     extra_maps = {"raw_label": label_paths.__getitem__, "saliency": lambda i: saliency_path(synthetic_voc, i)}
     # the test table of the natural order is the identity, so the label and the raw label extra must agree
     for name, transform in (("train", train_transform(48)), ("mib", mib_train_transform(48))):
-        dataset = IncrementalSegmentation(samples, label_lut(steps, 1, "test"), transform, extra_maps=extra_maps)
+        dataset = IncrementalSegmentation(samples, label_lut(steps, 1, "test", barm_lut), transform, extra_maps=extra_maps)
         for i in range(3):
             random.seed(i)
             image, label, extras, image_id = dataset[i]
@@ -310,17 +311,17 @@ def test_dataset_extras_follow_the_label(synthetic_voc, tmp_path):
             assert set(torch.unique(extras["saliency"]).tolist()) <= {0, 255}
             # without the extras, the same seed gives the same image and label
             random.seed(i)
-            plain = IncrementalSegmentation(samples, label_lut(steps, 1, "test"), transform)[i]
+            plain = IncrementalSegmentation(samples, label_lut(steps, 1, "test", barm_lut), transform)[i]
             assert torch.equal(plain[0], image) and torch.equal(plain[1], label) and plain[2] == {}
 
 
 def test_collate_keeps_an_empty_extras_dict(synthetic_voc, tmp_path):
     steps = get_task("voc", "15-1")
     samples = step_samples("voc", synthetic_voc, steps, 0, True, "train", cache_dir=str(tmp_path))[:4]
-    plain = IncrementalSegmentation(samples, label_lut(steps, 0, "train"), eval_transform(32, True))
+    plain = IncrementalSegmentation(samples, label_lut(steps, 0, "train", barm_lut), eval_transform(32, True))
     images, labels, extras, ids = default_collate([plain[i] for i in range(4)])
     assert extras == {} and images.shape == (4, 3, 32, 32) and list(ids) == [s[0] for s in samples]
-    with_maps = IncrementalSegmentation(samples, label_lut(steps, 0, "train"), eval_transform(32, True),
+    with_maps = IncrementalSegmentation(samples, label_lut(steps, 0, "train", barm_lut), eval_transform(32, True),
                                         extra_maps={"saliency": lambda i: saliency_path(synthetic_voc, i)})
     batch = next(iter(DataLoader(with_maps, batch_size=4)))
     assert batch[2]["saliency"].shape == (4, 32, 32) and batch[2]["saliency"].dtype == torch.uint8
@@ -329,7 +330,7 @@ def test_collate_keeps_an_empty_extras_dict(synthetic_voc, tmp_path):
 def test_missing_or_bad_extra_map_is_a_user_error(synthetic_voc, tmp_path):
     steps = get_task("voc", "15-1")
     samples = step_samples("voc", synthetic_voc, steps, 0, True, "train", cache_dir=str(tmp_path))[:1]
-    lut = label_lut(steps, 0, "train")
+    lut = label_lut(steps, 0, "train", barm_lut)
     missing = str(tmp_path / "nowhere" / "x.png")
     dataset = IncrementalSegmentation(samples, lut, eval_transform(32, True),
                                       extra_maps={"saliency": lambda i: missing})

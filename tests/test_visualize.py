@@ -13,7 +13,7 @@ import predict
 from datasets import ade, voc
 from engine.models import model_spec
 from methods import get_method
-from utils import visualize
+from engine import panels as visualize
 from utils.checkpoint import CHECKPOINT_FORMAT, save_atomic
 from utils.tasks import get_task
 
@@ -199,9 +199,9 @@ def test_visualize_test_step_on_a_synthetic_voc(tmp_path, tiny_checkpoint):
     """``--test --visualize 2``'s call: the test loader of the run's flags, panels with ground truth, tensorboard."""
     from datasets.synthetic import generate
     from engine.models import model_state
-    from engine.plan import make_plan
+    from engine.context import make_context
     from methods import get_method_class
-    from utils.args import parse_args
+    from engine.cli import parse_args
     from utils.checkpoint import load_checkpoint_file
     from utils.distributed import DistInfo
 
@@ -211,10 +211,10 @@ def test_visualize_test_step_on_a_synthetic_voc(tmp_path, tiny_checkpoint):
     args = parse_args(["--method", "ft", "--data_root", root, "--ckpt_dir", str(tmp_path / "ckpt"), "--task", "15-1",
                        "--overlap", "--backbone", "resnet18", "--crop_size", "49", "--crop_val", "--num_workers", "0",
                        "--test", "--device", "cpu"])
-    plan = make_plan(args, 1)
+    ctx = make_context(args, 1)
     spec = model_spec(args, get_method_class("ft"))
     folder = str(tmp_path / "eval" / "step1")
-    panels = visualize.visualize_test_step(plan, args, method, spec, model_state(load_checkpoint_file(path)), path,
+    panels = visualize.visualize_test_step(ctx, args, method, spec, model_state(load_checkpoint_file(path)), path,
                                            DistInfo(), 2, folder)
     assert len(panels) == 2 and all(p.shape[1] == 3 * 49 + 2 * GAP for p in panels)
     assert len(os.listdir(os.path.join(folder, "panels"))) == 2

@@ -16,6 +16,7 @@ from methods import get_method_class, list_methods
 from methods.base import check_hyper_value
 from network import list_models
 from network.backbone import ARCHITECTURES
+from engine.config import RunConfig
 from utils.errors import USER_ERROR_EXIT_CODE, UserError
 from utils.schedulers import POLICIES
 
@@ -157,37 +158,37 @@ def build_parser(method="barm", dataset="voc"):
 MIN_FEATURE_PIXELS = 3  # a crop must give feature maps of at least this many pixels per side
 
 
-def validate(args, method_cls=None):
+def validate(config, method_cls=None):
     """Checks argparse cannot express (ranges of the common flags and of the method's hyper-parameters);
     raises :class:`UserError`."""
-    positive = {"batch_size": args.batch_size, "val_batch_size": args.val_batch_size,
-                "train_epoch": args.train_epoch, "crop_size": args.crop_size, "step_size": args.step_size,
-                "print_interval": args.print_interval}
+    positive = {"batch_size": config.batch_size, "val_batch_size": config.val_batch_size,
+                "train_epoch": config.train_epoch, "crop_size": config.crop_size, "step_size": config.step_size,
+                "print_interval": config.print_interval}
     for name, value in positive.items():
         if value < 1:
             raise UserError(f"--{name} must be at least 1, got {value}")
-    if args.visualize < 0:
-        raise UserError(f"--visualize must be 0 or more, got {args.visualize}")
-    if args.num_workers < 0:
-        raise UserError(f"--num_workers must be 0 or more, got {args.num_workers}")
-    if args.val_interval is not None and args.val_interval < 0:
-        raise UserError(f"--val_interval must be 0 (never) or more, got {args.val_interval}")
-    if args.lr <= 0:
-        raise UserError(f"--lr must be positive, got {args.lr}")
-    if args.weight_decay < 0:
-        raise UserError(f"--weight_decay must be 0 or more, got {args.weight_decay}")
-    smallest = MIN_FEATURE_PIXELS * args.output_stride
-    if args.crop_size < smallest:
-        raise UserError(f"--crop_size {args.crop_size} is too small for output stride {args.output_stride}:"
+    if config.visualize < 0:
+        raise UserError(f"--visualize must be 0 or more, got {config.visualize}")
+    if config.num_workers < 0:
+        raise UserError(f"--num_workers must be 0 or more, got {config.num_workers}")
+    if config.val_interval is not None and config.val_interval < 0:
+        raise UserError(f"--val_interval must be 0 (never) or more, got {config.val_interval}")
+    if config.lr <= 0:
+        raise UserError(f"--lr must be positive, got {config.lr}")
+    if config.weight_decay < 0:
+        raise UserError(f"--weight_decay must be 0 or more, got {config.weight_decay}")
+    smallest = MIN_FEATURE_PIXELS * config.output_stride
+    if config.crop_size < smallest:
+        raise UserError(f"--crop_size {config.crop_size} is too small for output stride {config.output_stride}:"
                         f" expected at least {smallest} pixels")
     if method_cls is not None:
         for field in dataclasses.fields(method_cls.Hyper):
-            problem = check_hyper_value(field.name, getattr(args, field.name), field.metadata)
+            problem = check_hyper_value(field.name, getattr(config, field.name), field.metadata)
             if problem:
                 raise UserError(problem)
-    if args.initial and args.curr_step not in (None, 0):
-        raise UserError(f"--initial trains step 0 only, but --curr_step is {args.curr_step}")
-    return args
+    if config.initial and config.curr_step not in (None, 0):
+        raise UserError(f"--initial trains step 0 only, but --curr_step is {config.curr_step}")
+    return config
 
 
 def explicit_flags(parser, argv):
@@ -198,14 +199,15 @@ def explicit_flags(parser, argv):
 
 
 def parse_args(argv=None):
-    """Parse ``argv`` for the selected method; ``args.explicit`` lists the flags given on the command line."""
+    """Parse ``argv`` for the selected method into a read-only :class:`engine.config.RunConfig` (its
+    ``explicit`` lists the flags given on the command line)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     method, dataset = _selection(argv)
-    args = validate(build_parser(method, dataset).parse_args(argv), get_method_class(method))
-    args.explicit = explicit_flags(build_parser(method, dataset), argv)
-    return args
+    namespace = build_parser(method, dataset).parse_args(argv)
+    config = RunConfig(vars(namespace), explicit=explicit_flags(build_parser(method, dataset), argv))
+    return validate(config, get_method_class(method))
 
 
-def method_hyper(args, method_cls):
+def method_hyper(config, method_cls):
     """The method's hyper-parameter dataclass filled from the parsed flags."""
-    return method_cls.Hyper(**{f.name: getattr(args, f.name) for f in dataclasses.fields(method_cls.Hyper)})
+    return method_cls.Hyper(**{f.name: getattr(config, f.name) for f in dataclasses.fields(method_cls.Hyper)})

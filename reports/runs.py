@@ -1,4 +1,4 @@
-"""Tables across steps and runs from the results files: per-step mIoU (old / new / all, hIoU, without
+"""Runs read back from their results files, and what the tables across steps and runs are made of: per-step mIoU (old / new / all, hIoU, without
 background), the average over steps, per-class IoU over steps and forgetting.
 
 A run is read from one folder (see :func:`load_run`):
@@ -24,7 +24,6 @@ Definitions (fractions in the data, percent in the tables):
   at the last step (≥ 0; 0 for the last step's classes); the run's mean forgetting averages the classes of
   the steps before the last (background counted when the convention puts it with the old classes).
 """
-import csv
 import json
 import logging
 import math
@@ -44,17 +43,10 @@ CONFIG_FILE = "config.json"
 STEP_FOLDER = re.compile(r"^step(\d+)$")
 #: Convention of results files that record none (BARM's: background old, absent classes count as 0).
 DEFAULT_CONVENTION = {"background_in_old": True, "exclude_absent": False}
+AVERAGE_ROW = "avg"  # the row of the averages over steps
 #: Step summary keys reported, with their column titles.
 METRICS = (("mIoU_old", "old"), ("mIoU_new", "new"), ("mIoU", "all"), ("hIoU", "hIoU"),
            ("mIoU_nobg", "all w/o bg"), ("mIoU_old_nobg", "old w/o bg"), ("hIoU_nobg", "hIoU w/o bg"))
-PERCENT = 100.0
-AVERAGE_ROW = "avg"
-CSV_DECIMALS = 4
-MD_DECIMALS = 2
-MISSING = "-"
-REPORT_MD = "report.md"
-REPORT_CSV = "report.csv"
-FORGETTING_CSV = "forgetting.csv"
 
 
 @dataclass
@@ -103,8 +95,6 @@ def describe_convention(convention):
     others = [f"{k.replace('_', ' ')}: {v}" for k, v in sorted(convention.items()) if k not in DEFAULT_CONVENTION]
     return ", ".join([bg, absent, *others])
 
-
-# ---- reading runs ---------------------------------------------------------------------------------------
 
 def _step_numbers(folder):
     found = []
@@ -221,8 +211,6 @@ def check_conventions(runs, allow_mixed=False):
     return False
 
 
-# ---- numbers ---------------------------------------------------------------------------------------------
-
 def _mean(values):
     values = [v for v in values if v is not None and not math.isnan(v)]
     return float(np.mean(values)) if values else None
@@ -292,105 +280,12 @@ def mean_forgetting(run, rows=None):
                   if r["introduced"] < last_step and (with_bg or r["channel"] != 0)])
 
 
-# ---- tables ----------------------------------------------------------------------------------------------
-
-def _pct(value, decimals=MD_DECIMALS):
-    return MISSING if value is None or (isinstance(value, float) and math.isnan(value)) else \
-        f"{PERCENT * value:.{decimals}f}"
-
-
-def _md_table(header, rows):
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(x) for x in row) + " |" for row in rows]
-    return lines
-
-
 def group_runs(runs):
     """``{(dataset, task, setting): [runs]}`` in the order the groups first appear."""
     groups = {}
     for run in runs:
         groups.setdefault(run.group, []).append(run)
     return groups
-
-
-def slug(text):
-    """``text`` as a file-name part: runs of characters other than letters, digits, ``.`` and ``-`` become ``_``."""
-    return re.sub(r"[^A-Za-z0-9.-]+", "_", str(text)).strip("_")
-
-
-def group_slug(group):
-    return "_".join(slug(g) for g in group)
-
-
-def markdown_report(runs, mixed=False, figures=None):
-    """The report as Markdown lines (percent). ``mixed``: the runs' conventions differ (each column then
-    carries a tag, A, B, ..., naming its convention); ``figures``: ``{"miou": {group: file}, "heatmap":
-    {label: file}}`` to link."""
-    figures = figures or {"miou": {}, "heatmap": {}}
-    tags = convention_tags(runs) if mixed else {}
-    lines = ["# Results", "", "mIoU in %; old = classes of step 0 (with background when the convention says so),"
-             " new = classes of the later steps, hIoU = harmonic mean of old and new; avg = mean over the steps"
-             " where a column is defined; forgetting = best IoU of a class over the steps minus its IoU at the"
-             " last step (points).", ""]
-    if mixed:
-        lines += ["**Mixed evaluation conventions**: these runs were not evaluated the same way, and numbers of"
-                  " different conventions are not comparable. Every column names its run's convention:"]
-        lines += [f"* [{tag}] {describe_convention(json.loads(key))}" for key, tag in tags.items()] + [""]
-    lines += _md_table(["run", "method", "dataset", "task", "setting", "steps", "convention", "folder"],
-                       [[_run_cell(r, tags), r.method, *r.group, f"{r.steps[0]}-{r.steps[-1]}",
-                         describe_convention(r.convention), f"`{r.folder}`"] for r in runs])
-    for run in runs:
-        for note in run.notes:
-            lines += ["", f"Note ({run.label}): {note}."]
-    for group, members in group_runs(runs).items():
-        dataset, task, setting = group
-        lines += ["", f"## {dataset} {task} ({setting})", ""]
-        conventions = {describe_convention(r.convention) for r in members}
-        if len(conventions) == 1:
-            lines += [f"Evaluation convention: {conventions.pop()}.", ""]
-        rows = {r.label: step_rows(r) for r in members}
-        forgets = {r.label: forgetting(r) for r in members}
-        lines += ["### Last step", ""]
-        header = ["run", "step"] + [title for _, title in METRICS] + ["avg all", "avg old", "avg new", "avg hIoU",
-                                                                     "mean forgetting"]
-        table = []
-        for r in members:
-            last, average = rows[r.label][-2], rows[r.label][-1]
-            table.append([_run_cell(r, tags), last["step"], *[_pct(last[k]) for k, _ in METRICS],
-                          *[_pct(average[k]) for k in ("mIoU", "mIoU_old", "mIoU_new", "hIoU")],
-                          _pct(mean_forgetting(r, forgets[r.label]))])
-        lines += _md_table(header, table)
-        steps = sorted({row["step"] for r in members for row in rows[r.label][:-1]})
-        for key, title in METRICS[:4]:
-            lines += ["", f"### {title} mIoU per step" if key != "hIoU" else "### hIoU per step", ""]
-            body = []
-            for step in steps + [AVERAGE_ROW]:
-                cells = []
-                for r in members:
-                    row = next((x for x in rows[r.label] if x["step"] == step), None)
-                    cells.append(_pct(row[key]) if row else MISSING)
-                body.append([step, *cells])
-            lines += _md_table(["step", *[_run_cell(r, tags) for r in members]], body)
-        lines += ["", "### Forgetting per class (points: best IoU over the steps − IoU at the last step)", ""]
-        classes = []
-        for r in members:
-            for f in forgets[r.label]:
-                if (f["class_id"], f["name"]) not in classes:
-                    classes.append((f["class_id"], f["name"]))
-        body = []
-        for class_id, name in classes:
-            cells = []
-            for r in members:
-                f = next((x for x in forgets[r.label] if x["class_id"] == class_id), None)
-                cells.append(_pct(f["forgetting"]) if f else MISSING)
-            body.append([class_id, name, *cells])
-        lines += _md_table(["class", "name", *[_run_cell(r, tags) for r in members]], body)
-        if group in figures["miou"]:
-            lines += ["", f"![mIoU per step]({figures['miou'][group]})"]
-        for r in members:
-            if r.label in figures["heatmap"]:
-                lines += ["", f"![per-class IoU of {r.label}]({figures['heatmap'][r.label]})"]
-    return lines + [""]
 
 
 def convention_key(convention):
@@ -403,96 +298,3 @@ def convention_tags(runs):
     for run in runs:
         tags.setdefault(convention_key(run.convention), chr(ord("A") + len(tags) % 26) * (1 + len(tags) // 26))
     return tags
-
-
-def _run_cell(run, tags):
-    """A run's column title: its label, and its convention's tag when the report mixes conventions."""
-    return f"{run.label} [{tags[convention_key(run.convention)]}]" if tags else run.label
-
-
-CSV_COLUMNS = ("run", "method", "dataset", "task", "setting", "convention", "step", "n_classes",
-               *(k for k, _ in METRICS), "mean_forgetting")
-FORGETTING_COLUMNS = ("run", "method", "dataset", "task", "setting", "channel", "class_id", "name", "introduced",
-                      "best_iou", "best_step", "final_iou", "forgetting")
-
-
-def _csv_value(value, percent=True):
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return ""
-    if isinstance(value, float) and percent:
-        return f"{PERCENT * value:.{CSV_DECIMALS}f}"
-    return value
-
-
-def csv_rows(runs):
-    """``report.csv`` rows: one per step of every run and its ``avg`` row (percent); ``mean_forgetting`` on
-    the last step's row and the ``avg`` row."""
-    out = []
-    for run in runs:
-        forget = mean_forgetting(run)
-        rows = step_rows(run)
-        for i, row in enumerate(rows):
-            out.append({"run": run.label, "method": run.method, "dataset": run.group[0], "task": run.group[1],
-                        "setting": run.group[2], "convention": json.dumps(run.convention, sort_keys=True),
-                        "step": row["step"], "n_classes": "" if row["n_classes"] is None else row["n_classes"],
-                        **{k: _csv_value(row[k]) for k, _ in METRICS},
-                        "mean_forgetting": _csv_value(forget) if i >= len(rows) - 2 else ""})
-    return out
-
-
-def forgetting_rows(runs):
-    """``forgetting.csv`` rows: one per class of every run (IoU and forgetting in percent)."""
-    out = []
-    for run in runs:
-        for f in forgetting(run):
-            row = {"run": run.label, "method": run.method, "dataset": run.group[0], "task": run.group[1],
-                   "setting": run.group[2]}
-            for key in FORGETTING_COLUMNS[5:]:
-                percent = key in ("best_iou", "final_iou", "forgetting")
-                row[key] = _csv_value(f[key]) if percent else ("" if f[key] is None else f[key])
-            out.append(row)
-    return out
-
-
-def _write_csv(rows, columns, path):
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def write_report(runs, out_dir, allow_mixed=False, plots=True):
-    """Write ``report.md``, ``report.csv``, ``forgetting.csv`` and (``plots``) the PNG figures of ``runs``
-    (labelled with :func:`label_runs`) into ``out_dir``; returns ``{name: path}`` of the files written.
-    Mixed conventions raise :class:`UserError` unless ``allow_mixed``."""
-    label_runs(runs)
-    mixed = check_conventions(runs, allow_mixed)
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"cannot create the report folder {out_dir} ({err.strerror or err})") from None
-    written = {}
-    figures = {"miou": {}, "heatmap": {}}
-    tags = convention_tags(runs) if mixed else {}
-    if plots:
-        from utils.plots import plot_class_heatmap, plot_miou_per_step
-        for group, members in group_runs(runs).items():
-            name = f"miou_{group_slug(group)}.png"
-            series = [(_run_cell(r, tags), [row["step"] for row in step_rows(r)[:-1]],
-                       {key: [row[key] for row in step_rows(r)[:-1]] for key in ("mIoU_old", "mIoU_new", "mIoU")})
-                      for r in members]
-            plot_miou_per_step(series, os.path.join(out_dir, name), title=f"{group[0]} {group[1]} ({group[2]})")
-            figures["miou"][group] = written[name] = name
-        for i, run in enumerate(runs):
-            class_ids, names, _, matrix = class_iou_matrix(run)
-            name = f"heatmap_{i}_{slug(run.label)}.png"
-            plot_class_heatmap(matrix, [f"{c} {n}" for c, n in zip(class_ids, names)], run.steps,
-                               os.path.join(out_dir, name), title=f"{run.label}: IoU per class and step")
-            figures["heatmap"][run.label] = written[name] = name
-    with open(os.path.join(out_dir, REPORT_MD), "w", encoding="utf-8") as handle:
-        handle.write("\n".join(markdown_report(runs, mixed, figures)))
-    _write_csv(csv_rows(runs), CSV_COLUMNS, os.path.join(out_dir, REPORT_CSV))
-    _write_csv(forgetting_rows(runs), FORGETTING_COLUMNS, os.path.join(out_dir, FORGETTING_CSV))
-    for name in (REPORT_MD, REPORT_CSV, FORGETTING_CSV):
-        written[name] = name
-    return {name: os.path.join(out_dir, name) for name in written}

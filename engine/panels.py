@@ -25,6 +25,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from datasets import get_layout
+from datasets.transforms import normalize
+from engine.data import eval_loader
+from engine.models import build_eval_model, to_device, use_channels_last
+
 IGNORE_INDEX = 255
 VOID_INDEX = 255  # palette entry of ignored pixels
 PANE_GAP = 4
@@ -44,7 +49,6 @@ TENSORBOARD_TAG = "predictions"
 
 def dataset_palette(dataset):
     """The (256, 3) uint8 palette of ``dataset`` ("voc", "ade"): ``datasets.{voc,ade}.palette()``."""
-    from datasets import get_layout
     return get_layout(dataset).palette()
 
 
@@ -202,8 +206,6 @@ def predict_panels(model, method, loader, count, out_dir, palette, class_names, 
     """Panels of the first ``count`` images of a test ``loader`` (batches ``(images uint8, labels, extras,
     ids)`` as ``engine.data.eval_loader`` gives them) predicted by ``model`` in eval mode with
     ``method.predict``; written to ``out_dir/{id}.png``. Returns ``(panels, ids)``."""
-    from datasets.transforms import normalize
-
     model.eval()
     panels, ids = [], []
     with torch.no_grad():
@@ -223,23 +225,19 @@ def predict_panels(model, method, loader, count, out_dir, palette, class_names, 
     return panels, ids
 
 
-def visualize_test_step(plan, args, method, spec, state, path, dist_info, count, folder):
+def visualize_test_step(ctx, config, method, spec, state, path, dist_info, count, folder):
     """``--test --visualize N`` for one step: panels of the first ``count`` test images of rank 0's share (image
     | ground truth | prediction) in ``folder/panels/{id}.png`` and as tensorboard images (tag ``predictions/{id}``,
     global step = the step) in ``folder``. Call it on every rank (building the test loader is collective);
     only rank 0 predicts and writes. The model is built and loaded as for the test (``build_eval_model``).
     Returns the panels (rank 0; ``[]`` elsewhere)."""
-    from engine.data import eval_loader
-    from engine.models import build_eval_model, to_device, use_channels_last
-    from datasets import get_layout
-
-    loader = eval_loader(plan, args, "test", dist_info, method)
+    loader = eval_loader(ctx, config, "test", dist_info, method)
     if not dist_info.is_main or count <= 0:
         return []
-    model = to_device(build_eval_model(method, spec, plan, state, path), args, dist_info.device)
+    model = to_device(build_eval_model(method, spec, ctx, state, path), config, dist_info.device)
     panels, ids = predict_panels(model, method, loader, count, os.path.join(folder, PANEL_DIR),
-                                 get_layout(plan.dataset).palette(), get_layout(plan.dataset).CLASS_NAMES,
-                                 [c for s in plan.steps for c in s], dist_info.device,
-                                 use_channels_last(args, dist_info.device))
-    write_panels_to_tensorboard(folder, panels, ids, plan.step)
+                                 get_layout(ctx.dataset).palette(), get_layout(ctx.dataset).CLASS_NAMES,
+                                 [c for s in ctx.steps for c in s], dist_info.device,
+                                 use_channels_last(config, dist_info.device))
+    write_panels_to_tensorboard(folder, panels, ids, ctx.step)
     return panels

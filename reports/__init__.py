@@ -1,0 +1,2 @@
+"""Reports of run folders: runs read back from their results files (:mod:`reports.runs`), the tables
+(:mod:`reports.tables`) and the figures (:mod:`reports.plots`). ``scripts/report.py`` is the command."""
