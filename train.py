@@ -19,7 +19,7 @@ from engine.cli import method_hyper, parse_args
 from engine.context import make_context, task_steps
 from engine.data import class_names
 from engine.evaluate import evaluate_state
-from engine.models import MODEL_KEYS, model_spec, model_state, read_checkpoint
+from engine.models import MODEL_KEYS, check_start, model_spec, model_state, read_checkpoint
 from engine.panels import visualize_test_step
 from engine.results import (format_step, format_summary, read_results, step_results, summary_row,
                             write_step_results, write_summary, write_summary_rows)
@@ -126,11 +126,11 @@ def test(config, dist_info, status):
         status["ctx"] = ctx
         path = ctx.final_path()
         checkpoint = read_checkpoint(path, ctx, step, f"checkpoint {path} does not exist: train step {step} first")
-        if checkpoint.get("method", config.method) != config.method:
-            raise UserError(f"checkpoint {path} was trained with --method {checkpoint['method']}, not {config.method}")
+        check_start(checkpoint, path, step, method_cls(method_hyper(config, method_cls), dataset=config.dataset))
         config = use_recorded_settings(config, checkpoint, path)
         hyper = method_hyper(config, method_cls)
-        if "hyper" in checkpoint:  # prediction follows the trained method's settings (e.g. sigmoid or softmax)
+        # prediction follows the trained method's settings (e.g. sigmoid or softmax)
+        if "hyper" in checkpoint and checkpoint.get("method", config.method) == config.method:
             known = {f.name for f in dataclasses.fields(method_cls.Hyper)}
             given = {k: v for k, v in checkpoint["hyper"].items() if k in known and k not in config.explicit}
             hyper = dataclasses.replace(hyper, **given)

@@ -1,7 +1,7 @@
 """What a step's checkpoints hold and the checks that guard them: the identity of the run that wrote one (method,
 data, classes, model), the refusal to ``--resume`` a step with settings that would make a hybrid of two runs,
-and ``--keep_checkpoints last``'s removal of earlier steps' weights. Writing is :func:`utils.checkpoint.save_atomic`;
-the contents are assembled by :class:`engine.step.StepRun`.
+and ``--keep_checkpoints last``'s removal of earlier steps' weights. Writing is
+:func:`utils.checkpoint.save_checkpoint`; the contents are assembled by :class:`engine.step.StepRun`.
 """
 import hashlib
 import json

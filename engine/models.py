@@ -9,11 +9,13 @@ re-seeds and rebuilds at every step), receives the old weights, then the method'
 (``prepare_student``) initialises the new classes. The teacher is the step t-1 model, frozen (eval mode, no
 gradients); it is never wrapped in DDP. ``engine/setup.py`` calls these in order.
 """
+import dataclasses
 import logging
 import os
 
 import torch
 
+from methods import METHODS
 from methods.base import ModelSpec
 from network import split_model_name
 from utils.checkpoint import load_checkpoint_file, strip_module_prefix
@@ -73,6 +75,45 @@ def read_checkpoint(path, ctx, upto, missing):
                 f" (classes per step {checkpoint['classes']}), but step {ctx.step} of {ctx.dataset} task"
                 f" {ctx.task} needs classes per step {expected}")
     return checkpoint
+
+
+def recorded_method(checkpoint):
+    """The method a ciss checkpoint was trained with, built with its recorded hyper-parameters (None for a
+    checkpoint that records no method, or one that ciss does not know)."""
+    name = checkpoint.get("method")
+    if name not in METHODS:
+        return None
+    method_cls = METHODS[name]
+    dataset = checkpoint.get("dataset", "voc")
+    hyper = method_cls.default_hyper(dataset)
+    known = {f.name for f in dataclasses.fields(hyper)}
+    hyper = dataclasses.replace(hyper, **{k: v for k, v in checkpoint.get("hyper", {}).items() if k in known})
+    return method_cls(hyper, dataset=dataset)
+
+
+def check_start(checkpoint, path, step, method):
+    """The one rule for which checkpoint a step of ``method`` may use as step ``step`` (the step before the one
+    it trains, or, with ``--test``, the one it evaluates), for training, ``--resume`` and ``--test`` alike.
+
+    A checkpoint of the same method, or one that records no method (the reference repositories'), is accepted;
+    a step 0 of another method is accepted when both methods' step 0 trains the same thing
+    (:meth:`methods.base.Method.step0_protocol`, e.g. the MiB family's plain CE step 0); anything else is refused
+    with one line naming the checkpoint, its method and this run's. Returns the other method's name when a
+    checkpoint of another method is adopted (None otherwise)."""
+    recorded = checkpoint.get("method")
+    if recorded is None or recorded == method.name:
+        return None
+    other = recorded_method(checkpoint)
+    if other is None:
+        raise UserError(f"checkpoint {path} was trained with --method {recorded}, which this version of ciss does not"
+                        f" know: --method {method.name} cannot start from it")
+    if step == 0 and other.step0_protocol() == method.step0_protocol():
+        return recorded
+    why = ("its step 0 trains another network, loss or labels, or carries state that --method"
+           f" {method.name} needs") if step == 0 else "only a step 0 can be shared between methods"
+    raise UserError(f"checkpoint {path} (step {step}) was trained with --method {recorded}; --method {method.name}"
+                    f" cannot start from it ({why}): train it with --method {method.name}, or run --method"
+                    f" {recorded}")
 
 
 def read_previous(ctx, config, first_step):

@@ -18,8 +18,8 @@ from torch.nn.parallel import DistributedDataParallel
 from engine.checkpoints import check_identity, check_same_run, check_writable
 from engine.data import TrainData
 from engine.iteration import build_optimizer, grad_scaler, seed_everything
-from engine.models import (adopt_recorded_model, freeze_teacher, load_exact, load_previous_into, model_spec,
-                           pretrained_source, read_previous, to_device, use_channels_last)
+from engine.models import (adopt_recorded_model, check_start, freeze_teacher, load_exact, load_previous_into,
+                           model_spec, pretrained_source, read_previous, to_device, use_channels_last)
 from engine.passes import StepData
 from engine.progress import TaskProgress, planned_iterations
 from engine.context import make_context
@@ -40,8 +40,16 @@ def set_up_step(ctx, config, method, dist_info, first_step, run_folder, last_ste
     device = dist_info.device
     # 1. inputs: the previous checkpoint (whose model the step continues), the data, an interrupted run
     previous = main_first(lambda: read_previous(ctx, config, first_step), dist_info) if ctx.step > 0 else None
+    started_from = None
     if previous is not None:
-        config = adopt_recorded_model(config, previous[1], previous[0])
+        path, checkpoint = previous
+        shared = check_start(checkpoint, path, ctx.step - 1, method)        # method.step0_protocol
+        if shared is not None:
+            log.info("step %d starts from %s, the step 0 of --method %s, which trains as --method %s's does",
+                     ctx.step, path, shared, method.name)
+        started_from = {"path": os.path.abspath(path), "step": ctx.step - 1, "method": checkpoint.get("method"),
+                        "run_id": checkpoint.get("run_id")}
+        config = adopt_recorded_model(config, checkpoint, path)
     spec = model_spec(config, type(method))                                     # method.model_families
     bn_trains = not method.bn_frozen(ctx)                                       # method.bn_frozen
     sync_bn = dist_info.distributed and device.type == "cuda" and bn_trains
@@ -121,7 +129,7 @@ def set_up_step(ctx, config, method, dist_info, first_step, run_folder, last_ste
                   optimizer=optimizer, scheduler=scheduler, scaler=grad_scaler(device, config.amp),
                   channels_last=channels_last, select_best=select_best, total_iterations=total_iterations,
                   progress=progress, run_id=resume["run_id"] if resume is not None else uuid.uuid4().hex,
-                  parent_id=previous[1].get("run_id") if previous is not None else None)
+                  parent_id=previous[1].get("run_id") if previous is not None else None, started_from=started_from)
     if resume is not None:
         run.restore(resume, ctx.last_path())
     return run

@@ -21,7 +21,7 @@ from engine.iteration import train_iteration
 from engine.meter import TrainingLog
 from engine.models import load_exact
 from engine.results import format_step, step_results, write_json, write_step_results
-from utils.checkpoint import CHECKPOINT_FORMAT, load_checkpoint_file, rng_state, save_atomic, set_rng_state
+from utils.checkpoint import CHECKPOINT_FORMAT, load_checkpoint_file, rng_state, save_checkpoint, set_rng_state
 from utils.distributed import all_gather_objects, barrier
 from utils.logging import plural
 
@@ -41,13 +41,15 @@ class StepRun:
     the progress of the step (epoch, iteration, best validation score, skipped updates)."""
 
     def __init__(self, ctx, config, method, dist_info, *, spec, data, student, teacher, model, optimizer,
-                 scheduler, scaler, channels_last, select_best, total_iterations, progress, run_id, parent_id):
+                 scheduler, scaler, channels_last, select_best, total_iterations, progress, run_id, parent_id,
+                 started_from=None):
         self.ctx, self.config, self.method, self.dist = ctx, config, method, dist_info
         self.spec, self.data, self.student, self.teacher, self.model = spec, data, student, teacher, model
         self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
         self.channels_last, self.select_best = channels_last, select_best
         self.total_iterations, self.progress = total_iterations, progress
         self.run_id, self.parent_id = run_id, parent_id
+        self.started_from = started_from  # the checkpoint of step t-1 this step started from (t > 0)
         self.start_epoch, self.iteration, self.best_score, self.skipped = 0, 0, None, 0
         self.log = None
 
@@ -65,7 +67,7 @@ class StepRun:
             "epoch": epoch, "iteration": self.iteration, "skipped_iterations": self.skipped,
             "best_score": self.best_score if self.best_score is not None else -1,
             "hyper": self.method.hyper_dict(), "method_state": self.method.state_dict(),
-            "run_id": self.run_id, "parent_id": self.parent_id,
+            "run_id": self.run_id, "parent_id": self.parent_id, "started_from": self.started_from,
             **identity(self.ctx, self.method, self.spec),
             "args": self.config.to_dict(),
             **extra,
@@ -86,7 +88,7 @@ class StepRun:
     def _save_last(self, epoch):
         states = all_gather_objects(rng_state())
         if self.dist.is_main:
-            save_atomic(self.checkpoint(epoch, rng=states), self.ctx.last_path())
+            save_checkpoint(self.checkpoint(epoch, rng=states), self.ctx.last_path())
 
     # ---- training -------------------------------------------------------------------------------------
     def _log_header(self):
@@ -121,7 +123,7 @@ class StepRun:
         if improved:
             self.best_score = score
             if self.select_best and self.dist.is_main:
-                save_atomic(self.checkpoint(self.iteration // len(self.data), best_iteration=self.iteration),
+                save_checkpoint(self.checkpoint(self.iteration // len(self.data), best_iteration=self.iteration),
                             ctx.best_path())
         self.method.set_train_mode(self.student, ctx)
 
@@ -198,10 +200,10 @@ class StepRun:
         confusion = evaluate_state(ctx, self.config, self.method, self.spec, state, self.dist)
         results = step_results(confusion, ctx, self.method.name, class_names(ctx), ctx.final_path(),
                                self.method.eval_convention())
-        results.update(run_id=self.run_id, parent_id=self.parent_id)
+        results.update(run_id=self.run_id, parent_id=self.parent_id, started_from=self.started_from)
         self._check_replicas()
         if self.dist.is_main:
-            save_atomic(self.checkpoint(self.config.train_epoch, final=True, metrics=results, **selected),
+            save_checkpoint(self.checkpoint(self.config.train_epoch, final=True, metrics=results, **selected),
                         ctx.final_path())
             write_step_results(results, ctx.step_dir())
             write_json(self._config_file(), os.path.join(ctx.step_dir(), "config.json"))

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from datasets.incremental import IGNORE, LUT_SIZE, channel_order
 from methods import losses
-from methods.base import Method, hyper, module_params
+from methods.base import Method, Published, hyper, module_params
 from utils.schedulers import POLY_MIN_LR, WARMUP_FRACTION
 
 # BARM's loss weights (co_bg, co_tn, co_p, co_oc in BARM trainer/trainer.py::Trainer.train_episode)
@@ -168,6 +168,21 @@ def barm_lut(steps, step, split):
     return lut
 
 
+#: BARM's published runs (BARM README, scripts/run_init.sh, run.sh, runade.sh): step 0 on one GPU, the steps t > 0
+#: on two GPUs whose gradients are never synchronised (BARM trainer/trainer.py::Trainer.train calls the model's
+#: module: see --sync_gradients), --crop_val, poly, --amp, seed 1.
+BARM_PUBLISHED = {
+    "voc": Published("BARM README and scripts/run_init.sh (step 0: 1 GPU, batch 16, 50 epochs), scripts/run.sh"
+                     " (t > 0: 2 GPUs x batch 8, 20 epochs, --lr 0.001)",
+                     train_epoch=(50, 20), global_batch=(16, 16), lr=(0.001, 0.001), gpus=(1, 2), crop_size=513,
+                     random_seed=1, amp=True),
+    "ade": Published("BARM README, ADE (step 0: 1 GPU, batch 8, 60 epochs; t > 0: 2 GPUs x batch 4, 100 epochs,"
+                     " --lr 0.01) and scripts/runade.sh",
+                     train_epoch=(60, 100), global_batch=(8, 8), lr=(0.001, 0.01), gpus=(1, 2), crop_size=513,
+                     random_seed=1, amp=True),
+}
+
+
 @dataclass
 class BarmHyper:
     loss_type: str = hyper("bce_loss", "classification loss; also picks sigmoid (bce) or softmax for pseudo-labels"
@@ -195,6 +210,9 @@ class BARM(Method):
     name = "barm"
     Hyper = BarmHyper
     model_families = ("deeplabv3bga",)
+
+    def published(self):
+        return BARM_PUBLISHED.get(self.dataset)
 
     def needs_teacher(self, ctx):
         return ctx.step > 0 and self.hp.pseudo

@@ -152,6 +152,43 @@ def module_params(*modules):
     return [p for m in modules for p in (m.parameters() if isinstance(m, nn.Module) else m)]
 
 
+#: The trainer's flags a method's published run sets (:class:`Published`), by flag name.
+PUBLISHED_FLAGS = ("crop_size", "crop_val", "lr_policy", "train_epoch", "global_batch", "lr", "weight_decay",
+                   "random_seed", "output_stride", "amp")
+
+
+@dataclass(frozen=True)
+class Published:
+    """A method's published run on one dataset: the values the reference's argparser, configs and scripts give
+    the trainer's common flags, at step 0 and at the steps t > 0 (pairs), and where they come from.
+
+    ``global_batch`` is the batch of one optimizer step over all the reference's GPUs (``gpus``: how many
+    the published run used); ``lr`` is ``--lr`` (a method may use it for some groups only); ``tasks`` holds
+    per-task exceptions, ``{task: {field: value}}`` (e.g. PLOP's 10 epochs at t > 0 on VOC 10-1)."""
+    source: str
+    train_epoch: tuple
+    global_batch: tuple
+    lr: tuple
+    gpus: tuple = (1, 1)
+    crop_size: int = 512
+    crop_val: bool = True
+    lr_policy: str = "poly"
+    weight_decay: float = 1e-4
+    random_seed: int = 42
+    output_stride: int = 16
+    amp: bool = False
+    tasks: dict = field(default_factory=dict)
+
+    def for_step(self, task, step):
+        """``{flag: value}`` of step ``step`` of ``task`` (the ``PUBLISHED_FLAGS`` and ``gpus``)."""
+        exceptions = self.tasks.get(task, {})
+        values = {}
+        for name in PUBLISHED_FLAGS + ("gpus",):
+            value = exceptions.get(name, getattr(self, name))
+            values[name] = value[0 if step == 0 else 1] if isinstance(value, tuple) else value
+        return values
+
+
 class Method:
     name = ""
     Hyper = None  # a dataclass; every field is a flag of the same name
@@ -170,6 +207,17 @@ class Method:
 
     def hyper_dict(self):
         return dataclasses.asdict(self.hp)
+
+    def published(self):
+        """The method's published run on its dataset (a :class:`Published`), or None where it has none (the
+        trainer's generic defaults then apply)."""
+        return None
+
+    def step0_protocol(self):
+        """What this method's step 0 trains, as a hashable key: a step 1 of another method may start from this
+        method's step 0 only when their keys are equal (the same network, loss, labels and nothing carried that
+        the other lacks). Default: the method alone."""
+        return (self.name,)
 
     # ---- model ----------------------------------------------------------------------------------------
     def build_network(self, spec, classes_per_step, pretrained=None, layout_step=None):

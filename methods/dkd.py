@@ -27,7 +27,7 @@ import torch
 
 from datasets.incremental import IGNORE, LUT_SIZE, channel_order
 from datasets.transforms import mib_train_transform
-from methods.base import MemoryUse, Method, hyper
+from methods.base import MemoryUse, Method, Published, hyper
 from methods.dkd_losses import (BACKGROUND, MEMORY_PSEUDO_THRESHOLD, W_AC, W_DKD_NEG, W_DKD_POS, W_KD, W_MBCE,
                                 dkd_loss_terms, dkd_memory_pseudo_labels, dkd_predict)
 from methods.memory import Memory, collect_candidates
@@ -66,6 +66,20 @@ MEMORY_SIZE = {"voc": 100, "ade": 300}
 
 TRAIN_MASKING_VALUE = BACKGROUND
 EVAL_MASKING_VALUE = {"voc": BACKGROUND, "ade": IGNORE}
+
+
+#: DKD's runs (DKD configs/config_{voc,ade}.json, scripts/{voc,ade}/overlapped/*.sh): 4 GPUs, torch AMP, seed 1,
+#: crop 512; VOC 4 x batch 8, 60 epochs, poly; ADE 4 x 6, 100 epochs, a 20% warm-up (``--lr_policy warm_poly``).
+DKD_PUBLISHED = {
+    "voc": Published("DKD configs/config_voc.json, scripts/voc/overlapped/*.sh (4 GPUs x batch 8, backbone lr 1e-3"
+                     " then 1e-4, 60 epochs, AMP)",
+                     train_epoch=(EPOCHS["voc"],) * 2, global_batch=(32, 32), lr=BACKBONE_LR["voc"], gpus=(4, 4),
+                     random_seed=1, amp=True),
+    "ade": Published("DKD configs/config_ade.json, scripts/ade/overlapped/*.sh (4 GPUs x batch 6, backbone lr"
+                     " 2.5e-3 then 2.5e-4, 100 epochs, 20% warm-up, AMP)",
+                     train_epoch=(EPOCHS["ade"],) * 2, global_batch=(24, 24), lr=BACKBONE_LR["ade"], gpus=(4, 4),
+                     lr_policy="warm_poly", random_seed=1, amp=True),
+}
 
 
 def default_pos_weight(dataset, step):
@@ -154,6 +168,9 @@ class DKD(Method):
         """DKD's values for ``dataset``: pos_weight 2 at step 0 and 1 after on VOC, 35 at every step on ADE."""
         base, incremental = POS_WEIGHTS[dataset]
         return cls.Hyper(pos_weight_base=base, pos_weight=incremental)
+
+    def published(self):
+        return DKD_PUBLISHED.get(self.dataset)
 
     # ---- model ----------------------------------------------------------------------------------------
     def prepare_student(self, model, previous, ctx):

@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from methods import losses
-from methods.barm import BARM, BarmHyper, barm_loss
+from methods.barm import BARM, BARM_PUBLISHED, BarmHyper, barm_loss
+from methods.base import Published
 
 log = logging.getLogger("ciss")
 
@@ -267,6 +268,15 @@ def prototype_classes(classes_per_step, step):
 # The method
 # ======================================================================================================
 
+#: KProBA's runs: its VOC scripts (scripts/run_init.sh, run.sh: one GPU, 5 epochs, batch 16, --lr 0.001); on ADE its
+#: README gives BARM's settings (no number is published).
+KPROBA_PUBLISHED = {
+    "voc": Published("KProBA scripts/run_init.sh, scripts/run.sh (1 GPU, batch 16, 5 epochs, --lr 0.001)",
+                     train_epoch=(5, 5), global_batch=(16, 16), lr=(0.001, 0.001), gpus=(1, 1), crop_size=513,
+                     random_seed=1, amp=True),
+    "ade": BARM_PUBLISHED["ade"],
+}
+
 #: BARM's hyper-parameters that KProBA does not read: its pseudo-label rule has no threshold (KProBA
 #: trainer/trainer.py::generate_pseudo_labels).
 KPROBA_UNUSED_HYPER = ("pseudo_thresh",)
@@ -298,6 +308,9 @@ class KProBA(BARM):
         self.previous_prototypes = {}  # step t-1's, blended with momentum 0.9
         self._rff = None  # member 0's feature map, rebuilt from its seed when first needed
         self._device_prototypes = None
+
+    def published(self):
+        return KPROBA_PUBLISHED.get(self.dataset)
 
     # ---- before the step: the prototypes ----------------------------------------------------------------
     def before_step(self, model, teacher, data, ctx):

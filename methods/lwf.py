@@ -105,6 +105,11 @@ class LwFMC(MiBFamily):
     name = "lwf-mc"
     Hyper = LwFMCHyper
 
+    def step0_protocol(self):
+        """LwF-MC trains step 0 with its BCE, not the family's CE."""
+        family, _, labels = super().step0_protocol()
+        return family, "bce", labels
+
     def loss(self, outputs, teacher_outputs, batch, ctx):
         logits = self.upsampled(outputs[0], batch.labels)
         bce = bce_all_pixels(logits, batch.labels)

@@ -38,7 +38,7 @@ from torch import nn
 from datasets.incremental import IGNORE, LUT_SIZE, channel_order
 from datasets.transforms import eval_transform, mib_train_transform
 from methods import losses
-from methods.base import Method, hyper
+from methods.base import Method, Published, hyper
 from network.abn import convert_sync_abn
 
 # label conventions of the reference repositories (MiB dataset/voc.py, PLOP dataset/voc.py)
@@ -165,6 +165,29 @@ def kd_alpha_hyper():
                  positive=True)
 
 
+# ---- the published runs ---------------------------------------------------------------------------------
+
+#: The MiB repository's runs (MiB README: 2 GPUs x batch 12, lr 0.01 at step 0 then 0.001, 30 epochs on VOC and
+#: 60 on ADE, crop 512, fp32 (apex O0), seed 42).
+MIB_PUBLISHED = {
+    "voc": Published("MiB README, VOC (2 GPUs x batch 12, lr 0.01 then 0.001, 30 epochs, fp32)",
+                     train_epoch=(30, 30), global_batch=(24, 24), lr=(0.01, 0.001), gpus=(2, 2)),
+    "ade": Published("MiB README, ADE (2 GPUs x batch 12, lr 0.01 then 0.001, 60 epochs, fp32)",
+                     train_epoch=(60, 60), global_batch=(24, 24), lr=(0.01, 0.001), gpus=(2, 2)),
+}
+#: PLOP's runs and its re-runs of the MiB family (PLOP scripts/voc/plop_*.sh, scripts/ade/plop_ade_*.sh,
+#: scripts/voc/mib_15-1.sh): the same, with apex O1 (``--amp``) and 10 epochs at t > 0 on VOC 10-1.
+PLOP_PUBLISHED = {
+    "voc": Published("PLOP scripts/voc/plop_*.sh, mib_15-1.sh (2 GPUs x batch 12, lr 0.01 then 0.001, 30 epochs;"
+                     " 10-1: 10 epochs at t > 0; apex O1)",
+                     train_epoch=(30, 30), global_batch=(24, 24), lr=(0.01, 0.001), gpus=(2, 2), amp=True,
+                     tasks={"10-1": {"train_epoch": (30, 10)}}),
+    "ade": Published("PLOP scripts/ade/plop_ade_*.sh (2 GPUs x batch 12, lr 0.01 then 0.001, 60 epochs, apex O1)",
+                     train_epoch=(60, 60), global_batch=(24, 24), lr=(0.01, 0.001), gpus=(2, 2), amp=True),
+}
+PUBLISHED_BY_PROTOCOL = {MIB_PROTOCOL: MIB_PUBLISHED, PLOP_PROTOCOL: PLOP_PUBLISHED}
+
+
 # ---- the new classifier's background initialisation (MiB segmentation_module.py::init_new_classifier) ------
 
 def init_new_classifier(cls_old0: nn.Conv2d, cls_new: nn.Conv2d, with_bias=True):
@@ -249,6 +272,21 @@ class MiBFamily(Method):
         return {"min_lr": POLY_MIN_LR}
 
     # ---- data -----------------------------------------------------------------------------------------
+    #: A small task with an old-to-be and a future class, on which the step-0 training tables are compared.
+    STEP0_PROBE = ((0, 1), (2,))
+
+    def step0_protocol(self):
+        """The family's step 0 is the same plain CE training for FT, LwF, ILT, MiB and PLOP (MiB run.py::main
+        trains step 0 alike whatever ``--method``): shared when the network family and the step-0 training labels
+        are the same. The labels are MiB's or PLOP's (``protocol``): on VOC they differ (MiB learns void pixels as
+        background), on ADE their training tables are one."""
+        return (self.model_families[0], "ce", tuple(self.label_policy(self.STEP0_PROBE, 0, "train").tolist()))
+
+    def published(self):
+        """The run of the repository whose protocol the method follows (MiB's, or PLOP's with ``--protocol
+        plop``)."""
+        return PUBLISHED_BY_PROTOCOL[self.protocol()].get(self.dataset)
+
     def protocol(self):
         """``"mib"`` or ``"plop"``: the hyper-parameter ``protocol`` when the method has one, else
         :attr:`default_protocol`."""

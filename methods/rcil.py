@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from methods import losses
-from methods.base import hyper
+from methods.base import Published, hyper
 from methods.losses import check_map_pairs, collapse_logits, layer_factors
 from methods.mib_family import INIT_WEIGHTS, PLOP_PROTOCOL, MiBFamily, kd_alpha_hyper
 from network import build_model
@@ -50,6 +50,18 @@ PCKD_SPATIAL_KERNELS = (4, 8, 12, 16, 20, 24)  # avg-pool kernel sizes of the sp
 PCKD_CHANNEL_WINDOW = 3  # channels averaged by the channel term (one zero channel of padding each side)
 PCKD_SPATIAL_MAPS = 6  # stages mod2..mod5, x_pl, small logits
 PCKD_CHANNEL_MAPS = 5  # stages mod2..mod5, x_pl (logits excluded)
+
+
+#: RCIL's runs (RCIL scripts/voc/RCIL_*.sh: 4 GPUs x batch 6, lr 0.02 then 0.001, 30 epochs, apex O1;
+#: scripts/ade/RCIL_ade_*.sh: lr 0.01 then 0.001, 60 epochs, 4 x 6 for 100-50 and 2 x 12 for 100-10, 100-5).
+RCIL_PUBLISHED = {
+    "voc": Published("RCIL scripts/voc/RCIL_*.sh (4 GPUs x batch 6, lr 0.02 then 0.001, 30 epochs, apex O1)",
+                     train_epoch=(30, 30), global_batch=(24, 24), lr=(0.02, 0.001), gpus=(4, 4), amp=True),
+    "ade": Published("RCIL scripts/ade/RCIL_ade_*.sh (4 GPUs x batch 6 or 2 x 12, lr 0.01 then 0.001, 60 epochs,"
+                     " apex O1)",
+                     train_epoch=(60, 60), global_batch=(24, 24), lr=(0.01, 0.001), gpus=(4, 4), amp=True,
+                     tasks={"100-10": {"gpus": (2, 2)}, "100-5": {"gpus": (2, 2)}}),
+}
 
 
 def pckd_factors(dataset, n_maps):
@@ -193,6 +205,9 @@ class RCIL(MiBFamily):
         """PCKD weights per dataset (RCIL train.py: 0.01 / 0.0005 on VOC, 5e-6 / 5e-7 on ADE)."""
         factor, last_factor = PCKD_FACTORS[dataset]
         return RCILHyper(pckd_factor=factor, pckd_last_factor=last_factor)
+
+    def published(self):
+        return RCIL_PUBLISHED.get(self.dataset)
 
     # ---- model ----------------------------------------------------------------------------------------
     def build_network(self, spec, classes_per_step, pretrained=None, layout_step=None):

@@ -226,6 +226,10 @@ class RegularizedMethod(MiBFamily):
     def needs_teacher(self, ctx):
         return False  # the penalty needs θ* only, kept by prepare_student
 
+    def step0_protocol(self):
+        """The step carries its statistics to the next one: only the same method may start from its step 0."""
+        return (self.name,)
+
     def regularizer_options(self):
         """Keyword arguments of :attr:`regularizer_cls` besides ``params``, ``reference``, ``previous``: the
         hyper-parameter ``reg_{name}`` for every name of the statistics' ``options``, and ``normalize``."""

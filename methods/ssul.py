@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from datasets import SALIENCY_DIR, saliency_path
 from methods import losses, memory
 from methods.barm import barm_lut
-from methods.base import MemoryUse, Method, hyper, module_params
+from methods.base import MemoryUse, Method, Published, hyper, module_params
 from methods.ssul_losses import (SALIENCY, SSUL_BG_LR_FACTOR, SSUL_PSEUDO_THRESH, fg_index, memory_candidates,
                                  ssul_loss, ssul_predict, trainable_heads, training_labels, transfer_unknown_head)
 from network import build_model
@@ -46,20 +46,16 @@ SSUL_VAL_INTERVAL_MIN = 100
 SSUL_VAL_INTERVAL_DIVISOR = 100
 
 
-@dataclass(frozen=True)
-class SSULSetting:
-    """One published SSUL / SSUL-M recipe (SSUL README)."""
-    epochs: int
-    batch_size: int
-    lr: float
-    lr_policy: str
-    mem_size: int  # SSUL-M's memory size (SSUL: 0)
-
-
-# Published settings (SSUL README): VOC (SSUL run.sh uses batch 16) and ADE
+#: SSUL's published runs (SSUL README: VOC batch 32, lr 0.01, poly, 50 epochs; ADE batch 24, lr 0.05, warm_poly,
+#: 100 epochs; --gpu_id 0,1: one process, DataParallel over 2 GPUs; --crop_val, --amp, seed 1). SSUL-M adds a
+#: memory of 100 (VOC) or 300 (ADE) images (``methods.memory.SSUL_MEMORY_VOC``, ``SSUL_MEMORY_ADE``).
 SSUL_PUBLISHED = {
-    "voc": SSULSetting(epochs=50, batch_size=32, lr=0.01, lr_policy="poly", mem_size=100),
-    "ade": SSULSetting(epochs=100, batch_size=24, lr=0.05, lr_policy="warm_poly", mem_size=300),
+    "voc": Published("SSUL README, VOC (batch 32, lr 0.01, poly, 50 epochs, DataParallel on 2 GPUs)",
+                     train_epoch=(50, 50), global_batch=(32, 32), lr=(0.01, 0.01), gpus=(2, 2), crop_size=513,
+                     random_seed=1, amp=True),
+    "ade": Published("SSUL README, ADE (batch 24, lr 0.05, warm_poly, 100 epochs, DataParallel on 2 GPUs)",
+                     train_epoch=(100, 100), global_batch=(24, 24), lr=(0.05, 0.05), gpus=(2, 2), crop_size=513,
+                     lr_policy="warm_poly", random_seed=1, amp=True),
 }
 
 
@@ -109,6 +105,9 @@ class SSUL(Method):
         self.memory_step = None
         self.previous_memory = None  # step t-1's memory: the head of step t's candidate list
         self._previous = None  # the step t-1 model when the memory pass needs it and no teacher exists
+
+    def published(self):
+        return SSUL_PUBLISHED.get(self.dataset)
 
     # ---- model ----------------------------------------------------------------------------------------
     def build_network(self, spec, classes_per_step, pretrained=None, layout_step=None):

@@ -1,9 +1,16 @@
-"""Shared fixtures: small synthetic datasets generated once per test session."""
+"""Shared fixtures: small synthetic datasets generated once per test session, and a checkpoint of a tiny model
+(tests/test_predict.py, tests/engine/test_panels.py)."""
 import shutil
+import types
 
 import pytest
+import torch
 
 from datasets.synthetic import generate
+from engine.models import model_spec
+from methods import get_method
+from utils.checkpoint import CHECKPOINT_FORMAT, save_atomic
+from utils.tasks import get_task
 
 FOLDERS = {"voc": "VOC2012", "ade": "ADEChallengeData2016"}
 
@@ -43,3 +50,24 @@ def voc_copy(synthetic_voc, tmp_path):
     root = str(tmp_path / "VOC2012")
     shutil.copytree(synthetic_voc, root, ignore=shutil.ignore_patterns(".ciss_cache"))
     return root
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A step-1 VOC 15-1 checkpoint of fine-tuning on resnet18 (random weights), saved as the trainer does."""
+    method = get_method("ft", "voc")
+    args = types.SimpleNamespace(model=None, backbone="resnet18", output_stride=16)
+    spec = model_spec(args, type(method))
+    steps = get_task("voc", "15-1")
+    torch.manual_seed(0)
+    model = method.build_network(spec, [len(s) for s in steps[:2]], layout_step=1)
+    with torch.no_grad():  # a classifier of larger weights, so the prediction is not one class everywhere
+        for name, parameter in model.named_parameters():
+            if name.startswith("cls."):
+                parameter.normal_(0, 1)
+    path = str(tmp_path_factory.mktemp("ckpt") / "final.pth")
+    save_atomic({"format": CHECKPOINT_FORMAT, "model_state": model.state_dict(), "method": method.name,
+                 "hyper": method.hyper_dict(), "dataset": "voc", "task": "15-1", "setting": "overlap", "step": 1,
+                 "classes": [list(s) for s in steps[:2]], "model": spec.name, "backbone": spec.backbone,
+                 "output_stride": spec.output_stride, "args": {"crop_size": 65}}, path)
+    return path, model.eval(), method

@@ -1,9 +1,12 @@
-"""Checkpoint files: safe loading of ciss, BARM and SSUL checkpoints (BARM utils/ckpt.py::save_ckpt; on torch >= 2.6
+"""Checkpoint files: safe, verified loading of ciss and reference checkpoints (BARM utils/ckpt.py::save_ckpt; on torch >= 2.6
 ciss allows their numpy ``best_score`` explicitly: docs/differences.md)."""
+import hashlib
 import os
 import pickle
 import random
 import re
+import zipfile
+import zlib
 
 import numpy as np
 import torch
@@ -57,6 +60,71 @@ def _reason(err):
     return lines[0].split(". ")[0] if lines else type(err).__name__  # first sentence: torch appends advice
 
 
+# --------------------------------------------------------------------------------------------------
+# Integrity
+# --------------------------------------------------------------------------------------------------
+
+#: Where a ciss checkpoint records the digest of its tensors (written by :func:`save_checkpoint`).
+DIGEST_KEY = "digest"
+DIGEST_ALGORITHM = "sha256"
+# What reading a damaged zip archive may raise
+_ARCHIVE_ERRORS = (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError, RuntimeError, KeyError,
+                   NotImplementedError)
+
+
+def _tensors(obj, path=""):
+    """``(path, tensor)`` of every tensor in nested dicts, lists and tuples, in their order (dict order is kept
+    by ``torch.save`` and ``torch.load``)."""
+    if isinstance(obj, torch.Tensor):
+        yield path, obj
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            if path or key != DIGEST_KEY:
+                yield from _tensors(value, f"{path}/{key}")
+    elif isinstance(obj, (list, tuple)):
+        for index, value in enumerate(obj):
+            yield from _tensors(value, f"{path}/{index}")
+
+
+def tensor_digest(obj):
+    """The SHA-256 of every tensor of a checkpoint (its place in the checkpoint, dtype, shape and bytes), the
+    top-level :data:`DIGEST_KEY` left out. About 0.15 s for a ResNet-101's 170 MB on one CPU core."""
+    digest = hashlib.new(DIGEST_ALGORITHM)
+    for path, tensor in _tensors(obj):
+        data = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{path}:{data.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(data.view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def check_archive(path):
+    """Verify a ``torch.save`` zip archive against its CRC-32 records (``torch.load`` does not): every member is
+    read and checked. Legacy (pickle) files have no CRCs: they are checked by loading. Raises a UserError naming
+    the file (and the damaged member) when it is damaged."""
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except _ARCHIVE_ERRORS as err:
+        raise UserError(f"checkpoint file {path} is damaged ({type(err).__name__}: {err}): expected an intact file"
+                        f" saved with torch.save") from None
+    if damaged is not None:
+        raise UserError(f"checkpoint file {path} is damaged: its member {damaged} fails its CRC-32 check (a bit"
+                        f" flipped on disk or in transfer): copy it again or retrain the step")
+
+
+def check_digest(checkpoint, path):
+    """For a checkpoint that records the digest of its tensors (every one ciss writes), recompute and compare it:
+    an archive rewritten with changed tensors, or a legacy file with flipped bytes, is refused (UserError)."""
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get(DIGEST_KEY), dict):
+        return
+    recorded = checkpoint[DIGEST_KEY]
+    if recorded.get("algorithm") != DIGEST_ALGORITHM or recorded.get("tensors") != tensor_digest(checkpoint):
+        raise UserError(f"checkpoint file {path} is damaged: its tensors do not match the digest recorded when ciss"
+                        f" saved it: copy it again or retrain the step")
+
+
 def load_checkpoint_file(path, map_location="cpu"):
     """Load a checkpoint with ``torch.load(weights_only=True)``, allowing only the numpy scalar types.
 
@@ -66,8 +134,11 @@ def load_checkpoint_file(path, map_location="cpu"):
     on older torch the file is read with plain ``weights_only=True``, so checkpoints holding numpy
     scalars then need a newer torch.
 
+    Before anything is used the file is verified: a zip archive against its CRC-32 records
+    (:func:`check_archive`), and a checkpoint ciss wrote against the digest of its tensors (:func:`check_digest`).
+
     Raises:
-        UserError: the path is missing or a directory, the file is truncated or corrupt, or it
+        UserError: the path is missing or a directory, the file is truncated, damaged or corrupt, or it
             needs Python objects beyond tensors, containers and numpy scalars.
     """
     if not os.path.exists(path):
@@ -79,11 +150,13 @@ def load_checkpoint_file(path, map_location="cpu"):
     if magic not in TORCH_FILE_MAGICS:
         raise UserError(f"checkpoint file {path} is not a torch checkpoint ({'empty' if not magic else 'unknown format'}):"
                         f" expected a .pth file saved with torch.save")
+    check_archive(path)
     try:
         if hasattr(torch.serialization, "safe_globals"):
             with torch.serialization.safe_globals(_numpy_safe_globals()):
-                return torch.load(path, map_location=map_location, weights_only=True)
-        return torch.load(path, map_location=map_location, weights_only=True)
+                checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        else:
+            checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except _READ_ERRORS as err:
         refused = _REFUSED_GLOBAL.search(str(err))
         if refused:  # torch's weights-only unpickler met a global outside the allow-list
@@ -95,6 +168,8 @@ def load_checkpoint_file(path, map_location="cpu"):
             f"checkpoint file {path} could not be read ({_reason(err)}): expected an intact file saved with "
             "torch.save"
         ) from err
+    check_digest(checkpoint, path)
+    return checkpoint
 
 
 # --------------------------------------------------------------------------------------------------
@@ -119,6 +194,13 @@ def save_atomic(obj, path):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def save_checkpoint(checkpoint, path):
+    """:func:`save_atomic` of a checkpoint dict with the digest of its tensors recorded under
+    :data:`DIGEST_KEY` (:func:`load_checkpoint_file` checks it)."""
+    checkpoint = {**checkpoint, DIGEST_KEY: {"algorithm": DIGEST_ALGORITHM, "tensors": tensor_digest(checkpoint)}}
+    save_atomic(checkpoint, path)
 
 
 def strip_module_prefix(state_dict):
