@@ -7,6 +7,7 @@ processes with gloo). ``python train.py --help`` lists the flags; ``--method NAM
 method's hyper-parameters.
 """
 import dataclasses
+import json
 import logging
 import os
 import shlex
@@ -18,8 +19,10 @@ import torch
 from engine.cli import method_hyper, parse_args
 from engine.context import make_context, task_steps
 from engine.data import class_names
+from engine.dry_run import dry_run, steps_of
 from engine.evaluate import evaluate_state
 from engine.models import MODEL_KEYS, check_start, model_spec, model_state, read_checkpoint
+from engine.resolve import resolve_step
 from engine.panels import visualize_test_step
 from engine.results import (format_step, format_summary, read_results, step_results, summary_row,
                             write_step_results, write_summary, write_summary_rows)
@@ -71,8 +74,9 @@ def train(config, dist_info, status):
             if config.resume and finished(ctx):
                 log.info("step %d is finished (%s): skipped", step, ctx.step_dir())
                 continue
-            run_step(ctx, config, method_cls(method_hyper(config, method_cls), dataset=config.dataset), dist_info, first,
-                     run_folder, last)
+            method = method_cls(method_hyper(config, method_cls), dataset=config.dataset)
+            step_config = resolve_step(config, method, step, dist_info.world_size)
+            run_step(ctx, step_config, method, dist_info, first, run_folder, last)
             if dist_info.is_main:
                 rows = write_summary(ctx.root, step)
         if rows:
@@ -82,6 +86,9 @@ def train(config, dist_info, status):
 
 
 def steps_to_test(config, steps):
+    if config.test_ckpt is not None and config.curr_step is None:
+        raise UserError(f"--test_ckpt {config.test_ckpt}: say which step of {config.dataset} task {config.task} it"
+                        f" holds with --curr_step")
     if config.curr_step is not None:
         check_step(steps, config.curr_step, task=f"{config.dataset} task {config.task}")
         return [config.curr_step]
@@ -124,10 +131,12 @@ def test(config, dist_info, status):
     for step in steps_to_test(config, task_steps(config)):
         ctx = make_context(config, step)
         status["ctx"] = ctx
-        path = ctx.final_path()
+        path = config.test_ckpt or ctx.final_path()
         checkpoint = read_checkpoint(path, ctx, step, f"checkpoint {path} does not exist: train step {step} first")
-        check_start(checkpoint, path, step, method_cls(method_hyper(config, method_cls), dataset=config.dataset))
-        config = use_recorded_settings(config, checkpoint, path)
+        run_method = method_cls(method_hyper(config, method_cls), dataset=config.dataset)
+        check_start(checkpoint, path, step, run_method)
+        step_config = use_recorded_settings(resolve_step(config, run_method, step, dist_info.world_size),
+                                            checkpoint, path)
         hyper = method_hyper(config, method_cls)
         # prediction follows the trained method's settings (e.g. sigmoid or softmax)
         if "hyper" in checkpoint and checkpoint.get("method", config.method) == config.method:
@@ -135,22 +144,23 @@ def test(config, dist_info, status):
             given = {k: v for k, v in checkpoint["hyper"].items() if k in known and k not in config.explicit}
             hyper = dataclasses.replace(hyper, **given)
         method = method_cls(hyper, dataset=config.dataset)
-        confusion = evaluate_state(ctx, config, method, model_spec(config, method_cls), model_state(checkpoint),
-                                   dist_info)
+        state = model_state(checkpoint)  # a reference repository's layout, converted
+        spec = model_spec(step_config, method_cls)
+        confusion = evaluate_state(ctx, step_config, method, spec, state, dist_info, path)
         results = step_results(confusion, ctx, method.name, class_names(ctx), path, method.eval_convention())
         results.update(run_id=checkpoint.get("run_id"), parent_id=checkpoint.get("parent_id"),
-                       evaluation={k: getattr(config, k) for k in RECORDED_EVAL_FLAGS})
-        folder = os.path.join(ctx.root, "eval", eval_name(config))
+                       evaluation={k: getattr(step_config, k) for k in RECORDED_EVAL_FLAGS})
+        folder = os.path.join(ctx.root, "eval", eval_name(step_config))
         if dist_info.is_main:
             write_step_results(results, os.path.join(folder, f"step{step}"))
             rows.append(summary_row(results))
             log.info(format_step(results))
             log.info("results in %s", os.path.join(folder, f"step{step}"))
         if config.visualize:  # on every rank: the test loader is built collectively; rank 0 writes
-            visualize_test_step(ctx, config, method, model_spec(config, method_cls), model_state(checkpoint), path,
-                                dist_info, config.visualize, os.path.join(folder, f"step{step}"))
+            visualize_test_step(ctx, step_config, method, spec, state, path, dist_info, config.visualize,
+                                os.path.join(folder, f"step{step}"))
     if rows:
-        write_summary_rows(rows, os.path.join(ctx.root, "eval", eval_name(config), "summary.csv"))
+        write_summary_rows(rows, os.path.join(ctx.root, "eval", eval_name(step_config), "summary.csv"))
         log.info("\n%s", format_summary(rows))
 
 
@@ -177,9 +187,22 @@ def interruption_line(status, argv):
     return f"interrupted: {saved}; continue with: {command} (under torchrun, add --resume to the torchrun command)"
 
 
+def print_dry_run(config):
+    """``--dry_run``: the resolved settings of every step as one JSON document on stdout (messages on stderr);
+    nothing is written. The number of processes is torchrun's (``WORLD_SIZE``), else 1."""
+    setup_logging(True, stream=sys.stderr)
+    method_cls = get_method_class(config.method)
+    world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    document = dry_run(config, method_cls, method_hyper(config, method_cls), steps_of(config, step_range), world_size)
+    if int(os.environ.get("RANK", "0") or 0) == 0:
+        print(json.dumps(document, indent=1, default=str))
+
+
 def run(config, argv=None):
     """Train or test as the parsed ``config`` say (set-up and tear-down of the process group included). Ctrl-C
     and SIGTERM end the run with one line saying what was saved and how to resume (exit status 130 / 143)."""
+    if config.dry_run:
+        return print_dry_run(config)
     dist_info = setup(config.device)
     setup_logging(dist_info.is_main)
     if dist_info.device.type == "cuda":

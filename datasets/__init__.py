@@ -42,17 +42,18 @@ def file_split(split):
     return "train" if split == "train" else "val"
 
 
-def split_class_index(dataset, data_root, split, cache_dir=None, workers=None):
+def split_class_index(dataset, data_root, split, cache_dir=None, workers=None, persist=True):
     """``(samples, index)`` of the file list behind ``split`` (see ``datasets.class_index``)."""
     layout = get_layout(dataset)
     files = file_split(split)
     samples = layout.list_split(data_root, files)
     index = load_class_index(dataset, data_root, files, samples, layout.NUM_CLASSES, layout.IGNORE_LABEL,
-                             cache_dir=cache_dir, workers=workers)
+                             cache_dir=cache_dir, workers=workers, persist=persist)
     return samples, index
 
 
-def step_samples(dataset, data_root, steps, step, overlap, split="train", cache_dir=None, workers=None):
+def step_samples(dataset, data_root, steps, step, overlap, split="train", cache_dir=None, workers=None,
+                 persist=True):
     """``[(id, image_path, label_path)]`` of ``split`` at ``step`` of the task ``steps``, in file order.
 
     * "train": the images the step trains on (overlap or disjoint rule, BARM utils/tasks.py::get_dataset_list);
@@ -65,7 +66,8 @@ def step_samples(dataset, data_root, steps, step, overlap, split="train", cache_
     check_step(steps, step)
     if split == "test":
         return get_layout(dataset).list_split(data_root, file_split(split))
-    samples, index = split_class_index(dataset, data_root, split, cache_dir=cache_dir, workers=workers)
+    samples, index = split_class_index(dataset, data_root, split, cache_dir=cache_dir, workers=workers,
+                                       persist=persist)
     if split == "test_seen":
         seen = {c for s in steps[:step + 1] for c in s} - {0}
         keep = np.flatnonzero(index.contains_any(seen))

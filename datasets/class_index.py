@@ -206,27 +206,28 @@ def read_barm_cls_file(path, ids):
 
 
 def load_class_index(dataset, data_root, split, samples, num_classes, ignore_label, cache_dir=None,
-                     workers=None):
+                     workers=None, persist=True):
     """The class index of ``samples`` (``[(id, image, label)]`` of ``split``), from cache or built.
 
     Order of preference: BARM's ``{split}_cls.txt`` in the cache folder, the cached index if the label
     files are unchanged, else a fresh build (validated and cached). A cache file that cannot be read is
     rebuilt (one warning line). When a label is invalid (UserError) or the build is interrupted, a cache
-    folder created by this call is removed again if it is still empty.
+    folder created by this call is removed again if it is still empty. ``persist=False`` reads a cache but
+    writes none (``--dry_run``).
     """
     ids = [s[0] for s in samples]
     label_paths = [s[2] for s in samples]
     existed = os.path.isdir(_folder_path(data_root, cache_dir))
-    folder = cache_folder(data_root, cache_dir)
+    folder = cache_folder(data_root, cache_dir) if persist else _folder_path(data_root, cache_dir)
     try:
-        return _load_or_build(dataset, split, ids, label_paths, folder, num_classes, ignore_label, workers)
+        return _load_or_build(dataset, split, ids, label_paths, folder, num_classes, ignore_label, workers, persist)
     except BaseException:
         if not existed:
             _remove_if_empty(folder)
         raise
 
 
-def _load_or_build(dataset, split, ids, label_paths, folder, num_classes, ignore_label, workers):
+def _load_or_build(dataset, split, ids, label_paths, folder, num_classes, ignore_label, workers, persist=True):
     barm_file = os.path.join(folder, f"{split}_cls.txt")
     if os.path.exists(barm_file):
         index = read_barm_cls_file(barm_file, ids)
@@ -242,10 +243,12 @@ def _load_or_build(dataset, split, ids, label_paths, folder, num_classes, ignore
         log.warning("the class-index cache %s cannot be read (%s): rebuilding it from the %d %s %s labels",
                     cache_path, problem, len(ids), dataset, split)
     else:
-        log.info("building the class index of %d %s %s labels (cached in %s)", len(ids), dataset, split, folder)
+        log.info("building the class index of %d %s %s labels (%s)", len(ids), dataset, split,
+                 f"cached in {folder}" if persist else "not cached")
     index = build_index(label_paths, ids, workers=workers)
     check_label_values(index, label_paths, num_classes, ignore_label)
-    _write_cache(cache_path, key, index)
+    if persist:
+        _write_cache(cache_path, key, index)
     return index
 
 

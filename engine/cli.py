@@ -45,11 +45,12 @@ def _add_method_flags(parser, method_cls, dataset):
         default, meta = getattr(defaults, field.name), field.metadata
         if isinstance(default, bool):  # --name and --no_name both exist, so the references' scripts run as written
             switch = group.add_mutually_exclusive_group()
+            state = "on; --no_" + field.name + " turns it off" if default else "off"
             switch.add_argument(f"--{field.name}", dest=field.name, action="store_true", default=default,
-                                help=f"{meta['help']} (default: {'on' if default else 'off'})")
+                                help=f"{meta['help']} (default: {state})")
             switch.add_argument(f"--no_{field.name}", dest=field.name, action="store_false", help=argparse.SUPPRESS)
         else:
-            group.add_argument(f"--{field.name}", type=type(default), default=default, choices=meta.get("choices"),
+            group.add_argument(f"--{field.name}", type=meta["type"], default=default, choices=meta.get("choices"),
                                help=f"{meta['help']} (default: %(default)s)")
 
 
@@ -69,12 +70,21 @@ def build_parser(method="barm", dataset="voc"):
     data.add_argument("--num_workers", type=int, default=default_num_workers(),
                       help="data-loading processes per training process (default: what this machine's CPUs"
                            " allow without oversubscription, at most 4: %(default)s here)")
-    data.add_argument("--crop_size", type=int, default=513, help="training crop and --crop_val size"
-                                                                 " (default: %(default)s)")
-    data.add_argument("--crop_val", action="store_true",
-                      help="validate/test on a centre crop after resizing the shorter side to --crop_size"
-                           " (default: full images, batch 1)")
-    data.add_argument("--batch_size", type=int, default=32, help="training batch per process (default: %(default)s)")
+    data.add_argument("--crop_size", type=int, default=None, help="training crop and --crop_val size"
+                                                                  " (default: the method's published run)")
+    crop_val = data.add_mutually_exclusive_group()
+    crop_val.add_argument("--crop_val", dest="crop_val", action="store_const", const=True, default=None,
+                          help="validate/test on a centre crop after resizing the shorter side to --crop_size"
+                               " (default: the method's published run; without: full images, batch 1)")
+    crop_val.add_argument("--no_crop_val", dest="crop_val", action="store_const", const=False,
+                          help="validate/test on full images, batch 1")
+    batch = data.add_mutually_exclusive_group()
+    batch.add_argument("--batch_size", type=int, default=None,
+                       help="training batch per process, as BARM's (default: the method's published global batch"
+                            " divided over the processes)")
+    batch.add_argument("--global_batch", type=int, default=None,
+                       help="training batch of one optimizer step over all processes (default: the method's"
+                            " published run's)")
     data.add_argument("--val_batch_size", type=int, default=4,
                       help="validation/test batch with --crop_val (default: %(default)s)")
 
@@ -84,7 +94,8 @@ def build_parser(method="barm", dataset="voc"):
                        help="model name (default: the method's head on --backbone)")
     model.add_argument("--backbone", default=None, choices=list(ARCHITECTURES),
                        help="overrides the model name's backbone (default: resnet101)")
-    model.add_argument("--output_stride", type=int, default=16, choices=(8, 16), help="(default: %(default)s)")
+    model.add_argument("--output_stride", type=int, default=None, choices=(8, 16),
+                       help="(default: the method's published run)")
     weights = model.add_mutually_exclusive_group()
     weights.add_argument("--pretrained", default=None, metavar="PATH",
                          help="step-0 backbone weights: a torchvision ResNet state dict or a BARM/SSUL checkpoint"
@@ -92,16 +103,22 @@ def build_parser(method="barm", dataset="voc"):
     weights.add_argument("--no_pretrained", action="store_true", help="start step 0 from a random backbone")
 
     train = parser.add_argument_group("training")
-    train.add_argument("--train_epoch", type=int, default=50, help="epochs per step (default: %(default)s)")
-    train.add_argument("--lr", type=float, default=0.01,
-                       help="learning rate (BARM: new head and ear at t>0 only) (default: %(default)s)")
-    train.add_argument("--lr_policy", default="warm_poly", choices=POLICIES, help="(default: %(default)s)")
+    train.add_argument("--train_epoch", type=int, default=None,
+                       help="epochs per step (default: the method's published run, per step)")
+    train.add_argument("--lr", type=float, default=None,
+                       help="learning rate (BARM: new head and ear at t>0 only) (default: the method's published"
+                            " run, per step)")
+    train.add_argument("--lr_policy", default=None, choices=POLICIES, help="(default: the method's published run)")
     train.add_argument("--step_size", type=int, default=10000, help="iterations per decay of --lr_policy step"
                                                                     " (default: %(default)s)")
-    train.add_argument("--weight_decay", type=float, default=1e-4, help="(default: %(default)s)")
-    train.add_argument("--random_seed", type=int, default=1, help="re-applied at every step (default: %(default)s)")
-    train.add_argument("--amp", action="store_true",
-                       help="mixed precision: fp16 autocast + GradScaler on CUDA, bf16 autocast on CPU")
+    train.add_argument("--weight_decay", type=float, default=None, help="(default: the method's published run)")
+    train.add_argument("--random_seed", type=int, default=None,
+                       help="re-applied at every step (default: the method's published run)")
+    amp = train.add_mutually_exclusive_group()
+    amp.add_argument("--amp", dest="amp", action="store_const", const=True, default=None,
+                     help="mixed precision: fp16 autocast + GradScaler on CUDA, bf16 autocast on CPU (default: the"
+                          " method's published run)")
+    amp.add_argument("--no_amp", dest="amp", action="store_const", const=False, help="fp32")
     train.add_argument("--device_augment", action="store_true",
                        help="decode the training JPEGs and augment them on the training device (GPU: nvJPEG and"
                             " tensor ops) instead of in the loader's workers, for GPUs the CPU cannot feed")
@@ -123,10 +140,11 @@ def build_parser(method="barm", dataset="voc"):
     selection = steps.add_mutually_exclusive_group()
     selection.add_argument("--select_best", dest="select_best", action="store_const", const=True, default=None,
                            help="a step's result (final.pth, its test, the next step's start) is its best weights on"
-                                " the validation split, where the method's protocol selects (BARM: step 0; SSUL: every"
-                                " step, its default); the VOC validation set is its test set")
+                                " the validation split, where the method's protocol selects (default for BARM and"
+                                " KProBA at step 0, SSUL at every step, as they published; the VOC validation set is"
+                                " its test set)")
     selection.add_argument("--select_last", dest="select_best", action="store_const", const=False,
-                           help="a step's result is its last weights (default except for SSUL)")
+                           help="a step's result is its last weights (the other methods' default; --clean's)")
     steps.add_argument("--keep_checkpoints", default="all", choices=("all", "last"),
                        help="all: every step keeps its final.pth; last: once a step finishes, the final.pth of the"
                             " earlier steps of the run is removed (results files stay) (default: %(default)s)")
@@ -134,15 +152,45 @@ def build_parser(method="barm", dataset="voc"):
     steps.add_argument("--subpath", default=None,
                        help="runs go to CKPT_DIR/SUBPATH/TASK/{overlap,disjoint}/step{t} (default: the method name)")
 
+    reference = parser.add_argument_group(
+        "reference behaviour", "the published runs' protocol, bugs included, is the default; each flag here departs"
+                               " from it, and --clean departs everywhere (docs/differences.md)")
+    reference.add_argument("--clean", action="store_true",
+                           help="every deviation from the references that changes numbers on: no selection on the"
+                                " test set, synchronised gradients, one BatchNorm over the batch, and each method's"
+                                " own (see --method NAME --help)")
+    sync = reference.add_mutually_exclusive_group()
+    sync.add_argument("--sync_gradients", dest="sync_gradients", action="store_const", const=True, default=None,
+                      help="average the gradients of all processes (where the published run did not: BARM's steps"
+                           " t > 0 and KProBA's on ADE, whose default reproduces rank 0 alone on its half of the"
+                           " images)")
+    sync.add_argument("--no_sync_gradients", dest="sync_gradients", action="store_const", const=False,
+                      help="reproduce an unsynchronised published run: rank 0 alone, its batch, its fixed half of the"
+                           " images")
+    reference.add_argument("--bn_chunks", type=int, default=None, metavar="N",
+                           help="BatchNorm statistics per chunk of N of every batch, as DataParallel over N GPUs"
+                                " computed them, where BatchNorm trains (default: the published run's: 2 for SSUL,"
+                                " else 1)")
+    reference.add_argument("--dry_run", action="store_true",
+                           help="check every input, print the resolved settings of every step (and where each value"
+                                " comes from) as JSON, and exit without writing anything")
+    reference.add_argument("--recipe", default=None, metavar="NAME",
+                           help="set by scripts/recipes: the flags before it on the command line are the recipe"
+                                " NAME's, those after it the user's (recorded, and shown by --dry_run)")
+
     evaluation = parser.add_argument_group("evaluation and logging")
     evaluation.add_argument("--test", "--test_only", dest="test", action="store_true",
                             help="evaluate saved checkpoints on the test split instead of training")
+    evaluation.add_argument("--test_ckpt", default=None, metavar="PATH",
+                            help="with --test: evaluate this checkpoint file (ciss's, or one a reference repository"
+                                 " saved or released) as step --curr_step of the task, with the method's own"
+                                 " evaluation")
     evaluation.add_argument("--visualize", type=int, default=0, metavar="N",
                             help="with --test: image / ground truth / prediction panels of the first N test images"
                                  " of each step (eval/<settings>/step<t>/panels/, and tensorboard)")
     evaluation.add_argument("--val_interval", type=int, default=None,
-                            help="validate every N epochs, 0 = never (default: BARM's rule: after every epoch"
-                                 " when an epoch has more than 100 iterations, else every 5th)")
+                            help="validate every N epochs, 0 = never (default: the method's rule, e.g. BARM's:"
+                                 " after every epoch when an epoch has more than 100 iterations, else every 5th)")
     evaluation.add_argument("--print_interval", type=int, default=10,
                             help="iterations between loss logs (default: %(default)s)")
 
@@ -155,32 +203,18 @@ def build_parser(method="barm", dataset="voc"):
     return parser
 
 
-MIN_FEATURE_PIXELS = 3  # a crop must give feature maps of at least this many pixels per side
-
-
 def validate(config, method_cls=None):
-    """Checks argparse cannot express (ranges of the common flags and of the method's hyper-parameters);
-    raises :class:`UserError`."""
-    positive = {"batch_size": config.batch_size, "val_batch_size": config.val_batch_size,
-                "train_epoch": config.train_epoch, "crop_size": config.crop_size, "step_size": config.step_size,
-                "print_interval": config.print_interval}
-    for name, value in positive.items():
-        if value < 1:
-            raise UserError(f"--{name} must be at least 1, got {value}")
-    if config.visualize < 0:
-        raise UserError(f"--visualize must be 0 or more, got {config.visualize}")
-    if config.num_workers < 0:
-        raise UserError(f"--num_workers must be 0 or more, got {config.num_workers}")
-    if config.val_interval is not None and config.val_interval < 0:
-        raise UserError(f"--val_interval must be 0 (never) or more, got {config.val_interval}")
-    if config.lr <= 0:
+    """Checks argparse cannot express (ranges of the flags given and of the method's hyper-parameters); raises
+    :class:`UserError`. Values the method's published run supplies are checked when a step resolves them."""
+    at_least = {"batch_size": 1, "global_batch": 1, "val_batch_size": 1, "train_epoch": 1, "crop_size": 1,
+                "step_size": 1, "print_interval": 1, "bn_chunks": 1, "visualize": 0, "num_workers": 0,
+                "val_interval": 0, "weight_decay": 0}
+    for name, low in at_least.items():
+        value = getattr(config, name)
+        if value is not None and value < low:
+            raise UserError(f"--{name} must be {'at least 1' if low else '0 or more'}, got {value}")
+    if config.lr is not None and config.lr <= 0:
         raise UserError(f"--lr must be positive, got {config.lr}")
-    if config.weight_decay < 0:
-        raise UserError(f"--weight_decay must be 0 or more, got {config.weight_decay}")
-    smallest = MIN_FEATURE_PIXELS * config.output_stride
-    if config.crop_size < smallest:
-        raise UserError(f"--crop_size {config.crop_size} is too small for output stride {config.output_stride}:"
-                        f" expected at least {smallest} pixels")
     if method_cls is not None:
         for field in dataclasses.fields(method_cls.Hyper):
             problem = check_hyper_value(field.name, getattr(config, field.name), field.metadata)
@@ -188,6 +222,8 @@ def validate(config, method_cls=None):
                 raise UserError(problem)
     if config.initial and config.curr_step not in (None, 0):
         raise UserError(f"--initial trains step 0 only, but --curr_step is {config.curr_step}")
+    if config.test_ckpt is not None and not config.test:
+        raise UserError("--test_ckpt names a checkpoint to evaluate: add --test")
     return config
 
 
@@ -195,19 +231,33 @@ def explicit_flags(parser, argv):
     """The destinations of the flags ``argv`` sets explicitly (not left at their defaults)."""
     for action in parser._actions:
         action.default = argparse.SUPPRESS
-    return sorted(vars(parser.parse_args(argv)))
+        action.required = False
+    return set(vars(parser.parse_args(argv)))
 
 
 def parse_args(argv=None):
-    """Parse ``argv`` for the selected method into a read-only :class:`engine.config.RunConfig` (its
-    ``explicit`` lists the flags given on the command line)."""
+    """Parse ``argv`` for the selected method into a read-only :class:`engine.config.RunConfig`: its
+    ``explicit`` lists the flags given on the command line, its ``source(name)`` says whether a value was the
+    user's ("command line"), a recipe's (the flags before ``--recipe NAME``: "recipe NAME") or a default."""
     argv = sys.argv[1:] if argv is None else list(argv)
     method, dataset = _selection(argv)
     namespace = build_parser(method, dataset).parse_args(argv)
-    config = RunConfig(vars(namespace), explicit=explicit_flags(build_parser(method, dataset), argv))
+    explicit = explicit_flags(build_parser(method, dataset), argv)
+    sources = {}
+    if namespace.recipe is not None:
+        marker = max(i for i, arg in enumerate(argv) if arg == "--recipe" or arg.startswith("--recipe="))
+        recipe_flags = explicit_flags(build_parser(method, dataset), argv[:marker]) - {"method", "dataset"}
+        after = marker + (2 if argv[marker] == "--recipe" else 1)
+        user_flags = explicit_flags(build_parser(method, dataset), argv[after:])
+        sources = {name: f"recipe {namespace.recipe}" for name in recipe_flags - user_flags}
+    config = RunConfig(vars(namespace), explicit=explicit, sources=sources)
     return validate(config, get_method_class(method))
 
 
 def method_hyper(config, method_cls):
-    """The method's hyper-parameter dataclass filled from the parsed flags."""
-    return method_cls.Hyper(**{f.name: getattr(config, f.name) for f in dataclasses.fields(method_cls.Hyper)})
+    """The method's hyper-parameter dataclass filled from the parsed flags; with ``--clean`` every deviation the
+    method declares (``Method.deviations``) takes its clean value unless the flag was given."""
+    values = {f.name: getattr(config, f.name) for f in dataclasses.fields(method_cls.Hyper)}
+    if config.clean:
+        values.update({d.flag: d.clean for d in method_cls.deviations if d.flag not in config.explicit})
+    return method_cls.Hyper(**values)

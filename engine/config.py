@@ -66,6 +66,15 @@ class RunConfig:
         return type(self)({**self._values, **changes}, self._explicit,
                          {**self._sources, **{name: source for name in changes}})
 
+    def resolved(self, values, sources):
+        """A new configuration with ``values`` (new names allowed: values a step derives, such as its per-process
+        batch), each recorded as coming from ``sources[name]``."""
+        return type(self)({**self._values, **values}, self._explicit, {**self._sources, **sources})
+
+    def sources(self):
+        """Where every value came from, by name."""
+        return dict(self._sources)
+
     def to_dict(self):
         """Every value, as a plain dict (written into checkpoints and ``config.json``)."""
         return dict(self._values)

@@ -14,6 +14,7 @@ memory (its ``memory`` hook, a :class:`methods.base.MemoryUse`). Memory samples 
 training lists) either replace half of every batch (mode "replace", SSUL-M) or join the training set
 ("concat", DKD-M); either way a batch knows which of its samples came from the memory (``Batch.memory``).
 """
+import dataclasses
 import os
 import random
 
@@ -37,12 +38,22 @@ MEMORY_CYCLES = 1000
 MEMORY_FRACTION = 0.5  # the share of every batch a replacing memory takes (SSUL-M: B // 2 samples)  # memory-loader epochs per training epoch (a memory restarts when exhausted)
 
 
-def _samples(ctx, split, config, dist_info, step=None):
-    """The samples of ``split`` at ``step`` (default: the ctx's); rank 0 goes first (it may build the class
-    index), the others read its cache."""
-    step = ctx.step if step is None else step
-    return main_first(lambda: step_samples(ctx.dataset, ctx.data_root, [list(s) for s in ctx.steps], step,
+def _samples(ctx, split, config, dist_info):
+    """The samples of ``split`` at the ctx's step; rank 0 goes first (it may build the class index), the others
+    read its cache."""
+    return main_first(lambda: step_samples(ctx.dataset, ctx.data_root, [list(s) for s in ctx.steps], ctx.step,
                                            ctx.overlap, split, cache_dir=config.cache_dir), dist_info)
+
+
+def train_samples(ctx, config, method, step=None, persist=True):
+    """The images step ``step`` (default: the ctx's) trains on: those the overlap or disjoint filter keeps, or
+    every image of the training list where the method says so (``Method.trains_on_every_image``). ``persist``:
+    whether a class index built here is cached (not for ``--dry_run``)."""
+    step = ctx.step if step is None else step
+    if method.trains_on_every_image(dataclasses.replace(ctx, step=step)):
+        return get_layout(ctx.dataset).list_split(ctx.data_root, "train")
+    return step_samples(ctx.dataset, ctx.data_root, [list(s) for s in ctx.steps], step, ctx.overlap, "train",
+                        cache_dir=config.cache_dir, persist=persist)
 
 
 def class_names(ctx):
@@ -67,6 +78,33 @@ class SeededSampler(DistributedSampler):
 
     def __iter__(self):
         for index in super().__iter__():
+            yield index, sample_seed(self.seed, self.step, self.epoch, index, self.tag)
+
+
+class ReferenceShardSampler(torch.utils.data.Sampler):
+    """The images and order of rank 0 of a published run whose ``shards`` processes never averaged their gradients
+    (BARM's and KProBA's steps t > 0: BARM datasets/init_dataset.py::init_dataloader): a ``DistributedSampler`` of
+    ``shards`` replicas, rank 0, seed 0, whose ``set_epoch`` was never called, so every epoch has the same order.
+    Its images come in batches of ``replica_batch`` (rank 0's batch), each split over this run's ``num_replicas``
+    processes (process ``rank`` takes its contiguous part), so that the processes together, averaging their
+    gradients, train rank 0's batches. Items are ``(index, augmentation seed)`` as :class:`SeededSampler`'s; the
+    augmentation still differs per epoch, as the reference's."""
+
+    def __init__(self, dataset, shards, replica_batch, num_replicas, rank, seed, step, tag=0):
+        order = list(DistributedSampler(dataset, num_replicas=shards, rank=0, shuffle=True, seed=0, drop_last=False))
+        part = replica_batch // num_replicas
+        self.indices = [order[b * replica_batch + rank * part + i]
+                        for b in range(len(order) // replica_batch) for i in range(part)]
+        self.seed, self.step, self.tag, self.epoch = seed, step, tag, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __iter__(self):
+        for index in self.indices:
             yield index, sample_seed(self.seed, self.step, self.epoch, index, self.tag)
 
 
@@ -121,9 +159,9 @@ class TrainData:
         self.extra_maps = method.extra_maps(ctx, ctx.data_root)
         self.transform = method.train_transform(config.crop_size)
         steps = [list(s) for s in ctx.steps]
-        samples = _samples(ctx, "train", config, dist_info)
+        samples = main_first(lambda: train_samples(ctx, config, method), dist_info)
         check_images_nonempty(samples)
-        # --device_augment: the workers read and ctx, the training device decodes and transforms
+        # --device_augment: the workers read and plan, the training device decodes and transforms
         self.dataset_class = DeferredSegmentation if config.device_augment else IncrementalSegmentation
         self.collate = deferred_collate(self.transform) if config.device_augment else None
         self.current = self.dataset_class(samples, label_lut(steps, ctx.step, "train", method.label_policy),
@@ -134,7 +172,12 @@ class TrainData:
         self._build(SeededDataset(self.current, len(self.current)))
 
     def _loader(self, dataset, tag=0):
-        sampler = SeededSampler(dataset, self.dist.world_size, self.dist.rank, self.seed, self.step, tag)
+        shards, world = self.config.reference_shards, self.dist.world_size
+        if shards > 1 and tag == 0:  # rank 0 of an unsynchronised published run (--no_sync_gradients)
+            sampler = ReferenceShardSampler(dataset, shards, self.config.batch_size * world, world, self.dist.rank,
+                                            self.seed, self.step, tag)
+        else:
+            sampler = SeededSampler(dataset, world, self.dist.rank, self.seed, self.step, tag)
         workers = self.config.num_workers
         loader = DataLoader(dataset, batch_size=self.config.batch_size, sampler=sampler, num_workers=workers,
                             pin_memory=self.dist.device.type == "cuda" and self.collate is None, drop_last=True,
@@ -231,6 +274,6 @@ def eval_loader(ctx, config, split, dist_info, method):
                       num_workers=config.num_workers, pin_memory=dist_info.device.type == "cuda")
 
 
-def previous_samples(ctx, config, dist_info):
+def previous_samples(ctx, config, dist_info, method):
     """The training samples of step t-1 (SSUL-M / DKD-M memory candidates)."""
-    return _samples(ctx, "train", config, dist_info, step=ctx.step - 1)
+    return main_first(lambda: train_samples(ctx, config, method, step=ctx.step - 1), dist_info)

@@ -39,9 +39,10 @@ def evaluate(model, method, loader, num_classes, device, channels_last, show_pro
     return metrics
 
 
-def evaluate_state(ctx, config, method, spec, state, dist_info):
-    """Test-split confusion matrix (float64 numpy) of the step's weights ``state``."""
-    model = to_device(build_eval_model(method, spec, ctx, state, ctx.final_path()), config, dist_info.device)
+def evaluate_state(ctx, config, method, spec, state, dist_info, path=None):
+    """Test-split confusion matrix (float64 numpy) of the step's weights ``state`` (read from ``path``, default
+    the step's ``final.pth``: named when the weights do not fit)."""
+    model = to_device(build_eval_model(method, spec, ctx, state, path or ctx.final_path()), config, dist_info.device)
     loader = eval_loader(ctx, config, "test", dist_info, method)
     metrics = evaluate(model, method, loader, ctx.num_classes, dist_info.device,
                        use_channels_last(config, dist_info.device), dist_info.is_main, desc=f"test step {ctx.step}")

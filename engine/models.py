@@ -17,7 +17,8 @@ import torch
 
 from methods import METHODS
 from methods.base import ModelSpec
-from network import split_model_name
+from network import layout_of, split_model_name
+from network.dkd import reference_checkpoint_state
 from utils.checkpoint import load_checkpoint_file, strip_module_prefix
 from utils.errors import UserError
 
@@ -125,6 +126,12 @@ def read_previous(ctx, config, first_step):
 
 
 def model_state(checkpoint):
+    """The model state of a checkpoint file's contents, whichever code wrote it: ciss's, BARM's, KProBA's and
+    SSUL's (``model_state``), MiB's, PLOP's and RCIL's (``model_state`` with DDP's ``module.`` prefix), DKD's
+    (``state_dict``, renamed by :func:`network.dkd.reference_checkpoint_state`), or a bare state dict. Whether
+    the state fits the method's network is :func:`load_exact`'s check."""
+    if "model_state" not in checkpoint and "state_dict" in checkpoint:
+        return reference_checkpoint_state(checkpoint)
     return strip_module_prefix(checkpoint.get("model_state", checkpoint))
 
 
@@ -145,11 +152,17 @@ def load_exact(model, state, path):
     unexpected = sorted(set(state) - set(own))
     wrong = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
     if missing or unexpected or wrong:
+        theirs, ours = layout_of(state), layout_of(own)
+        if theirs != ours:
+            raise UserError(f"checkpoint {path} holds a {theirs or 'model of unknown layout'}, not the {ours} this"
+                            " run builds: evaluate or continue it with the method that trained it")
         details = "; ".join(f"{what} {keys[0]}{f' (+{len(keys) - 1} more)' if len(keys) > 1 else ''}"
                             for what, keys in (("missing", missing), ("unexpected", unexpected),
                                                ("wrong shape", wrong)) if keys)
+        if wrong:
+            details += f": {tuple(state[wrong[0]].shape)} in the file, {tuple(own[wrong[0]].shape)} in the model"
         raise UserError(f"checkpoint {path} does not fit the model for classes per step"
-                        f" {model.classes_per_step} ({details})")
+                        f" {model.classes_per_step} of this task and step ({details})")
     model.load_state_dict(state)
 
 

@@ -14,7 +14,8 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Subset
 
 from datasets.incremental import IncrementalSegmentation, label_lut
-from engine.data import PASS_TAG, SeededSampler, SeededDataset, previous_samples, to_batch
+from engine.data import PASS_TAG, SeededDataset, SeededSampler, previous_samples, to_batch
+from engine.models import pretrained_source
 from utils.distributed import broadcast_object
 
 
@@ -27,8 +28,8 @@ def autocast(device, enabled):
 class StepData:
     """The data side of one step for before-step passes (see the module docstring)."""
 
-    def __init__(self, ctx, config, dist_info, method, train_data, channels_last):
-        self.ctx, self.config, self.dist, self.method = ctx, config, dist_info, method
+    def __init__(self, ctx, config, dist_info, method, train_data, channels_last, spec):
+        self.ctx, self.config, self.dist, self.method, self.spec = ctx, config, dist_info, method, spec
         self.train_data = train_data
         self.channels_last = channels_last
 
@@ -56,7 +57,15 @@ class StepData:
 
     def previous_samples(self):
         """``[(id, image_path, label_path)]`` of step t-1's training list."""
-        return previous_samples(self.ctx, self.config, self.dist)
+        return previous_samples(self.ctx, self.config, self.dist, self.method)
+
+    def fresh_model(self, classes_per_step):
+        """A newly built model for ``classes_per_step`` (the run's backbone weights, the rest randomly
+        initialised), in eval mode, frozen, on the device: the untrained model a reference used where it had not
+        loaded the weights yet (DKD-M's memory selection)."""
+        model = self.method.build_network(self.spec, classes_per_step, pretrained=pretrained_source(self.config))
+        model = model.to(self.device).eval()
+        return model.requires_grad_(False)
 
     def batches(self, samples, split="train", step=None, transform="eval", shard=False, batch_size=None):
         """Batches over ``samples`` in their order: labels through the method's table for ``split`` at

@@ -8,14 +8,23 @@ steps have started (step 0 has none).
 import math
 import time
 
-from datasets import step_samples
+from engine.data import train_samples
 
 
-def planned_iterations(config, ctx, world_size):
-    """Iterations of ``ctx``'s step at ``--train_epoch`` and ``--batch_size`` on ``world_size`` processes."""
-    samples = step_samples(ctx.dataset, ctx.data_root, [list(s) for s in ctx.steps], ctx.step, ctx.overlap,
-                           "train", cache_dir=config.cache_dir)
-    return config.train_epoch * (math.ceil(len(samples) / world_size) // config.batch_size)
+def iterations_per_epoch(n_images, config, world_size):
+    """Iterations of an epoch of ``n_images`` at the step's ``batch_size`` on ``world_size`` processes (the loader
+    drops the last partial batch); with ``reference_shards`` > 1, rank 0's share of a published run whose
+    processes never synchronised, in batches of ``batch_size`` x ``world_size``."""
+    shards = config.reference_shards
+    if shards > 1:
+        return math.ceil(n_images / shards) // (config.batch_size * world_size)
+    return math.ceil(n_images / world_size) // config.batch_size
+
+
+def planned_iterations(config, ctx, world_size, method, persist=True):
+    """Iterations of ``ctx``'s step for its resolved ``config`` on ``world_size`` processes."""
+    samples = train_samples(ctx, config, method, persist=persist)
+    return config.train_epoch * iterations_per_epoch(len(samples), config, world_size)
 
 
 def duration(seconds):

@@ -19,11 +19,13 @@ from engine.checkpoints import check_identity, check_same_run, check_writable
 from engine.data import TrainData
 from engine.iteration import build_optimizer, grad_scaler, seed_everything
 from engine.models import (adopt_recorded_model, check_start, freeze_teacher, load_exact, load_previous_into,
-                           model_spec, pretrained_source, read_previous, to_device, use_channels_last)
+                           model_spec, model_state, pretrained_source, read_previous, to_device, use_channels_last)
 from engine.passes import StepData
-from engine.progress import TaskProgress, planned_iterations
 from engine.context import make_context
+from engine.progress import TaskProgress, planned_iterations
+from engine.resolve import bn_chunks_per_process, resolve_step
 from engine.step import StepRun
+from network.chunked_bn import convert_chunked_batchnorm
 from utils.checkpoint import load_checkpoint_file
 from utils.distributed import main_first
 from utils.errors import UserError
@@ -52,14 +54,16 @@ def set_up_step(ctx, config, method, dist_info, first_step, run_folder, last_ste
         config = adopt_recorded_model(config, checkpoint, path)
     spec = model_spec(config, type(method))                                     # method.model_families
     bn_trains = not method.bn_frozen(ctx)                                       # method.bn_frozen
-    sync_bn = dist_info.distributed and device.type == "cuda" and bn_trains
+    chunks = bn_chunks_per_process(config, bn_trains, dist_info.world_size)
+    sync_bn = dist_info.distributed and device.type == "cuda" and bn_trains and config.bn_chunks == 1
     if bn_trains and config.batch_size * (dist_info.world_size if sync_bn else 1) < 2:
         raise UserError(f"step {ctx.step} trains BatchNorm statistics, which needs at least 2 images per"
                         f" batch{' across the GPUs' if sync_bn else ''} (got --batch_size {config.batch_size})")
     select_best = method.selects_best(ctx, config.select_best)                 # method.selects_best
     data = TrainData(ctx, config, dist_info, method)  # method.extra_maps, train_transform, label_policy
     later = range(ctx.step + 1, (ctx.step if last_step is None else last_step) + 1)
-    progress = TaskProgress(sum(planned_iterations(config, make_context(config, t), dist_info.world_size)
+    progress = TaskProgress(sum(planned_iterations(resolve_step(config, method, t, dist_info.world_size),
+                                                   make_context(config, t), dist_info.world_size, method)
                                 for t in later) if dist_info.is_main else 0)
     resume = None
     if config.resume and os.path.exists(ctx.last_path()):
@@ -82,7 +86,7 @@ def set_up_step(ctx, config, method, dist_info, first_step, run_folder, last_ste
         path, checkpoint = previous
         student = method.build_network(spec, ctx.classes_per_step, layout_step=ctx.step - 1)
         old = method.build_network(spec, ctx.classes_per_step[:-1], layout_step=ctx.step - 1)
-        state = method.convert_previous_state(checkpoint)
+        state = model_state(checkpoint)
         load_exact(old, state, path)
         load_previous_into(student, state, path)
         method.load_previous_state(checkpoint.get("method_state", {}), ctx)
@@ -94,6 +98,8 @@ def set_up_step(ctx, config, method, dist_info, first_step, run_folder, last_ste
     method.configure(student, ctx)
     student = to_device(student, config, device)
     teacher = to_device(teacher, config, device) if teacher is not None else None
+    if bn_trains and chunks > 1:
+        student = convert_chunked_batchnorm(student, chunks)
     if sync_bn:
         student = method.sync_batchnorm(student)
 
@@ -112,7 +118,8 @@ def set_up_step(ctx, config, method, dist_info, first_step, run_folder, last_ste
         method.load_state_dict(resume["method_state"])
     else:
         method.set_train_mode(student, ctx)
-        method.before_step(student, teacher, StepData(ctx, config, dist_info, method, data, channels_last), ctx)
+        method.before_step(student, teacher, StepData(ctx, config, dist_info, method, data, channels_last, spec),
+                           ctx)
     data.set_memory(method.memory(ctx))
 
     # 6. the schedule, for the iterations the data gives
@@ -121,8 +128,9 @@ def set_up_step(ctx, config, method, dist_info, first_step, run_folder, last_ste
                                 **method.schedule_options(ctx))
     if select_best and not any(method.validation_due(i, len(data), total_iterations, config.val_interval)
                                for i in range(1, total_iterations + 1)):
-        raise UserError(f"step {ctx.step} selects its best-validated weights but never validates: set"
-                        f" --val_interval to 1 or more, or use --select_last")
+        why = "--select_best" if "select_best" in config.explicit else f"{method.name}'s published protocol"
+        raise UserError(f"step {ctx.step} selects its best-validated weights ({why}) but never validates: set"
+                        f" --val_interval to 1 or more, or use --select_last (or --clean)")
     # results of a step name the run that produced them and the run of the checkpoint it started from, so that
     # the summary across steps follows one chain (never stale results of an older run)
     run = StepRun(ctx, config, method, dist_info, spec=spec, data=data, student=student, teacher=teacher, model=model,

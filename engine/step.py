@@ -69,7 +69,7 @@ class StepRun:
             "hyper": self.method.hyper_dict(), "method_state": self.method.state_dict(),
             "run_id": self.run_id, "parent_id": self.parent_id, "started_from": self.started_from,
             **identity(self.ctx, self.method, self.spec),
-            "args": self.config.to_dict(),
+            "args": self.config.to_dict(), "sources": self.config.sources(),
             **extra,
         }
 
@@ -180,7 +180,8 @@ class StepRun:
 
     def _config_file(self):
         """``config.json``: the resolved settings, the classes, the model and the optimizer's groups."""
-        return {"args": self.config.to_dict(), "method": self.method.name, "hyper": self.method.hyper_dict(),
+        return {"args": self.config.to_dict(), "sources": self.config.sources(), "recipe": self.config.recipe,
+                "method": self.method.name, "hyper": self.method.hyper_dict(),
                 "classes": [list(s) for s in self.ctx.steps[:self.ctx.step + 1]],
                 "model": self.spec.name, "backbone": self.spec.backbone, "output_stride": self.spec.output_stride,
                 "world_size": self.dist.world_size, "total_iterations": self.total_iterations,

@@ -175,11 +175,11 @@ BARM_PUBLISHED = {
     "voc": Published("BARM README and scripts/run_init.sh (step 0: 1 GPU, batch 16, 50 epochs), scripts/run.sh"
                      " (t > 0: 2 GPUs x batch 8, 20 epochs, --lr 0.001)",
                      train_epoch=(50, 20), global_batch=(16, 16), lr=(0.001, 0.001), gpus=(1, 2), crop_size=513,
-                     random_seed=1, amp=True),
+                     random_seed=1, amp=True, sync_gradients=(True, False)),
     "ade": Published("BARM README, ADE (step 0: 1 GPU, batch 8, 60 epochs; t > 0: 2 GPUs x batch 4, 100 epochs,"
                      " --lr 0.01) and scripts/runade.sh",
                      train_epoch=(60, 100), global_batch=(8, 8), lr=(0.001, 0.01), gpus=(1, 2), crop_size=513,
-                     random_seed=1, amp=True),
+                     random_seed=1, amp=True, sync_gradients=(True, False)),
 }
 
 
@@ -187,13 +187,13 @@ BARM_PUBLISHED = {
 class BarmHyper:
     loss_type: str = hyper("bce_loss", "classification loss; also picks sigmoid (bce) or softmax for pseudo-labels"
                            " and prediction", choices=losses.CRITERIA)
-    pseudo: bool = hyper(False, "at t>0: pseudo-labels from the previous model and BARM's auxiliary losses (all or"
-                                " nothing, as in BARM)")
+    pseudo: bool = hyper(True, "at t>0: pseudo-labels from the previous model and BARM's auxiliary losses (all or"
+                               " nothing, as in BARM; every BARM script passes --pseudo)")
     pseudo_thresh: float = hyper(BARM_PSEUDO_THRESH, "pseudo-label confidence threshold", low=0.0, high=1.0)
-    bn_freeze: bool = hyper(False, "at t>0: every BatchNorm on running statistics with frozen affine parameters"
-                                   " (ignored at step 0, as in BARM)")
-    w_tri: float = hyper(BARM_W_TRI, "weight of the background-adaptation triplet-like term L_tri (BARM's"
-                                            " co_bg)", low=0.0)
+    bn_freeze: bool = hyper(True, "at t>0: every BatchNorm on running statistics with frozen affine parameters"
+                                  " (ignored at step 0, as in BARM; every BARM script passes --bn_freeze)")
+    w_tri: float = hyper(BARM_W_TRI, "weight of the background-adaptation triplet-like term L_tri (BARM's co_bg)",
+                         low=0.0)
     w_fd: float = hyper(BARM_W_FD, "weight of the background feature distillation L_fd (BARM's co_tn)",
                         low=0.0)
     w_gkd: float = hyper(BARM_W_GKD, "weight of the group knowledge distillation L_gkd (BARM's co_p)", low=0.0)
@@ -278,9 +278,10 @@ class BARM(Method):
         return iterations_per_epoch > BARM_VALIDATION_ITERATIONS or epoch % BARM_VALIDATION_PERIOD == 0
 
     def selects_best(self, ctx, select_best):
-        """Only with ``--select_best`` and only at step 0 (BARM trainer/trainer.py::Trainer.init_ckpt loaded
-        step 0's best file; ciss needs the flag: docs/differences.md)."""
-        return bool(select_best) and ctx.step == 0
+        """At step 0 only, as BARM (trainer/trainer.py::Trainer.init_ckpt starts step 1 from step 0's best-validated
+        file, selected on VOC's validation images, which are its test images); ``--select_last`` / ``--clean``:
+        the last weights."""
+        return ctx.step == 0 and select_best is not False
 
     def predict(self, logits, size):
         """Sigmoid (softmax for CE), then bilinear upsampling of the probabilities, then argmax (BARM

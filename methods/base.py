@@ -12,6 +12,7 @@ A neutral default is no method's protocol: no teacher surgery, every trainable p
 validation unless ``--val_interval`` asks, the last weights as the step's result, the argmax of the upsampled
 logits. What a method must say (its loss and its label table) has no default.
 """
+import builtins
 import dataclasses
 import os
 from dataclasses import dataclass, field
@@ -23,7 +24,6 @@ from datasets.transforms import eval_transform, train_transform
 from methods.losses import upsample
 from network import build_model
 from network.abn import ABN
-from utils.checkpoint import strip_module_prefix
 
 @dataclass(frozen=True)
 class StepContext:
@@ -105,10 +105,11 @@ class Batch:
     ids: tuple = ()
 
 
-def hyper(default, help, low=None, high=None, positive=False, choices=None):
+def hyper(default, help, low=None, high=None, positive=False, choices=None, type=None):
     """A field of a method's ``Hyper`` dataclass: its default, its ``--help`` text and its valid range
-    (``low <= value <= high``; ``positive``: value > 0; ``choices``), checked when the flags are parsed."""
-    metadata = {"help": help, "low": low, "high": high, "positive": positive}
+    (``low <= value <= high``; ``positive``: value > 0; ``choices``), checked when the flags are parsed;
+    ``type``: the flag's type where the default (None: the method resolves it) does not tell it."""
+    metadata = {"help": help, "low": low, "high": high, "positive": positive, "type": type or builtins.type(default)}
     if choices is not None:
         metadata["choices"] = tuple(choices)
     return field(default=default, metadata=metadata)
@@ -126,6 +127,14 @@ def check_hyper_value(name, value, metadata):
             f"at least {low}" if low is not None else f"at most {high}")
         return f"--{name} must be {bounds}, got {value}"
     return None
+
+
+def epoch_due(iteration, iterations_per_epoch, every):
+    """Whether ``iteration`` (1-based, counted over the step) ends an epoch whose number is a multiple of
+    ``every`` (None or 0: never)."""
+    if not every or iteration % iterations_per_epoch:
+        return False
+    return (iteration // iterations_per_epoch) % every == 0
 
 
 def batchnorm_modules(model):
@@ -170,6 +179,8 @@ class Published:
     global_batch: tuple
     lr: tuple
     gpus: tuple = (1, 1)
+    sync_gradients: tuple = (True, True)  # False: the reference's processes never averaged their gradients
+    bn_chunks: tuple = (1, 1)  # > 1: BatchNorm statistics per GPU of a DataParallel run (one process, N GPUs)
     crop_size: int = 512
     crop_val: bool = True
     lr_policy: str = "poly"
@@ -180,13 +191,25 @@ class Published:
     tasks: dict = field(default_factory=dict)
 
     def for_step(self, task, step):
-        """``{flag: value}`` of step ``step`` of ``task`` (the ``PUBLISHED_FLAGS`` and ``gpus``)."""
+        """``{flag: value}`` of step ``step`` of ``task``: the ``PUBLISHED_FLAGS``, ``gpus``, ``sync_gradients`` and
+        ``bn_chunks``."""
         exceptions = self.tasks.get(task, {})
         values = {}
-        for name in PUBLISHED_FLAGS + ("gpus",):
+        for name in PUBLISHED_FLAGS + ("gpus", "sync_gradients", "bn_chunks"):
             value = exceptions.get(name, getattr(self, name))
             values[name] = value[0 if step == 0 else 1] if isinstance(value, tuple) else value
         return values
+
+
+@dataclass(frozen=True)
+class Deviation:
+    """A place where ciss can depart from a reference's published behaviour that changes numbers: the flag (a
+    method's hyper-parameter, or one of the trainer's), its value under ``--clean``, what the reference does,
+    and why that is questionable."""
+    flag: str
+    clean: object
+    reference: str
+    why: str
 
 
 class Method:
@@ -195,6 +218,7 @@ class Method:
     model_families = ()  # the network families the method runs on; the first is its default
     uses_gradients = False  # True: after_backward runs between the task-loss backward and the optimizer step
     test_split = "test"  # "test": the whole validation list; "test_seen": the images holding a seen class
+    deviations = ()  # the method's own Deviation records: hyper-parameters whose default is the reference's
 
     def __init__(self, hyper=None, dataset="voc"):
         self.hp = hyper if hyper is not None else self.default_hyper(dataset)
@@ -225,12 +249,6 @@ class Method:
         fresh model of the current step). Default: the spec's family, built as it is."""
         return build_model(spec.name, classes_per_step, backbone=spec.backbone, output_stride=spec.output_stride,
                            pretrained=pretrained)
-
-    def convert_previous_state(self, checkpoint):
-        """The model state of a step t-1 checkpoint file's contents (default: ``model_state`` or the bare state
-        dict, without ``module.`` prefixes). A method whose reference code saved another layout converts it
-        here, so that ``--prev_ckpt`` takes the reference's released checkpoints."""
-        return strip_module_prefix(checkpoint.get("model_state", checkpoint))
 
     def needs_teacher(self, ctx):
         """Whether the step needs the frozen step t-1 model (the teacher) in every iteration."""
@@ -281,6 +299,11 @@ class Method:
         """The joint evaluation transform (resize + centre crop with ``crop_val``, else the full image)."""
         return eval_transform(crop_size, crop_val)
 
+    def trains_on_every_image(self, ctx):
+        """Whether the step trains on every image of the training list rather than on the images the overlap or
+        disjoint filter keeps (default: the filter)."""
+        return False
+
     def extra_maps(self, ctx, data_root):
         """Per-sample maps loaded and transformed with the image: ``{name: image_id -> PNG path}``."""
         return {}
@@ -312,9 +335,7 @@ class Method:
     def validation_due(self, iteration, iterations_per_epoch, total_iterations, val_interval):
         """Validate after ``iteration`` (1-based, counted over the step)? ``val_interval`` is ``--val_interval``
         (epochs; None = the method's rule, 0 = never). Default: every ``--val_interval`` epochs, else never."""
-        if not val_interval or iteration % iterations_per_epoch:
-            return False
-        return (iteration // iterations_per_epoch) % val_interval == 0
+        return epoch_due(iteration, iterations_per_epoch, val_interval)
 
     def selects_best(self, ctx, select_best):
         """Whether step t's result (its ``final.pth``, test and successor) is its best-validated weights.

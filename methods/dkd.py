@@ -27,12 +27,11 @@ import torch
 
 from datasets.incremental import IGNORE, LUT_SIZE, channel_order
 from datasets.transforms import mib_train_transform
-from methods.base import MemoryUse, Method, Published, hyper
+from methods.base import Deviation, MemoryUse, Method, Published, epoch_due, hyper
 from methods.dkd_losses import (BACKGROUND, MEMORY_PSEUDO_THRESHOLD, W_AC, W_DKD_NEG, W_DKD_POS, W_KD, W_MBCE,
                                 dkd_loss_terms, dkd_memory_pseudo_labels, dkd_predict)
 from methods.memory import Memory, collect_candidates
-from network.dkd import init_novel_classifier, reference_checkpoint_state
-from utils.checkpoint import strip_module_prefix
+from network.dkd import init_novel_classifier
 
 log = logging.getLogger("ciss")
 
@@ -143,6 +142,12 @@ class DKDHyper:
     mem_pseudo_thresh: float = hyper(MEMORY_PSEUDO_THRESHOLD, "DKD-M at t>1: background pixels of a memory"
                                                               " candidate take the teacher's class when its"
                                                               " sigmoid reaches this", low=0.0, high=1.0)
+    memory_from_trained_model: bool = hyper(False, "DKD-M at t>1: pseudo-label the memory candidates with the trained"
+                                                   " step t-1 model (DKD used it before loading its weights;"
+                                                   " --clean: on)")
+    reference_lists: bool = hyper(True, "ADE 100-50: train step 0 on all 20,210 images, as DKD's list"
+                                        " data/ade/overlap_100-50_train_00.npy (the overlap filter keeps 20,192;"
+                                        " --clean: off)")
 
 
 def memory_key(step):
@@ -156,6 +161,17 @@ class DKD(Method):
     name = "dkd"
     Hyper = DKDHyper
     model_families = ("dkd",)
+    deviations = (
+        Deviation("memory_from_trained_model", True,
+                  "DKD-M pseudo-labels its memory candidates at t > 1 with an old model whose weights are not loaded"
+                  " yet (DKD train_voc.py::main_worker chooses the memory first): ImageNet backbone, random"
+                  " classifiers",
+                  "the candidates' pseudo-labels are noise; the memory is not what the method describes"),
+        Deviation("reference_lists", False,
+                  "DKD's ADE 100-50 step-0 list (data/ade/overlap_100-50_train_00.npy) holds all 20,210 images, 18"
+                  " of them without a class of step 0 (its 100-10 and 100-5 lists, same classes, hold 20,192)",
+                  "the overlap filter the other tasks use would keep 20,192"),
+    )
     test_split = "test_seen"  # validation images containing a seen class (DKD data_loader/dataset.py)
 
     def __init__(self, hyper=None, dataset="voc"):
@@ -220,15 +236,6 @@ class DKD(Method):
             options.update(warmup=WARMUP_FRACTION[self.dataset], round_warmup=False)
         return options
 
-    def convert_previous_state(self, checkpoint):
-        """The model state of a step t−1 checkpoint: a ciss checkpoint's ``model_state`` (or bare state dict)
-        without ``module.`` prefixes, or, for a checkpoint written by DKD's code (``state_dict`` and no
-        ``model_state``), its weights in ciss's key layout (:func:`network.dkd.reference_checkpoint_state`).
-        """
-        if isinstance(checkpoint, dict) and "model_state" not in checkpoint and "state_dict" in checkpoint:
-            return reference_checkpoint_state(checkpoint)
-        return strip_module_prefix(checkpoint.get("model_state", checkpoint))
-
     # ---- data -----------------------------------------------------------------------------------------
     def label_policy(self, steps, step, split):
         """DKD's label table for this dataset (:func:`dkd_lut`)."""
@@ -260,9 +267,15 @@ class DKD(Method):
         if ctx.step == 0 or not self.hp.mem_size:
             return
         previous = self.memories.get(memory_key(ctx.step - 1), {}).get("memory_candidates", [])
+        labeller = teacher
+        if ctx.step > 1 and not self.hp.memory_from_trained_model:
+            # quirk (DKD train_voc.py::main_worker): the memory is chosen before the old model receives its
+            # weights: a fresh step t-1 network (ImageNet backbone, random classifiers) pseudo-labels the candidates
+            labeller = data.fresh_model(ctx.classes_per_step[:-1])
+
         def pseudo_labelled(batch):
             with torch.no_grad():
-                logits, _ = teacher(batch.images)  # fp32, as DKD's memory pass (no autocast there)
+                logits, _ = labeller(batch.images)  # fp32, as DKD's memory pass (no autocast there)
             return dkd_memory_pseudo_labels(logits, batch.labels, self.hp.mem_pseudo_thresh)
 
         relabel = pseudo_labelled if ctx.step > 1 else None
@@ -289,6 +302,17 @@ class DKD(Method):
         logits_old, features_old = teacher_outputs
         return dkd_loss_terms(logits, features, batch.labels, ctx.num_old, logits_old, features_old,
                               pos_weight=hp.pos_weight, **weights)
+
+    # ---- validation -----------------------------------------------------------------------------------
+    def validation_due(self, iteration, iterations_per_epoch, total_iterations, val_interval):
+        """After every epoch, for the logs: DKD's configs set ``validation_period`` -1 and its trainer validates
+        when ``epoch % validation_period == 0``, true for every epoch (DKD trainer/trainer_voc.py::
+        Trainer_base._train_epoch); ``monitor`` off: it never selects. ``--val_interval N``: every N epochs."""
+        return epoch_due(iteration, iterations_per_epoch, 1 if val_interval is None else val_interval)
+
+    def trains_on_every_image(self, ctx):
+        """ADE 100-50, step 0: DKD's list holds every training image (``reference_lists``)."""
+        return self.hp.reference_lists and ctx.dataset == "ade" and ctx.task == "100-50" and ctx.step == 0
 
     # ---- prediction and evaluation --------------------------------------------------------------------
     def predict(self, logits, size):

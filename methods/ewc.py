@@ -6,13 +6,12 @@ from dataclasses import dataclass
 
 import torch
 
-from methods.base import hyper
-from methods.mib_family import protocol_hyper
+from methods.mib_family import MIB_PROTOCOL, PLOP_PROTOCOL, protocol_hyper
 from methods.regularizers import (RegularizedMethod, Regularizer, alpha_hyper, cpu_copy, ema_of_squares, f32,
-                                  normalize_hyper, on_device)
+                                  importance_hyper, normalize_hyper, on_device)
 
 # MiB argparser.py: --reg_importance 500 for EWC (the PLOP/RCIL argparsers: 100), reg_alpha 0.9
-EWC_IMPORTANCE = 500.0
+EWC_IMPORTANCES = {MIB_PROTOCOL: 500.0, PLOP_PROTOCOL: 100.0}  # λ by protocol (MiB's / PLOP's argparser)
 EWC_ALPHA = 0.9  # EMA factor of the "Fisher" update F ← α·g² + (1 − α)·F
 
 
@@ -66,8 +65,7 @@ class EWC(Regularizer):
 
 @dataclass
 class EWCHyper:
-    reg_importance: float = hyper(EWC_IMPORTANCE, "t>0: weight λ of the EWC penalty (MiB 500; PLOP/RCIL argparsers"
-                                                  " 100)", low=0.0)
+    reg_importance: float = importance_hyper(EWC_IMPORTANCES)
     reg_alpha: float = alpha_hyper(EWC_ALPHA)
     reg_normalize: bool = normalize_hyper()
     protocol: str = protocol_hyper()
@@ -79,3 +77,4 @@ class EWCMethod(RegularizedMethod):
     name = "ewc"
     Hyper = EWCHyper
     regularizer_cls = EWC
+    importance = EWC_IMPORTANCES

@@ -38,7 +38,7 @@ from torch import nn
 from datasets.incremental import IGNORE, LUT_SIZE, channel_order
 from datasets.transforms import eval_transform, mib_train_transform
 from methods import losses
-from methods.base import Method, Published, hyper
+from methods.base import Method, Published, epoch_due, hyper
 from network.abn import convert_sync_abn
 
 # label conventions of the reference repositories (MiB dataset/voc.py, PLOP dataset/voc.py)
@@ -310,10 +310,7 @@ class MiBFamily(Method):
     def validation_due(self, iteration, iterations_per_epoch, total_iterations, val_interval):
         """After every epoch (the references validate every epoch for their logs, MiB run.py::main);
         ``--val_interval N``: every N epochs; 0: never."""
-        if iteration % iterations_per_epoch:
-            return False
-        every = 1 if val_interval is None else val_interval
-        return every > 0 and (iteration // iterations_per_epoch) % every == 0
+        return epoch_due(iteration, iterations_per_epoch, 1 if val_interval is None else val_interval)
 
     # ---- evaluation -----------------------------------------------------------------------------------
     def upsampled(self, logits, labels):

@@ -5,13 +5,12 @@ from dataclasses import dataclass
 
 import torch
 
-from methods.base import hyper
-from methods.mib_family import protocol_hyper
-from methods.regularizers import (RegularizedMethod, Regularizer, cpu_copy, f32, normalize_hyper, on_device,
-                                  positive_part, snapshot)
+from methods.mib_family import MIB_PROTOCOL, PLOP_PROTOCOL, protocol_hyper
+from methods.regularizers import (RegularizedMethod, Regularizer, cpu_copy, f32, importance_hyper, normalize_hyper,
+                                  on_device, positive_part, snapshot)
 
 # MiB argparser.py: --reg_importance 500 for PI (the PLOP/RCIL argparsers: 100)
-PI_IMPORTANCE = 500.0
+PI_IMPORTANCES = {MIB_PROTOCOL: 500.0, PLOP_PROTOCOL: 100.0}  # λ by protocol (MiB's / PLOP's argparser)
 PI_EPS = 1e-20  # denominator of the PI importance (MiB utils/regularizer.py::PI)
 
 
@@ -90,8 +89,7 @@ class PI(Regularizer):
 
 @dataclass
 class PIHyper:
-    reg_importance: float = hyper(PI_IMPORTANCE, "t>0: weight λ of the path-integral penalty (MiB 500; PLOP/RCIL"
-                                                 " argparsers 100)", low=0.0)
+    reg_importance: float = importance_hyper(PI_IMPORTANCES)
     reg_normalize: bool = normalize_hyper()
     protocol: str = protocol_hyper()
 
@@ -102,3 +100,4 @@ class PIMethod(RegularizedMethod):
     name = "pi"
     Hyper = PIHyper
     regularizer_cls = PI
+    importance = PI_IMPORTANCES

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from methods.base import hyper
+from methods.base import Deviation, hyper
 from methods.losses import ce_all_pixels, check_map_pairs, collapse_logits, layer_factors
 from methods.mib_family import INIT_FULL, PLOP_PROTOCOL, MiBFamily, protocol_hyper
 
@@ -119,6 +119,34 @@ def median_thresholds(histogram, min_threshold=ENTROPY_THRESHOLD_MIN):
     # so −inf and 0 (empty class) become τ_min, +inf stays inf and nan stays nan
     thresholds = torch.where(min_threshold > medians, torch.full_like(medians, min_threshold), medians)
     return thresholds.to(histogram.device)
+
+
+def exact_median_thresholds(histogram, min_threshold=ENTROPY_THRESHOLD_MIN):
+    """Per-class entropy thresholds from the true medians of the histogram (``--clean``'s alternative to
+    :func:`median_thresholds`, PLOP's loop with its quirks).
+
+    ``histogram``: (K_t, n_bins) counts of the normalised entropy over [0, 1) in bins of width 1 / n_bins. For a
+    class with n_c > 0 counts, with C_b the cumulative count up to bin b included and b* the first bin where
+    C_b ≥ n_c / 2, the median interpolated linearly inside that bin::
+
+        median_c = (b* + (n_c / 2 − C_{b*−1}) / H[c, b*]) / n_bins        (C_{−1} = 0)
+
+    τ_c = max(median_c, min_threshold); a class without counts gets min_threshold. Returns (K_t,) float32 on the
+    histogram's device."""
+    counts = histogram.detach().to("cpu", torch.float64)
+    n_classes, n_bins = counts.shape
+    thresholds = torch.full((n_classes,), float(min_threshold), dtype=torch.float64)
+    for c in range(n_classes):
+        total = counts[c].sum()
+        if total <= 0:
+            continue
+        cumulative = counts[c].cumsum(0)
+        half = total / 2
+        b = int(torch.nonzero(cumulative >= half)[0])
+        before = cumulative[b - 1] if b > 0 else 0.0
+        median = (b + (half - before) / counts[c, b]) / n_bins
+        thresholds[c] = max(float(median), float(min_threshold))
+    return thresholds.to(torch.float32).to(histogram.device)
 
 
 def entropy_pseudo_labels(old_logits_up, labels, thresholds, n_old):
@@ -224,6 +252,10 @@ class PLOPHyper:
     init_balanced: bool = hyper(True, "t>0: background initialisation of the new classifier (weights and biases,"
                                       " b <- b_bg - log(N+1))")
     protocol: str = protocol_hyper(PLOP_PROTOCOL)
+    exact_median: bool = hyper(False, "t>0: entropy thresholds from the histograms' true medians (default: PLOP's"
+                                      " loop, whose quirks decide which pixels are pseudo-labelled; --clean: on)")
+    histogram_per_process: bool = hyper(True, "t>0: each process's thresholds from its own share of the images, as"
+                                              " PLOP (--clean: one histogram summed over the processes)")
 
 
 class PLOP(MiBFamily):
@@ -243,6 +275,15 @@ class PLOP(MiBFamily):
     """
 
     name = "plop"
+    deviations = (
+        Deviation("exact_median", True,
+                  "PLOP's entropy thresholds come from a loop that is not a median (float bin index, the running sum"
+                  " adds the bin index, not its count: PLOP train.py::Trainer.find_median)",
+                  "the thresholds that decide which pixels are pseudo-labelled are not the medians the paper states"),
+        Deviation("histogram_per_process", False,
+                  "PLOP's processes each compute thresholds from their own share of the images",
+                  "the thresholds, hence the pseudo-labels, depend on the number of GPUs"),
+    )
     Hyper = PLOPHyper
     default_protocol = PLOP_PROTOCOL
 
@@ -264,9 +305,9 @@ class PLOP(MiBFamily):
         return INIT_FULL if self.hp.init_balanced else None
 
     def before_step(self, model, teacher, data, ctx):
-        """The per-class entropy thresholds (PLOP train.py::Trainer.find_median); a deliberate difference
-        (docs/differences.md): the histogram is summed over the processes (the reference kept one per process),
-        so every process uses the same thresholds."""
+        """The per-class entropy thresholds (PLOP train.py::Trainer.find_median): each process's from its own share
+        of the images, as PLOP, or (``--no_histogram_per_process``) from one histogram summed over the processes;
+        with PLOP's loop, or (``--exact_median``) the true medians."""
         if ctx.step == 0:
             return
         histogram = torch.zeros(ctx.num_classes, ENTROPY_BINS, dtype=torch.int64, device=data.device)
@@ -276,8 +317,10 @@ class PLOP(MiBFamily):
                     logits = teacher(batch.images)[0]
                 probs = torch.softmax(self.upsampled(logits, batch.labels), dim=1)
                 histogram += entropy_histogram(probs, batch.labels, ctx.num_classes)
-        data.all_reduce(histogram)
-        self.thresholds = median_thresholds(histogram, self.hp.threshold).cpu()
+        if not self.hp.histogram_per_process:
+            data.all_reduce(histogram)
+        thresholds = exact_median_thresholds if self.hp.exact_median else median_thresholds
+        self.thresholds = thresholds(histogram, self.hp.threshold).cpu()
 
     def loss(self, outputs, teacher_outputs, batch, ctx):
         logits, features = outputs

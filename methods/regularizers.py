@@ -43,13 +43,14 @@ statistics from the all-reduced gradients (the reference: rank 0 only, so only r
 saved), so every rank holds the same ones; a step t ≥ 1 whose previous checkpoint holds no statistics of
 the method is refused (the reference silently trained without penalty).
 """
+import dataclasses
 import logging
 
 import torch
 
 from methods.base import hyper
 from methods.losses import ce_all_pixels
-from methods.mib_family import MiBFamily
+from methods.mib_family import MIB_PROTOCOL, PLOP_PROTOCOL, MiBFamily
 from utils.errors import UserError
 
 log = logging.getLogger("ciss")
@@ -60,6 +61,12 @@ NORMALIZE_EPS = 1e-8  # ε of the min-max normalisation (MiB utils/regularizer.p
 def normalize_hyper():
     """The ``reg_normalize`` hyper-parameter of EWC, PI and RW."""
     return hyper(True, "min-max normalise the carried statistics per tensor before the penalty (MiB's default)")
+
+
+def importance_hyper(importance):
+    """The ``reg_importance`` hyper-parameter: λ of the penalty; unset, the protocol's repository's value."""
+    return hyper(None, f"t>0: weight λ of the penalty (default: MiB's {importance[MIB_PROTOCOL]:g}; under"
+                       f" --protocol plop PLOP's and RCIL's {importance[PLOP_PROTOCOL]:g})", low=0.0, type=float)
 
 
 def alpha_hyper(default):
@@ -211,13 +218,18 @@ class RegularizedMethod(MiBFamily):
       carried statistics, None at step 0).
     * ``end_of_step`` computes the carry; ``state_dict`` holds the running statistics (``--resume``) and the
       carry (the next step's :meth:`load_previous_state`).
+    * ``reg_importance`` left unset takes :attr:`importance` of the repository whose protocol the method
+      follows (MiB's argparser, or PLOP's / RCIL's, which set 100 for the three).
     """
 
     uses_gradients = True
     regularizer_cls = None
+    importance = {}  # protocol -> λ (reg_importance) of that repository's argparser
 
     def __init__(self, hyper=None, dataset="voc"):
         super().__init__(hyper, dataset)
+        if self.hp.reg_importance is None:
+            self.hp = dataclasses.replace(self.hp, reg_importance=self.importance[self.protocol()])
         self.reference = None  # θ*: name -> step t-1 weight (CPU), t >= 1
         self.previous = None  # the statistics carried from step t-1
         self.regularizer = None

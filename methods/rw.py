@@ -6,12 +6,12 @@ from dataclasses import dataclass
 import torch
 
 from methods.base import hyper
-from methods.mib_family import protocol_hyper
+from methods.mib_family import MIB_PROTOCOL, PLOP_PROTOCOL, protocol_hyper
 from methods.regularizers import (RegularizedMethod, Regularizer, alpha_hyper, cpu_copy, ema_of_squares, f32,
-                                  normalize_hyper, on_device, positive_part, snapshot)
+                                  importance_hyper, normalize_hyper, on_device, positive_part, snapshot)
 
 # MiB argparser.py: --reg_importance 100 for RW, reg_alpha 0.9, reg_iterations 10
-RW_IMPORTANCE = 100.0
+RW_IMPORTANCES = {MIB_PROTOCOL: 100.0, PLOP_PROTOCOL: 100.0}  # λ by protocol (MiB's / PLOP's argparser)
 RW_ALPHA = 0.9
 RW_ITERATIONS = 10  # the RW score is updated every reg_iterations iterations
 RW_EPS = 1e-8  # denominator of the RW score (MiB utils/regularizer.py::RW)
@@ -110,7 +110,7 @@ class RW(Regularizer):
 
 @dataclass
 class RWHyper:
-    reg_importance: float = hyper(RW_IMPORTANCE, "t>0: weight λ of the Riemannian-walk penalty", low=0.0)
+    reg_importance: float = importance_hyper(RW_IMPORTANCES)
     reg_alpha: float = alpha_hyper(RW_ALPHA)
     reg_iterations: int = hyper(RW_ITERATIONS, "the RW score is updated every this many iterations", positive=True)
     reg_normalize: bool = normalize_hyper()
@@ -123,3 +123,4 @@ class RWMethod(RegularizedMethod):
     name = "rw"
     Hyper = RWHyper
     regularizer_cls = RW
+    importance = RW_IMPORTANCES

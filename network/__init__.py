@@ -32,7 +32,7 @@ DEFAULT_BACKBONE = "resnet101"
 
 __all__ = [
     "BackgroundAdaptationHead", "DeepLabV3", "IncrementalHead", "ResNetBackbone", "SSULHead",
-    "build_model", "list_models", "split_model_name",
+    "build_model", "layout_of", "list_models", "split_model_name",
 ]
 
 
@@ -59,6 +59,26 @@ FAMILIES = {
     "dkd": build_dkd_model,
     "rcil": build_rcil_model,
 }
+
+
+#: The key that tells each layout apart, most specific first: ``(key prefix, layout)``, where a layout names the
+#: families that write it and the repositories whose checkpoints have it (after ``module.`` is stripped and DKD's
+#: keys are renamed by ``network.dkd.convert_reference_state_dict``).
+LAYOUT_KEYS = (
+    ("head.map_bn_new.", "rcil (RCIL's dual-branch network)"),
+    ("head.map_bn.", "mib (MiB's and PLOP's network)"),
+    ("classifier.last_conv.", "dkd (DKD's network)"),
+    ("classifier.head.0.0.", "deeplabv3 (SSUL's network)"),
+    ("classifier.head_pre.", "deeplabv3bga or deeplabv3inc (BARM's and KProBA's network)"),
+)
+
+
+def layout_of(state):
+    """The layout a model state dict's keys have (an entry of :data:`LAYOUT_KEYS`), or None for none of them."""
+    for prefix, layout in LAYOUT_KEYS:
+        if any(key.startswith(prefix) for key in state):
+            return layout
+    return None
 
 
 def list_models():

@@ -42,6 +42,7 @@ import train  # noqa: E402  (the repository's root, inserted above)
 from datasets.synthetic import generate  # noqa: E402
 from engine.cli import method_hyper, parse_args  # noqa: E402
 from engine.context import make_context  # noqa: E402
+from engine.resolve import resolve_step  # noqa: E402
 from engine.data import to_batch  # noqa: E402
 from engine.evaluate import deterministic_cudnn  # noqa: E402
 from engine.iteration import train_iteration  # noqa: E402
@@ -68,16 +69,15 @@ def train_argv(data_root, ckpt_dir, method, args, *extra):
             "--print_interval", "1000000", *extra]
 
 
-def method_flags(method):
-    """Flags a method needs here: its full incremental loss (BARM/KProBA: --pseudo); steps that never validate
-    keep their last weights (SSUL selects its best-validated ones by default)."""
-    return {"barm": ["--pseudo"], "kproba": ["--pseudo"], "ssul": ["--select_last"]}.get(method, [])
+#: Flags of every case: ``--clean`` (synchronised gradients, one BatchNorm over the whole batch, the last weights:
+#: the steps never validate), so that every method times the same kind of step; its losses are its published ones.
+CASE_FLAGS = ("--clean",)
 
 
 def prepare_step0(data_root, ckpt_dir, method, args):
     """A step-0 checkpoint of ``method`` (one epoch on the small synthetic set) for the incremental cases."""
     train.run(parse_args(train_argv(data_root, ckpt_dir, method, args, "--initial", "--train_epoch", "1",
-                                    *method_flags(method))))
+                                    *CASE_FLAGS)))
 
 
 def _train_case(data_root, ckpt_dir, method_name, case, precision, channels_last, compile_model, args):
@@ -85,9 +85,8 @@ def _train_case(data_root, ckpt_dir, method_name, case, precision, channels_last
     amp = precision == "amp"
     step = 0 if case == "step0" else 1  # eval: the step-1 model (its head has every channel of step 1)
     extra = ["--curr_step", str(step), "--end_step", str(step), "--train_epoch", "1",
-             "--channels_last", "on" if channels_last else "off", *method_flags(method_name)]
-    if amp:
-        extra.append("--amp")
+             "--channels_last", "on" if channels_last else "off", *CASE_FLAGS]
+    extra.append("--amp" if amp else "--no_amp")
     if compile_model:
         extra.append("--compile")
     run_args = parse_args(train_argv(data_root, ckpt_dir, method_name, args, *extra))
@@ -96,6 +95,7 @@ def _train_case(data_root, ckpt_dir, method_name, case, precision, channels_last
     device = dist_info.device
     method_cls = get_method_class(method_name)
     method = method_cls(method_hyper(run_args, method_cls), dataset="voc")
+    run_args = resolve_step(run_args, method, step, dist_info.world_size)
     ctx = make_context(run_args, step)
     folder = RunFolder(os.path.join(ckpt_dir, "bench", f"{method_name}-{case}-{precision}-{channels_last}"), False)
     run = set_up_step(ctx, run_args, method, dist_info, step, folder)

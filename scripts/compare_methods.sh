@@ -4,7 +4,8 @@
 # OUT (default compare/) holds the data, the runs and the report (report.md, report.csv, PNG figures).
 # METHODS picks a subset. The setting is small (ResNet-18 from scratch, 97-pixel crops, 200 images), the
 # protocol each method's own: its network, labels, losses, and its published learning rates of the
-# incremental steps (step 0 trains every backbone at 0.01, since none starts from ImageNet weights here).
+# incremental steps (step 0 trains every backbone at 0.01, since none starts from ImageNet weights here), with
+# --clean (synchronised gradients, the last weights: see docs/differences.md).
 # FT, LwF, ILT and MiB share one step 0 (the same CE training on the same network and labels); every other
 # method trains its own. bf16 autocast (--amp) is used when the CPU computes bf16 natively.
 set -euo pipefail
@@ -21,21 +22,21 @@ AMP=$("$PYTHON" -m utils.hardware --amp_flag)
 CKPT="$OUT/checkpoints"
 COMMON=(--data_root "$OUT/VOC2012" --dataset voc --task 15-1 --overlap --backbone resnet18 --no_pretrained
         --crop_size 97 --crop_val --batch_size 8 --val_batch_size 8 --num_workers 1 --lr_policy poly
-        --val_interval 0 --ckpt_dir "$CKPT" --device cpu $AMP)
+        --val_interval 0 --ckpt_dir "$CKPT" --device cpu --clean $AMP)
 
 # per method: flags of step 0 and of steps 1-5 (from scratch, so the backbones learn at 0.01 at step 0)
 init_flags() {
     case "$1" in
         barm|kproba) echo "--backbone_lr0 0.01" ;;
-        ssul) echo "--backbone_lr0 0.01 --select_last" ;;
+        ssul) echo "--backbone_lr0 0.01" ;;
         dkd) echo "--lr 0.01 --head_lr_factor 1" ;;
         *) echo "--lr 0.01" ;;
     esac
 }
 step_flags() {  # the published rates of the incremental steps
     case "$1" in
-        barm|kproba) echo "--lr 0.001 --pseudo --bn_freeze" ;;
-        ssul) echo "--lr 0.01 --select_last" ;;
+        barm|kproba) echo "--lr 0.001" ;;
+        ssul) echo "--lr 0.01" ;;
         dkd) echo "--lr 0.0001" ;;
         *) echo "--lr 0.001" ;;
     esac

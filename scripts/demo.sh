@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The README's demo: a synthetic VOC-format dataset, then BARM on 15-1 (overlap), all six steps, with a
-# ResNet-18 on the CPU (about 3 minutes on 2 cores), printing the per-step table. Output under $OUT (about
+# ResNet-18 on the CPU (about 3 minutes on 2 cores), printing the per-step table. BARM's losses, with --clean
+# (synchronised gradients, the last weights of every step: see docs/differences.md). Output under $OUT (about
 # 700 MB: one checkpoint per step). On a CPU with native bf16 it trains with --amp (bf16 autocast) and
 # channels-last tensors, the fastest CPU configuration (see the README's benchmarks).
 set -euo pipefail
@@ -8,12 +9,13 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 OUT=${OUT:-demo}
 AMP=$("$PYTHON" -m utils.hardware --amp_flag)
-FAST=(${AMP:+--amp --channels_last on})
+FAST=("$AMP")
+[ "$AMP" = --amp ] && FAST+=(--channels_last on)
 
 "$PYTHON" -m datasets.synthetic --dataset voc --root "$OUT/VOC2012" --n_train 200 --n_val 50 --size 128 --seed 0
 COMMON=(--data_root "$OUT/VOC2012" --dataset voc --task 15-1 --overlap --model deeplabv3bga_resnet18
         --no_pretrained --crop_size 97 --crop_val --batch_size 8 --val_batch_size 8 --num_workers 2
-        --lr_policy poly --val_interval 0 --ckpt_dir "$OUT/checkpoints" --subpath BARM "${FAST[@]}")
+        --lr_policy poly --val_interval 0 --ckpt_dir "$OUT/checkpoints" --subpath BARM --clean "${FAST[@]}")
 # step 0 (run_init.sh): from scratch, so the backbone learns at 0.01 instead of BARM's 0.001 for ImageNet weights
 "$PYTHON" train.py "${COMMON[@]}" --initial --train_epoch 20 --backbone_lr0 0.01
 # steps 1-5 (run.sh): BARM's loss with pseudo-labels, BN frozen

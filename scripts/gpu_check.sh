@@ -54,7 +54,7 @@ fi
 echo "== 3. a 2-step run with --amp, then --test"
 "$PYTHON" -m datasets.synthetic --dataset voc --root "$OUT/VOC2012" --n_train 60 --n_val 16 --size 128 --seed 0
 COMMON=(--data_root "$OUT/VOC2012" --ckpt_dir "$OUT/checkpoints" --task 15-1 --overlap --no_pretrained "${RUN[@]}"
-        --crop_val --val_batch_size 8 --lr_policy poly --val_interval 0 --pseudo --bn_freeze --amp)
+        --crop_val --val_batch_size 8 --lr_policy poly --val_interval 0 --amp --clean)
 "$PYTHON" train.py "${COMMON[@]}" --train_epoch 2 --end_step 1 2>&1 | tee "$OUT/run.txt"
 "$PYTHON" train.py --data_root "$OUT/VOC2012" --ckpt_dir "$OUT/checkpoints" --task 15-1 --overlap --test 2>&1 \
     | tee "$OUT/test.txt"

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Incremental steps CURR..last of a task, in the shape of BARM's run.sh (run run_init.sh first):
 #   DATA_ROOT=/data/VOC2012 GPUS=0,1 bash scripts/run.sh
-# Several GPUs run under torchrun with synchronised gradients, so BATCH is per GPU and the global batch is
-# BATCH x GPUs (BARM's own multi-GPU runs did not synchronise; see the README).
+# Several GPUs run under torchrun; BATCH is per GPU, as in BARM's run.sh. BARM's published steps ran 2 GPUs that
+# never averaged their gradients, and so does this script by default: the model trained is rank 0's, batch BATCH,
+# on its half of the images, whatever the number of GPUs here. EXTRA="--clean" (or "--sync_gradients") trains on
+# every image with the global batch BATCH x GPUs instead (README, "Reproducing a published number").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -2,7 +2,8 @@
 # Step 0 of a task, in the shape of BARM's run_init.sh. Edit the variables or set them in the environment:
 #   DATA_ROOT=/data/VOC2012 GPUS=0 bash scripts/run_init.sh
 # BARM's step 0 uses hard-coded learning rates (backbone 0.001, classifier 0.01); LR is passed for
-# completeness and used only from step 1 on.
+# completeness and used only from step 1 on. As BARM, step 1 starts from step 0's best-validated weights
+# (EXTRA="--select_last": the last).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -33,7 +33,7 @@ from utils.tasks import get_task
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMON = ["--task", "15-1", "--overlap", "--backbone", "resnet18", "--no_pretrained", "--crop_size", "65",
           "--batch_size", "4", "--num_workers", "0", "--crop_val", "--val_batch_size", "8", "--lr_policy", "poly",
-          "--val_interval", "0", "--pseudo", "--bn_freeze"]
+          "--val_interval", "0", "--clean"]
 
 
 def train_cmd(data_root, ckpt_dir, *extra):

@@ -1,7 +1,7 @@
 """What the machine offers: whether the CPU computes bf16 natively (then ``--amp``, bf16 autocast, is the
 fastest CPU training configuration; see the README's benchmarks).
 
-    python -m utils.hardware --amp_flag     prints "--amp" on a CPU with native bf16, nothing otherwise
+    python -m utils.hardware --amp_flag     prints "--amp" on a CPU with native bf16, "--no_amp" otherwise
 """
 import argparse
 
@@ -26,10 +26,10 @@ def cpu_has_native_bf16(cpuinfo="/proc/cpuinfo"):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--amp_flag", action="store_true", help='print "--amp" when the CPU has native bf16')
+    parser.add_argument("--amp_flag", action="store_true", help='print "--amp" when the CPU has native bf16, else "--no_amp"')
     args = parser.parse_args(argv)
     if args.amp_flag:
-        print("--amp" if cpu_has_native_bf16() else "")
+        print("--amp" if cpu_has_native_bf16() else "--no_amp")
 
 
 if __name__ == "__main__":

@@ -22,10 +22,10 @@ class _Buffer(logging.handlers.BufferingHandler):
         return False
 
 
-def setup_logging(is_main):
-    """Messages of the ``ciss`` logger (and the data modules') to stdout on rank 0; warnings only elsewhere.
-    Records are also buffered until :func:`attach_log_file` names the run's log file."""
-    handler = logging.StreamHandler(sys.stdout)
+def setup_logging(is_main, stream=None):
+    """Messages of the ``ciss`` logger (and the data modules') to ``stream`` (default stdout) on rank 0; warnings
+    only elsewhere. Records are also buffered until :func:`attach_log_file` names the run's log file."""
+    handler = logging.StreamHandler(stream or sys.stdout)
     handler.setFormatter(logging.Formatter("%(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler, _Buffer(_BUFFER_CAPACITY)]

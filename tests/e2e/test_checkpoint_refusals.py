@@ -12,7 +12,7 @@ from tests.helpers import REPO, assert_user_error, run
 
 SMALL = ["--task", "15-5", "--overlap", "--backbone", "resnet18", "--no_pretrained", "--crop_size", "49",
          "--batch_size", "4", "--num_workers", "0", "--crop_val", "--val_batch_size", "8", "--lr_policy", "poly",
-         "--val_interval", "0", "--train_epoch", "1", "--subpath", "shared", "--device", "cpu"]
+         "--val_interval", "0", "--train_epoch", "1", "--subpath", "shared", "--device", "cpu", "--clean"]
 
 
 def cmd(data_root, ckpt_dir, method, *extra):

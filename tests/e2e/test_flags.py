@@ -51,7 +51,9 @@ def test_every_flag_is_read(tiny_voc, tmp_path):
     assert "selected" in torch.load(best, weights_only=False)  # --select_best: step 0's result is its best weights
     train.run(recorded(common + [
         "--curr_step", "1", "--end_step", "1", "--no_pretrained", "--train_epoch", "1", "--prev_ckpt", str(best),
-        "--pseudo", "--pseudo_thresh", "0.6", "--bn_freeze", "--resume", "--lr_policy", "warm_poly"]))
+        "--pseudo", "--pseudo_thresh", "0.6", "--bn_freeze", "--resume", "--lr_policy", "warm_poly", "--sync_gradients", "--bn_chunks", "1"]))
     train.run(recorded(common + ["--test", "--curr_step", "1", "--visualize", "1"]))
+    by_global = [flag for flag in common if flag not in ("--batch_size", "4")] + ["--global_batch", "4"]
+    train.run(recorded(by_global + ["--curr_step", "2", "--recipe", "flags-test", "--dry_run", "--clean"]))
     unread = parser_dests(build_parser("barm", "voc")) - RecordingConfig.reads
     assert not unread, f"flags never read: {sorted(unread)}"

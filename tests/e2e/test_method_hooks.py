@@ -22,7 +22,7 @@ def common(data_root, ckpt, method, *extra):
     return ["--data_root", data_root, "--ckpt_dir", str(ckpt), "--method", method, "--task", "15-1", "--overlap",
             "--backbone", "resnet18", "--no_pretrained", "--crop_size", "49", "--batch_size", "4",
             "--num_workers", "0", "--crop_val", "--val_batch_size", "8", "--lr_policy", "poly", "--lr", "0.01",
-            "--val_interval", "0", "--device", "cpu", *extra]
+            "--val_interval", "0", "--device", "cpu", "--random_seed", "1", *extra]
 
 
 def step_dir(ckpt, method, step):
@@ -236,26 +236,6 @@ def test_best_selection_without_validation_is_refused_before_training(tiny_voc, 
     with pytest.raises(UserError, match="never validates"):
         train.run(parse_args(common(tiny_voc, tmp_path, "recorder", "--initial", "--train_epoch", "1")))
     assert not list(tmp_path.rglob("*.pth"))
-
-
-def test_previous_checkpoints_go_through_the_method_conversion(tiny_voc, tmp_path, recorder, monkeypatch):
-    """``--prev_ckpt`` of a reference code's own layout: the method's convert_previous_state gives the state."""
-    train.run(parse_args(common(tiny_voc, tmp_path, "recorder", "--initial", "--train_epoch", "1")))
-    state = final(tmp_path, "recorder", 0)["model_state"]
-    foreign = tmp_path / "foreign.pth"
-    torch.save({"weights": {f"net.{k}": v for k, v in state.items()}}, foreign)  # another code's layout
-    converted = []
-
-    def convert(self, checkpoint):
-        converted.append(sorted(checkpoint))
-        return {k[len("net."):]: v for k, v in checkpoint["weights"].items()}
-
-    monkeypatch.setattr(Recorder, "convert_previous_state", convert)
-    other = tmp_path / "other"
-    train.run(parse_args(common(tiny_voc, other, "recorder", "--curr_step", "1", "--end_step", "1",
-                                "--train_epoch", "1", "--prev_ckpt", str(foreign))))
-    assert converted == [["weights"]]
-    assert os.path.exists(os.path.join(step_dir(other, "recorder", 1), "final.pth"))
 
 
 def test_compile_wraps_the_training_forward(tiny_voc, tmp_path, recorder, monkeypatch):

@@ -24,7 +24,7 @@ def argv(dataset, data_root, ckpt, *extra):
     return ["--method", "dkd", "--dataset", dataset, "--data_root", data_root, "--ckpt_dir", str(ckpt),
             "--task", task, "--overlap", "--backbone", "resnet18", "--no_pretrained", "--crop_size", "49",
             "--batch_size", "4", "--num_workers", "0", "--crop_val", "--val_batch_size", "8", "--device", "cpu",
-            "--lr", "0.001", "--lr_policy", policy, *extra]
+            "--lr", "0.001", "--lr_policy", policy, "--no_amp", *extra]
 
 
 def folder(ckpt, dataset, step, *sub):

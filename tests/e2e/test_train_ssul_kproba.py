@@ -58,7 +58,7 @@ class Chains:
                          "--train_epoch", str(self.epochs), *extra, ckpt=ckpt)
 
     def kproba_argv(self, *extra, ckpt=None):
-        return self.argv("kproba", "--pseudo", "--bn_freeze", "--val_interval", "0", "--train_epoch",
+        return self.argv("kproba", "--select_last", "--val_interval", "0", "--train_epoch",
                          str(self.epochs), *extra, ckpt=ckpt)
 
 
@@ -73,7 +73,7 @@ def chains(request, tmp_path_factory):
     run(*c.argv("ssul", "--curr_step", "1", "--end_step", str(LAST_STEP), "--train_epoch", "1", "--val_interval", "1"))
     c.ssul_step0 = os.path.join(c.folder("ssul", 0), "final.pth")
     run(*c.ssulm_argv("--curr_step", "1", "--end_step", str(LAST_STEP), "--prev_ckpt", c.ssul_step0))
-    run(*c.argv("kproba", "--initial", "--train_epoch", "1", "--val_interval", "0"))
+    run(*c.argv("kproba", "--initial", "--train_epoch", "1", "--val_interval", "0", "--select_last"))
     run(*c.kproba_argv("--curr_step", "1", "--end_step", str(LAST_STEP)))
     return c
 

@@ -96,6 +96,7 @@ def test_visualize_test_step_on_a_synthetic_voc(tmp_path, tiny_checkpoint):
     from engine.context import make_context
     from methods import get_method_class
     from engine.cli import parse_args
+    from engine.resolve import resolve_step
     from utils.checkpoint import load_checkpoint_file
     from utils.distributed import DistInfo
 
@@ -105,6 +106,7 @@ def test_visualize_test_step_on_a_synthetic_voc(tmp_path, tiny_checkpoint):
     args = parse_args(["--method", "ft", "--data_root", root, "--ckpt_dir", str(tmp_path / "ckpt"), "--task", "15-1",
                        "--overlap", "--backbone", "resnet18", "--crop_size", "49", "--crop_val", "--num_workers", "0",
                        "--test", "--device", "cpu"])
+    args = resolve_step(args, method, 1, 1)
     ctx = make_context(args, 1)
     spec = model_spec(args, get_method_class("ft"))
     folder = str(tmp_path / "eval" / "step1")

@@ -237,13 +237,13 @@ def test_bn_freeze_at_incremental_steps_keeps_dropout_active():
 
 def test_pseudo_gates_the_teacher_and_the_auxiliary_losses():
     ctx = StepContext("voc", STEPS, 1)
-    assert not get_method("barm").needs_teacher(ctx)
-    assert get_method("barm", pseudo=True).needs_teacher(ctx)
+    assert get_method("barm").needs_teacher(ctx)  # published: BARM's scripts pass --pseudo
+    assert not get_method("barm", pseudo=False).needs_teacher(ctx)
     assert not get_method("barm", pseudo=True).needs_teacher(StepContext("voc", STEPS, 0))
     model, teacher = model_at(1), model_at(0)
     teacher.eval()
     images, labels = torch.randn(2, 3, 33, 33), torch.randint(0, 17, (2, 33, 33))
-    plain = get_method("barm").loss(model(images), None, Batch(images, labels), ctx)
+    plain = get_method("barm", pseudo=False).loss(model(images), None, Batch(images, labels), ctx)
     assert set(plain) == {"total", "std"}
     with torch.no_grad():
         teacher_outputs = teacher(images)
@@ -275,4 +275,5 @@ def test_barm_selects_best_only_at_step_0_and_only_when_asked():
     method = get_method("barm")
     assert method.selects_best(StepContext("voc", STEPS, 0), True)
     assert not method.selects_best(StepContext("voc", STEPS, 1), True)
-    assert not method.selects_best(StepContext("voc", STEPS, 0), None)
+    assert method.selects_best(StepContext("voc", STEPS, 0), None)  # published: step 0's best-validated weights
+    assert not method.selects_best(StepContext("voc", STEPS, 0), False)  # --select_last / --clean

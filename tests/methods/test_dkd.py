@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from engine.cli import parse_args
+from engine.models import model_state
 from methods import dkd, get_method
 from methods.base import Batch, MemoryUse, StepContext
 from network.dkd import build_dkd_model, reference_checkpoint_state
@@ -209,7 +210,8 @@ def test_method_prediction_and_evaluation_convention():
 
 def test_validation_cadence_and_selection():
     method = get_method("dkd")
-    assert not any(method.validation_due(i, 5, 50, None) for i in range(1, 51))  # DKD never validates
+    # after every epoch (validation_period -1: epoch % -1 == 0), for the logs only
+    assert [i for i in range(1, 51) if method.validation_due(i, 5, 50, None)] == list(range(5, 51, 5))
     assert [i for i in range(1, 51) if method.validation_due(i, 5, 50, 3)] == [15, 30, 45]
     assert not any(method.validation_due(i, 5, 50, 0) for i in range(1, 51))
     assert not method.selects_best(StepContext("voc", VOC_15_1, 1), None)
@@ -221,8 +223,8 @@ class FakeStepData:
 
     seed = 5
 
-    def __init__(self, batches):
-        self._batches, self.calls = batches, []
+    def __init__(self, batches, fresh_labeller=None):
+        self._batches, self.calls, self.fresh, self.fresh_labeller = batches, [], [], fresh_labeller
 
     def previous_samples(self):
         return ["previous"]
@@ -233,6 +235,10 @@ class FakeStepData:
 
     def broadcast(self, obj):
         return obj
+
+    def fresh_model(self, classes_per_step):
+        self.fresh.append(list(classes_per_step))
+        return self.fresh_labeller
 
 
 class ConstantTeacher(torch.nn.Module):
@@ -289,7 +295,7 @@ def test_memory_is_class_balanced_and_terminates():
 
 def test_memory_at_t2_starts_from_the_previous_memory_and_uses_teacher_pseudo_labels():
     steps = ((0, 1, 2), (3,), (4,))
-    method = get_method("dkd", mem_size=10)
+    method = get_method("dkd", mem_size=10, memory_from_trained_model=True)  # the fix: the trained step-1 model
     previous = {"step": 1, "memories": {"step_1": {"memory_list": ["a", "b"],
                                                   "memory_candidates": [["a", [1]], ["b", [2]]]}}}
     method.load_previous_state(previous, StepContext("voc", steps, 2))
@@ -325,10 +331,26 @@ def test_reference_checkpoint_state_loads_a_dkd_checkpoint():
     reference = {k.replace("classifier.last_conv.", "aspp.last_conv.").replace("classifier.", ""): v
                  for k, v in ours.items()}
     checkpoint = {"arch": "DeepLabV3", "epoch": 60, "state_dict": reference, "monitor_best": 0}
-    method = get_method("dkd")
-    model.load_state_dict(method.convert_previous_state(checkpoint), strict=True)
+    model.load_state_dict(model_state(checkpoint), strict=True)
     ciss = {"model_state": {"module." + k: v for k, v in ours.items()}, "classes": [[0, 1, 2, 3], [4]]}
-    assert method.convert_previous_state(ciss).keys() == ours.keys()  # ciss checkpoints pass through
+    assert model_state(ciss).keys() == ours.keys()  # ciss checkpoints pass through
     assert reference_checkpoint_state(reference).keys() == ours.keys()  # a bare state dict works too
     with pytest.raises(UserError):
         reference_checkpoint_state([1, 2])
+
+
+def test_published_memory_at_t2_is_labelled_by_a_fresh_step_t_minus_1_network():
+    """DKD train_voc.py::main_worker picks the memory before the old model receives its weights: the labeller is a
+    fresh network of step t-1's layout, not the teacher."""
+    steps = ((0, 1, 2), (3,), (4,))
+    labels = torch.tensor([[[0, 0], [0, 0]], [[0, 0], [0, 0]]])
+    batch = Batch(torch.zeros(2, 3, 2, 2), labels, ids=("c", "d"))
+    # the teacher would label c with class 2; the fresh network labels d with class 1 and nothing on c
+    teacher = ConstantTeacher(torch.tensor([[0.0, -4.0, 4.0, -4.0], [0.0, -4.0, -4.0, -4.0]]))
+    fresh = ConstantTeacher(torch.tensor([[0.0, -4.0, -4.0, -4.0], [0.0, 5.0, -4.0, -4.0]]))
+    data = FakeStepData([batch], fresh_labeller=fresh)
+    method = get_method("dkd", mem_size=10)
+    method.load_previous_state({"step": 1, "memories": {}}, StepContext("voc", steps, 2))
+    method.before_step(None, teacher, data, StepContext("voc", steps, 2))
+    assert data.fresh == [[3, 1]]  # step 1's layout: classes per step
+    assert method.state_dict()["memories"]["step_2"]["memory_list"] == ["d"]

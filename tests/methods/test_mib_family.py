@@ -195,8 +195,14 @@ def test_new_classifier_initialisation(name, init):
 def test_mib_family_default_weights():
     assert (lwf.LWF_W_KD, ilt.ILT_W_KD, ilt.ILT_W_DE) == (100.0, 100.0, 100.0)
     assert (lwf.LWFMC_W_ICARL, mib.MIB_W_KD, losses.KD_ALPHA) == (10.0, 10.0, 1.0)
-    assert (ewc.EWC_IMPORTANCE, ewc.EWC_ALPHA, pi.PI_IMPORTANCE) == (500.0, 0.9, 500.0)
-    assert (rw.RW_IMPORTANCE, rw.RW_ALPHA, rw.RW_ITERATIONS) == (100.0, 0.9, 10)
+    # λ by protocol: MiB's argparser (MiB argparser.py) and PLOP's (PLOP argparser.py)
+    assert ewc.EWC_IMPORTANCES == {"mib": 500.0, "plop": 100.0} and ewc.EWC_ALPHA == 0.9
+    assert pi.PI_IMPORTANCES == {"mib": 500.0, "plop": 100.0}
+    assert rw.RW_IMPORTANCES == {"mib": 100.0, "plop": 100.0} and (rw.RW_ALPHA, rw.RW_ITERATIONS) == (0.9, 10)
+    for name, table in (("ewc", ewc.EWC_IMPORTANCES), ("pi", pi.PI_IMPORTANCES), ("rw", rw.RW_IMPORTANCES)):
+        for protocol, value in table.items():
+            assert get_method(name, protocol=protocol).hp.reg_importance == value
+        assert get_method(name, protocol="plop", reg_importance=7.0).hp.reg_importance == 7.0
 
 
 # ---- MiB background-aware init, RCIL weight-only variant (MiB, RCIL segmentation_module.py::init_new_classifier) -----

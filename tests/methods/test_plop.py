@@ -261,10 +261,13 @@ def test_plop_thresholds_from_the_teacher_pass():
     logits = torch.tensor([[10.0, 10.0, 0.0, -10.0, 10.0, 10.0], [-10.0, -10.0, 0.0, 10.0, -10.0, -10.0]])
     labels = torch.tensor([[[0, 0, 0, 0, 2, 255]]])
     data = FakeData([Batch(torch.zeros(1, 3, 1, 6), labels)])
-    method = get_method("plop")
     ctx = StepContext("voc", ((0, 1), (2,)), 1)
+    # published: each process keeps its own histogram (PLOP train.py::find_median has no all-reduce)
+    get_method("plop").before_step(None, ConstantTeacher(logits[None, :, None, :]), data, ctx)
+    assert data.reduced == 0
+    method = get_method("plop", histogram_per_process=False)
     method.before_step(None, ConstantTeacher(logits[None, :, None, :]), data, ctx)
-    assert data.reduced == 1  # the histogram is summed over the processes
+    assert data.reduced == 1  # the fix: the histogram is summed over the processes
     # class 0: 2 pixels in bin 0, 1 in bin 45; half = 1.5 ≤ H[0, 0] -> stops at k = 0: 0.01 · 1.5 / 2
     # class 1: 1 pixel in bin 0 -> 0.01 · 0.5 / 1; class 2: empty -> τ_min
     assert method.thresholds.tolist() == pytest.approx([0.0075, 0.005, 0.001], rel=1e-6)

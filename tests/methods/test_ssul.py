@@ -103,13 +103,15 @@ def test_training_labels_of_memory_samples():
     is_memory = torch.tensor([False, True])
     shifted = [[0, 2], [3, 255]]  # background with saliency > 0 -> unknown 0, class k -> k + 1
     batch = Batch(torch.zeros(2, 3, 2, 2), labels, extras={"saliency": saliency}, memory=is_memory)
-    assert get_method("ssul").targets(batch).tolist() == [shifted, shifted]  # fixed: memory shifted too
-    reference = get_method("ssul", memory_labels_unshifted=True).targets(batch)
-    # SSUL shifted only its train split (SSUL datasets/voc.py::__getitem__; ciss shifts memory: docs/differences.md)
+    assert get_method("ssul", memory_labels_unshifted=False).targets(batch).tolist() == [shifted, shifted]  # fixed
+    reference = get_method("ssul").targets(batch)  # published
+    # SSUL shifted only its train split (SSUL datasets/voc.py::__getitem__); the fix shifts memory too
     assert reference.tolist() == [shifted, [[0, 1], [2, 255]]]  # SSUL: memory class k on channel k
     # ADE (no saliency): every background pixel is unknown; without the unknown class nothing changes
     ade = Batch(torch.zeros(2, 3, 2, 2), labels, memory=is_memory)
-    assert get_method("ssul", dataset="ade").targets(ade).tolist() == [[[0, 2], [3, 255]]] * 2
+    fixed = get_method("ssul", dataset="ade", memory_labels_unshifted=False)
+    assert fixed.targets(ade).tolist() == [[[0, 2], [3, 255]]] * 2
+    assert get_method("ssul", dataset="ade").targets(ade).tolist() == [[[0, 2], [3, 255]], [[0, 1], [2, 255]]]
     assert get_method("ssul", unknown=False).targets(batch) is labels
 
 
