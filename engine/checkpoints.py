@@ -14,7 +14,7 @@ from utils.errors import UserError
 log = logging.getLogger("ciss")
 
 #: Flags a resumed step must share with the run it continues (they shape the schedule, the data or the loss).
-RESUME_FLAGS = ("train_epoch", "batch_size", "lr", "lr_policy", "step_size", "weight_decay", "crop_size",
+RESUME_FLAGS = ("train_epoch", "batch_size", "accumulate", "lr", "lr_policy", "step_size", "weight_decay", "crop_size",
                 "random_seed", "amp", "loss_type")
 
 

@@ -85,6 +85,14 @@ def build_parser(method="barm", dataset="voc"):
     batch.add_argument("--global_batch", type=int, default=None,
                        help="training batch of one optimizer step over all processes (default: the method's"
                             " published run's)")
+    accumulate = data.add_mutually_exclusive_group()
+    accumulate.add_argument("--accumulate", type=int, default=None, metavar="K",
+                            help="split each process's batch into K micro-batches whose gradients are accumulated"
+                                 " before one optimizer step: the same global batch in 1/K of the memory; BatchNorm"
+                                 " statistics per micro-batch (default: 1)")
+    accumulate.add_argument("--micro_batch", type=int, default=None, metavar="B",
+                            help="the micro-batch per process instead: --accumulate follows (the batch per process"
+                                 " / B)")
     data.add_argument("--val_batch_size", type=int, default=4,
                       help="validation/test batch with --crop_val (default: %(default)s)")
 
@@ -206,7 +214,7 @@ def build_parser(method="barm", dataset="voc"):
 def validate(config, method_cls=None):
     """Checks argparse cannot express (ranges of the flags given and of the method's hyper-parameters); raises
     :class:`UserError`. Values the method's published run supplies are checked when a step resolves them."""
-    at_least = {"batch_size": 1, "global_batch": 1, "val_batch_size": 1, "train_epoch": 1, "crop_size": 1,
+    at_least = {"batch_size": 1, "global_batch": 1, "accumulate": 1, "micro_batch": 1, "val_batch_size": 1, "train_epoch": 1, "crop_size": 1,
                 "step_size": 1, "print_interval": 1, "bn_chunks": 1, "visualize": 0, "num_workers": 0,
                 "val_interval": 0, "weight_decay": 0}
     for name, low in at_least.items():

@@ -151,6 +151,21 @@ def check_images_nonempty(samples):
             raise UserError(f"image {image_path} is empty (0 bytes): expected a JPEG or PNG image")
 
 
+class MicroBatchGroups:
+    """``loader``'s batches in lists of ``size`` (the micro-batches of one optimizer step); ``len`` = full lists."""
+
+    def __init__(self, loader, size):
+        self.loader, self.size = loader, size
+
+    def __len__(self):
+        return len(self.loader) // self.size
+
+    def __iter__(self):
+        batches = iter(self.loader)
+        for _ in range(len(self)):
+            yield [next(batches) for _ in range(self.size)]
+
+
 class TrainData:
     """The training loader of a step, its per-epoch reseeding and the method's memory."""
 
@@ -179,7 +194,7 @@ class TrainData:
         else:
             sampler = SeededSampler(dataset, world, self.dist.rank, self.seed, self.step, tag)
         workers = self.config.num_workers
-        loader = DataLoader(dataset, batch_size=self.config.batch_size, sampler=sampler, num_workers=workers,
+        loader = DataLoader(dataset, batch_size=self.config.micro_batch, sampler=sampler, num_workers=workers,
                             pin_memory=self.dist.device.type == "cuda" and self.collate is None, drop_last=True,
                             persistent_workers=workers > 0,  # workers live for the step: no restart per epoch
                             collate_fn=self.collate)
@@ -188,10 +203,10 @@ class TrainData:
     def _build(self, dataset):
         self.dataset = dataset
         self.sampler, self.loader = self._loader(dataset)
-        if len(self.loader) == 0:
+        if len(self) == 0:
             raise UserError(f"step {self.ctx.step} of {self.ctx.task} ({self.ctx.setting}) has"
-                            f" {len(self.sampler)} training images per process, fewer than --batch_size"
-                            f" {self.config.batch_size}")
+                            f" {len(self.sampler)} training images per process, fewer than its batch of"
+                            f" {self.config.batch_size} per process")
 
     def set_memory(self, memory):
         """Use the method's memory (a :class:`methods.base.MemoryUse` of image ids from the training lists of
@@ -214,18 +229,21 @@ class TrainData:
         if memory.mode != "replace":
             raise ValueError(f"unknown memory mode {memory.mode!r}")
         # SSUL-M (SSUL datasets/voc.py::__init__): the list is repeated until it fills a batch on every process
-        needed = self.config.batch_size * self.dist.world_size
+        needed = self.config.micro_batch * self.dist.world_size
         repeats = -(-needed // len(samples))
         dataset = SeededDataset(ConcatDataset([self.memory] * repeats), 0)
         self.memory_sampler, self.memory_loader = self._loader(dataset, tag=MEMORY_TAG)
 
     def __len__(self):
-        return len(self.loader)
+        """Optimizer steps per epoch (groups of ``accumulate`` loader batches)."""
+        return len(self.loader) // self.config.accumulate
 
     def epoch(self, epoch):
-        """The loader for ``epoch``: its sampler's order and its samples' augmentation seeds."""
+        """The iterations of ``epoch`` (its sampler's order and its samples' augmentation seeds), each a list
+        of ``accumulate`` loader batches (a last incomplete group is dropped, as the loader drops a last
+        incomplete batch)."""
         self.sampler.set_epoch(epoch)
-        return self.loader
+        return MicroBatchGroups(self.loader, self.config.accumulate)
 
     def pass_loader(self):
         """The training loader for a before-step pass: an order and augmentation seeds of its own."""

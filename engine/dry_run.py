@@ -57,6 +57,7 @@ def dry_run(config, method_cls, method_hyper, steps, world_size):
             "model": spec.name, "backbone": spec.backbone, "output_stride": spec.output_stride,
             "pretrained": pretrained_source(step_config) if step == 0 else f"step {step - 1}'s weights",
             "global_batch": step_config.global_batch, "batch_per_process": step_config.batch_size,
+            "accumulate": step_config.accumulate, "micro_batch": step_config.micro_batch,
             "processes": world_size, "reference_shards": step_config.reference_shards,
             "training_images": images, "iterations_per_epoch": per_epoch,
             "total_iterations": per_epoch * step_config.train_epoch,

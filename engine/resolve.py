@@ -56,14 +56,44 @@ def divisors(n):
 
 def bn_chunks_per_process(config, bn_trains, world_size):
     """``--bn_chunks N``: BatchNorm statistics per chunk of the global batch, as DataParallel over N GPUs computed
-    them; each process takes N / processes of the chunks (no SyncBatchNorm then). Where BatchNorm does not train
-    the chunks change nothing: 1. Raises :class:`UserError` when N does not divide over the processes."""
+    them; each forward (one micro-batch of one process) takes N / (processes x ``accumulate``) of the chunks (no
+    SyncBatchNorm then). Where BatchNorm does not train the chunks change nothing: 1; where a micro-batch is a
+    published chunk or a part of one: 1 (statistics per micro-batch). Raises :class:`UserError` when neither
+    divides the other."""
     if not bn_trains or config.bn_chunks <= 1:
         return 1
-    if config.bn_chunks % world_size:
+    forwards = world_size * config.accumulate
+    if config.bn_chunks % forwards == 0:
+        return config.bn_chunks // forwards
+    if forwards % config.bn_chunks == 0:
+        return 1
+    if config.accumulate == 1:
         raise UserError(f"--bn_chunks {config.bn_chunks} does not divide over {world_size} processes: run"
                         f" {', '.join(str(d) for d in divisors(config.bn_chunks))} processes, or give --bn_chunks 1")
-    return config.bn_chunks // world_size
+    raise UserError(f"--bn_chunks {config.bn_chunks} does not divide over {world_size} processes x --accumulate"
+                    f" {config.accumulate} micro-batches: make their product a divisor or a multiple of"
+                    f" {config.bn_chunks}, or give --bn_chunks 1")
+
+
+def _accumulation(config, per_process, step, take):
+    """``accumulate`` (micro-batches per optimizer step) and ``micro_batch`` (the loader's batch per process) of a
+    step whose batch per process is ``per_process``: ``--accumulate K`` splits it in K, ``--micro_batch B`` in
+    batches of B; one that does not split evenly is refused with one line naming the values that do."""
+    if config.micro_batch is not None:
+        micro, flag = config.micro_batch, f"--micro_batch {config.micro_batch}"
+        if per_process % micro:
+            raise UserError(f"{flag} does not divide step {step}'s batch of {per_process} per process: use one of"
+                            f" {', '.join(str(d) for d in divisors(per_process))}")
+        take("micro_batch", micro, "--micro_batch")
+        take("accumulate", per_process // micro, f"batch {per_process} per process / --micro_batch {micro}")
+        return
+    count = 1 if config.accumulate is None else config.accumulate
+    if per_process % count:
+        raise UserError(f"--accumulate {count} does not divide step {step}'s batch of {per_process} per process"
+                        f" into equal micro-batches: use one of {', '.join(str(d) for d in divisors(per_process))}")
+    take("accumulate", count, "--accumulate" if config.accumulate is not None else DEFAULT)
+    take("micro_batch", per_process // count,
+         f"batch {per_process} per process / {count}" if count > 1 else "the batch per process")
 
 
 def _published(method, task, step):
@@ -86,7 +116,8 @@ def resolve_step(config, method, step, world_size):
     process counts. Where the published run's GPUs never averaged their gradients (``--no_sync_gradients``), the
     run reproduces rank 0 alone: the global batch is rank 0's (the published one over the published GPUs; with
     ``--batch_size B``, B: each reference GPU's batch), trained on rank 0's share of the images
-    (``reference_shards``) and divided over this run's processes."""
+    (``reference_shards``) and divided over this run's processes. ``--accumulate`` / ``--micro_batch`` then
+    split the batch per process into micro-batches (:func:`_accumulation`): the global batch does not change."""
     explicit = set(config.explicit)
     published = _published(method, config.task, step)
     values, sources = {}, {}
@@ -138,6 +169,7 @@ def resolve_step(config, method, step, world_size):
         take("global_batch", replica, sources.get("global_batch", config.source("global_batch")) +
              (f" / {shards} unsynchronised GPUs (rank 0's batch)" if shards > 1 else ""))
         take("batch_size", replica // world_size, f"global batch {replica} / {world_size} processes")
+    _accumulation(config, value("batch_size"), step, take)
     crop, stride = value("crop_size"), value("output_stride")
     if crop < MIN_FEATURE_PIXELS * stride:
         raise UserError(f"--crop_size {crop} is too small for output stride {stride}: expected at least"

@@ -56,9 +56,11 @@ def set_up_step(ctx, config, method, dist_info, first_step, run_folder, last_ste
     bn_trains = not method.bn_frozen(ctx)                                       # method.bn_frozen
     chunks = bn_chunks_per_process(config, bn_trains, dist_info.world_size)
     sync_bn = dist_info.distributed and device.type == "cuda" and bn_trains and config.bn_chunks == 1
-    if bn_trains and config.batch_size * (dist_info.world_size if sync_bn else 1) < 2:
+    if bn_trains and config.micro_batch * (dist_info.world_size if sync_bn else 1) < 2:
+        what = f"--batch_size {config.batch_size}" if config.accumulate == 1 else \
+            f"micro-batches of {config.micro_batch}"
         raise UserError(f"step {ctx.step} trains BatchNorm statistics, which needs at least 2 images per"
-                        f" batch{' across the GPUs' if sync_bn else ''} (got --batch_size {config.batch_size})")
+                        f" batch{' across the GPUs' if sync_bn else ''} (got {what})")
     select_best = method.selects_best(ctx, config.select_best)                 # method.selects_best
     data = TrainData(ctx, config, dist_info, method)  # method.extra_maps, train_transform, label_policy
     later = range(ctx.step + 1, (ctx.step if last_step is None else last_step) + 1)

@@ -28,6 +28,27 @@ from utils.logging import plural
 log = logging.getLogger("ciss")
 
 
+def global_batch(config, world_size):
+    """The images of one optimizer step over all processes (rank 0's of an unsynchronised published run)."""
+    return config.batch_size * world_size
+
+
+def batch_text(config, world_size):
+    """``batch 8 per process x 2 processes`` (``(2 micro-batches of 4 accumulated)`` with ``--accumulate``)."""
+    text = f"batch {config.batch_size} per process x {plural(world_size, 'process', 'processes')}"
+    if config.accumulate > 1:
+        text += f" ({config.accumulate} micro-batches of {config.micro_batch} accumulated)"
+    return text
+
+
+def batch_record(config, world_size):
+    """What ``config.json`` and the results record of the batch (BatchNorm statistics: per micro-batch of one
+    process, per chunk with ``--bn_chunks``, or per batch over the GPUs with SyncBatchNorm)."""
+    return {"global": global_batch(config, world_size), "per_process": config.batch_size,
+            "micro_batch": config.micro_batch, "accumulate": config.accumulate, "processes": world_size,
+            "batchnorm_statistics": "per micro-batch" if config.accumulate > 1 else "per batch"}
+
+
 def selection_score(class_iou, ctx):
     """The score a step selects its best-validated weights by (BARM trainer/trainer.py::Trainer.validate, SSUL
     main.py::main): the mean validation IoU of the step's new classes (at step 0: classes 0..n_0-1, background
@@ -98,12 +119,16 @@ class StepRun:
         log.info("%s step %d/%d of %s %s (%s): %s %s, %s", self.method.name, ctx.step, len(ctx.steps) - 1,
                  ctx.dataset, ctx.task, ctx.setting, plural(len(new), "new class", "new classes"),
                  list(new) if len(new) <= 10 else f"{new[0]}..{new[-1]}", plural(ctx.num_classes, "channel"))
-        log.info("%s%s, batch %d per process x %s = global batch %d, %s per epoch, %s, %s",
+        log.info("%s%s, %s = global batch %d, %s per epoch, %s, %s",
                  plural(len(self.data.current), "training image"),
                  f" + {plural(len(memory), 'memory image')} ({self.data.memory_use.mode})" if memory is not None
-                 else "", config.batch_size, plural(self.dist.world_size, "process", "processes"),
-                 config.batch_size * self.dist.world_size, plural(len(self.data), "iteration"),
-                 plural(config.train_epoch, "epoch"), plural(self.total_iterations, "iteration"))
+                 else "", batch_text(config, self.dist.world_size), global_batch(config, self.dist.world_size),
+                 plural(len(self.data), "iteration"), plural(config.train_epoch, "epoch"),
+                 plural(self.total_iterations, "iteration"))
+        if config.accumulate > 1:
+            log.info("gradients accumulated over %d micro-batches of %d per process before each optimizer step:"
+                     " BatchNorm statistics (where they train) are per micro-batch", config.accumulate,
+                     config.micro_batch)
         log.info("hyper-parameters: %s", json.dumps(self.method.hyper_dict()))
         groups = ", ".join(f"{sum(p.numel() for p in g['params'] if p.requires_grad)}@{g['initial_lr']:g}"
                            for g in self.optimizer.param_groups)
@@ -138,11 +163,14 @@ class StepRun:
         for epoch in range(self.start_epoch, config.train_epoch):
             method.set_train_mode(self.student, ctx)
             memory = data.memory_batches(epoch)
-            for index, raw in enumerate(self.log.epoch(data.epoch(epoch), epoch), 1):
-                batch = to_batch(raw, device, self.channels_last)
-                if memory is not None:
-                    batch = data.replace_with_memory(batch, to_batch(next(memory), device, self.channels_last))
-                terms, nonfinite = train_iteration(self.model, self.student, self.teacher, method, ctx, batch,
+            for index, group in enumerate(self.log.epoch(data.epoch(epoch), epoch), 1):
+                batches = []
+                for raw in group:  # the micro-batches of one optimizer step (one without --accumulate)
+                    batch = to_batch(raw, device, self.channels_last)
+                    if memory is not None:
+                        batch = data.replace_with_memory(batch, to_batch(next(memory), device, self.channels_last))
+                    batches.append(batch)
+                terms, nonfinite = train_iteration(self.model, self.student, self.teacher, method, ctx, batches,
                                                    self.optimizer, self.scheduler, self.scaler, config.amp)
                 self.iteration += 1
                 self.log.iteration(terms, nonfinite, self.iteration, index, self.optimizer.param_groups[0]["lr"])
@@ -185,6 +213,7 @@ class StepRun:
                 "classes": [list(s) for s in self.ctx.steps[:self.ctx.step + 1]],
                 "model": self.spec.name, "backbone": self.spec.backbone, "output_stride": self.spec.output_stride,
                 "world_size": self.dist.world_size, "total_iterations": self.total_iterations,
+                "batch": batch_record(self.config, self.dist.world_size),
                 "param_groups": [{"lr": g["initial_lr"], "weight_decay": g["weight_decay"],
                                   "parameters": sum(p.numel() for p in g["params"])}
                                  for g in self.optimizer.param_groups],

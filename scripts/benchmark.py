@@ -99,7 +99,7 @@ def _train_case(data_root, ckpt_dir, method_name, case, precision, channels_last
     ctx = make_context(run_args, step)
     folder = RunFolder(os.path.join(ckpt_dir, "bench", f"{method_name}-{case}-{precision}-{channels_last}"), False)
     run = set_up_step(ctx, run_args, method, dist_info, step, folder)
-    raw = next(iter(run.data.epoch(0)))
+    raw, = next(iter(run.data.epoch(0)))  # one micro-batch: the benchmark runs without --accumulate
     batch = to_batch(raw, device, run.channels_last)
     method.set_train_mode(run.student, ctx)
 

@@ -1,0 +1,32 @@
+"""End to end, ``--accumulate``: a step trained with 2 micro-batches per optimizer step counts the same optimizer
+steps (schedule, iterations) as one batch of their size (tests/engine/test_accumulation.py checks the update
+itself), and says in its log and ``config.json`` what its batch was."""
+import json
+import os
+import re
+
+import torch
+
+from tests.helpers import copy_run, run, step_dir, train_cmd, weights
+
+
+def _step1(tiny_voc, step0, tmp_path, name, *flags):
+    ckpt = copy_run(step0, tmp_path / name)
+    result = run(train_cmd(tiny_voc, ckpt, "--curr_step", "1", "--end_step", "1", "--train_epoch", "2", *flags))
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(os.path.join(step_dir(ckpt, 1), "config.json"), encoding="utf-8") as handle:
+        return result.stdout + result.stderr, json.load(handle), weights(os.path.join(step_dir(ckpt, 1), "final.pth"))
+
+
+def test_accumulated_step_matches_the_full_batch(tiny_voc, step0, tmp_path):
+    plain_log, plain_config, plain = _step1(tiny_voc, step0, tmp_path, "plain")
+    log, config, accumulated = _step1(tiny_voc, step0, tmp_path, "accumulated", "--accumulate", "2")
+    assert config["total_iterations"] == plain_config["total_iterations"] > 0  # optimizer steps, not micro-batches
+    assert config["batch"] == {"global": 4, "per_process": 4, "micro_batch": 2, "accumulate": 2, "processes": 1,
+                               "batchnorm_statistics": "per micro-batch"}
+    assert "2 micro-batches of 2 accumulated" in log and "BatchNorm statistics" in log
+    assert accumulated.keys() == plain.keys()
+    assert all(torch.isfinite(v).all() for v in accumulated.values() if v.is_floating_point())
+    # the schedule moves once per optimizer step: the epochs end at the same learning rates
+    rates = [re.findall(r"step 1 epoch \d+/2: .*? \| lr (\S+) \|", text) for text in (plain_log, log)]
+    assert len(rates[0]) == 2 and rates[0] == rates[1]
