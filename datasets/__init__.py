@@ -1,4 +1,5 @@
-"""Datasets: VOC 2012 (augmented) and ADE20K layouts, the class index, and per-step image lists.
+"""Datasets: VOC 2012 (augmented), ADE20K and Cityscapes (domain-incremental) layouts, the class index, and per-step
+image lists.
 
 Public API: :func:`step_image_ids` (the image ids a step trains or validates on), :func:`step_samples`
 (the same as ``(id, image_path, label_path)`` triples), :func:`get_layout` (the dataset module: class
@@ -12,14 +13,14 @@ import os
 
 import numpy as np
 
-from datasets import ade, voc
+from datasets import ade, cityscapes_domain, voc
 from datasets.class_index import load_class_index
 from datasets.files import usable_cpus
 from datasets.incremental import step_mask
 from utils.errors import UserError
-from utils.tasks import check_step, get_task
+from utils.tasks import check_step, get_domains, get_task, is_domain_incremental
 
-LAYOUTS = {"voc": voc, "ade": ade}
+LAYOUTS = {"voc": voc, "ade": ade, "cityscapes_domain": cityscapes_domain}
 # "train": training list; "val": per-step validation; "test": the whole validation list (BARM/SSUL);
 # "test_seen": validation images with a seen class (MiB/PLOP/RCIL/DKD; MiB dataset/utils.py::filter_images)
 SPLITS = ("train", "val", "test", "test_seen")
@@ -28,7 +29,7 @@ MAX_DEFAULT_WORKERS = 4  # BARM's --num_workers default, the most the default ev
 
 
 def get_layout(dataset):
-    """The module describing ``dataset`` ("voc" or "ade")."""
+    """The module describing ``dataset`` ("voc", "ade" or "cityscapes_domain")."""
     if dataset not in LAYOUTS:
         raise UserError(f"unknown dataset '{dataset}': expected one of {', '.join(LAYOUTS)}")
     return LAYOUTS[dataset]
@@ -53,8 +54,13 @@ def split_class_index(dataset, data_root, split, cache_dir=None, workers=None, p
 
 
 def step_samples(dataset, data_root, steps, step, overlap, split="train", cache_dir=None, workers=None,
-                 persist=True):
+                 persist=True, domains=None, held_out_test=False):
     """``[(id, image_path, label_path)]`` of ``split`` at ``step`` of the task ``steps``, in file order.
+
+    A domain-incremental dataset (``cityscapes_domain``) chooses images by domain, not by class: ``domains`` (the
+    domain ids per step, ``utils.tasks.get_domains``) and ``held_out_test`` decide, see
+    :func:`datasets.cityscapes_domain.step_indices` (the order is the reference's shuffled order); ``overlap``
+    and the class index play no part. Otherwise:
 
     * "train": the images the step trains on (overlap or disjoint rule, BARM utils/tasks.py::get_dataset_list);
     * "val": the per-step validation images (the same rule on the validation list);
@@ -64,6 +70,14 @@ def step_samples(dataset, data_root, steps, step, overlap, split="train", cache_
       ``overlap`` does not matter. At the last step of a task whose classes all occur it is the whole list.
     """
     check_step(steps, step)
+    if is_domain_incremental(dataset):
+        file_split(split)  # checks the split's name
+        if domains is None or len(domains) != len(steps):
+            raise ValueError(f"{dataset} needs the domains of every step of the task, got {domains!r}")
+        layout = get_layout(dataset)
+        pool = layout.list_pool(data_root)
+        chosen = layout.step_indices([entry[3] for entry in pool], domains, step, split, held_out_test)
+        return [pool[i][:3] for i in chosen]
     if split == "test":
         return get_layout(dataset).list_split(data_root, file_split(split))
     samples, index = split_class_index(dataset, data_root, split, cache_dir=cache_dir, workers=workers,
@@ -76,12 +90,14 @@ def step_samples(dataset, data_root, steps, step, overlap, split="train", cache_
     return [samples[i] for i in keep]
 
 
-def step_image_ids(dataset, data_root, task, step, overlap, split="train", cache_dir=None, task_file=None):
+def step_image_ids(dataset, data_root, task, step, overlap, split="train", cache_dir=None, task_file=None,
+                   held_out_test=False):
     """Image ids of ``split`` ("train", "val", "test" or "test_seen") at ``step`` of ``task`` (see
-    :func:`step_samples`)."""
+    :func:`step_samples`; ``held_out_test`` matters for domain-incremental datasets only)."""
     steps = get_task(dataset, task, task_file)
     check_step(steps, step, task=f"{dataset} task {task}")
-    return [s[0] for s in step_samples(dataset, data_root, steps, step, overlap, split, cache_dir=cache_dir)]
+    return [s[0] for s in step_samples(dataset, data_root, steps, step, overlap, split, cache_dir=cache_dir,
+                                       domains=get_domains(dataset, task, task_file), held_out_test=held_out_test)]
 
 
 def saliency_path(data_root, image_id):

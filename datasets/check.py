@@ -7,6 +7,10 @@ number of training images per step under the overlap and the disjoint rule and t
 step, and the number of images containing each class::
 
     python -m datasets.check --dataset voc --data_root data/synthetic_voc --task 15-1
+
+A domain-incremental dataset (``cityscapes_domain``) is checked by domain instead: images per city against the public
+counts, every label decoded and holding raw ``labelIds`` only (0..33, 255), and the training, validation and test
+images of every step of the task.
 """
 import argparse
 import logging
@@ -17,10 +21,13 @@ import sys
 import numpy as np
 from PIL import Image
 
-from datasets import get_layout, split_class_index
+from datasets import get_layout, split_class_index, step_samples
+from datasets.class_index import build_index
 from datasets.incremental import step_mask
 from utils.errors import UserError, exit_on_user_error
-from utils.tasks import get_task, task_name
+from utils.tasks import get_domains, get_task, is_domain_incremental, task_name
+
+RAW_LABEL_IDS = 34  # Cityscapes labelIds 0..33 (cityscapesScripts labels.py), and 255
 
 
 def _image_problem(sample):
@@ -46,7 +53,41 @@ def verify_images(samples, workers):
                 raise UserError(problem)
 
 
+def check_domains(dataset, data_root, task, workers=None, images=False):
+    """The check of a domain-incremental dataset (see the module docstring); returns the number of images."""
+    layout = get_layout(dataset)
+    pool = layout.list_pool(data_root)
+    counts = np.bincount([entry[3] for entry in pool], minlength=len(layout.CITIES))
+    print(f"{len(pool)} images (the public release has {sum(layout.CITY_COUNTS.values())})")
+    print(f"{'domain':>6} {'city':<16} {'images':>6}")
+    for domain, city in enumerate(layout.CITIES):
+        note = "" if counts[domain] == layout.CITY_COUNTS[city] else f" (public: {layout.CITY_COUNTS[city]})"
+        print(f"{domain:>6} {city:<16} {counts[domain]:>6}{note}")
+    index = build_index([entry[2] for entry in pool], [entry[0] for entry in pool], workers=workers)
+    bad = ~index.contains_only(set(range(RAW_LABEL_IDS)) | {layout.IGNORE_LABEL})
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        raise UserError(f"label {pool[first][2]} holds values {index.classes(first)}: expected Cityscapes labelIds"
+                        f" 0..{RAW_LABEL_IDS - 1} (and 255); {int(bad.sum())} label file(s) are affected")
+    print("labels OK (raw labelIds)")
+    if images:
+        verify_images([entry[:3] for entry in pool], workers or os.cpu_count() or 1)
+        print("every image decodes and matches its label's size")
+    steps, domains = get_task(dataset, task), get_domains(dataset, task)
+    print(f"\ntask {task}: {len(steps)} steps")
+    print(f"{'step':>4} {'domains':<24} {'train':>6} {'val':>6} {'test':>6} {'held-out test':>13}")
+    for t, step_domains in enumerate(domains):
+        sizes = [len(step_samples(dataset, data_root, steps, t, True, split, domains=domains)) for split in
+                 ("train", "val", "test")]
+        held_out = len(step_samples(dataset, data_root, steps, t, True, "test", domains=domains, held_out_test=True))
+        shown = ",".join(map(str, step_domains)) if len(step_domains) <= 6 else f"{step_domains[0]}..{step_domains[-1]}"
+        print(f"{t:>4} {shown:<24} {sizes[0]:>6} {sizes[1]:>6} {sizes[2]:>6} {held_out:>13}")
+    return len(pool)
+
+
 def check(dataset, data_root, task, task_file=None, cache_dir=None, workers=None, images=False):
+    if is_domain_incremental(dataset):
+        return check_domains(dataset, data_root, task, workers, images)
     layout = get_layout(dataset)
     steps = get_task(dataset, task, task_file)
     indexes = {}
@@ -83,8 +124,9 @@ def check(dataset, data_root, task, task_file=None, cache_dir=None, workers=None
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--dataset", choices=("voc", "ade"), default="voc")
-    parser.add_argument("--data_root", required=True, help="the VOC2012 or ADEChallengeData2016 folder")
+    parser.add_argument("--dataset", choices=("voc", "ade", "cityscapes_domain"), default="voc")
+    parser.add_argument("--data_root", required=True,
+                        help="the VOC2012, ADEChallengeData2016 or Cityscapes (leftImg8bit/, gtFine/) folder")
     parser.add_argument("--task", default="15-1")
     parser.add_argument("--task_file", default=None, help="JSON file with a custom class order")
     parser.add_argument("--cache_dir", default=None, help="class-index cache folder")

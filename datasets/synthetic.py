@@ -1,4 +1,4 @@
-"""Deterministic synthetic datasets in the VOC 2012 and ADE20K layouts, for demos and tests.
+"""Deterministic synthetic datasets in the VOC 2012, ADE20K and Cityscapes layouts, for demos and tests.
 
 Every image shows a few objects (ellipses, rectangles, triangles) of several classes on a smooth, noisy
 background. Each class has its own colour and stripe texture (orientation and period), so a small network can
@@ -16,9 +16,17 @@ their void border) is salient except for a random ``SALIENCY_MISS`` of them, and
 image, so the images and labels are the same as without them. ADE folders get none (SSUL uses no saliency
 on ADE).
 
+Cityscapes folders (``--dataset cityscapes_domain``) follow the official layout: ``leftImg8bit/{train,val}/{city}/``
+PNG images twice as wide as high and ``gtFine/{train,val}/{city}/*_gtFine_labelIds.png`` holding raw label ids
+(0..33): the objects take the ids of the 19 classes (the first object of image ``i`` cycles through them), the
+ground is road (id 7), a band at the bottom is the ego vehicle (id 1, ignored) and object boundaries are
+"unlabeled" (id 0, ignored). Training image ``i`` belongs to the ``i``-th official training city (cyclically),
+validation image ``i`` to the ``i``-th validation city.
+
 Command line::
 
     python -m datasets.synthetic --dataset voc --root data/synthetic_voc --n_train 300 --n_val 60 --size 160
+    python -m datasets.synthetic --dataset cityscapes_domain --root data/synthetic_cityscapes --n_train 72 --n_val 12
 """
 import argparse
 import logging
@@ -28,7 +36,7 @@ import zlib
 import numpy as np
 from PIL import Image, ImageDraw
 
-from datasets import ade, saliency_path, voc
+from datasets import ade, cityscapes_domain, saliency_path, voc
 from datasets.files import parallel_imap
 from utils.errors import UserError, exit_on_user_error
 
@@ -42,6 +50,11 @@ SALIENCY_MISS = 0.1  # fraction of the object pixels that the synthetic saliency
 SALIENCY_FALSE = 0.03  # fraction of the background pixels that it marks salient
 SALIENT, NOT_SALIENT = 255, 0
 STREAMS = {"layout": 0, "pixels": 1, "saliency": 2}  # independent random streams of one image
+DATASETS = ("voc", "ade", "cityscapes_domain")
+# Cityscapes raw label ids (cityscapesScripts labels.py) the synthetic labels use besides the 19 classes'
+CITYSCAPES_UNLABELED, CITYSCAPES_EGO_VEHICLE, CITYSCAPES_ROAD = 0, 1, 7
+CITYSCAPES_EGO_FRACTION = 0.1  # the bottom band of the image that shows the ego vehicle
+CITYSCAPES_TRAIN_CITIES = 18  # the first 18 cities of datasets.cityscapes_domain.CITIES are the official train/ ones
 
 
 def class_style(c):
@@ -102,6 +115,8 @@ def render(dataset, seed, split, i, size, with_image=True):
     The layout (size, shapes, classes) and the pixels come from two independent random streams, so the
     labels are the same with or without the image.
     """
+    if dataset == "cityscapes_domain":
+        return render_cityscapes(seed, split, i, size, with_image)
     num_classes = {"voc": voc.NUM_CLASSES, "ade": ade.NUM_CLASSES}[dataset]
     rng, pixel_rng = _stream(dataset, seed, split, i, "layout"), _stream(dataset, seed, split, i, "pixels")
     height = int(size * rng.uniform(0.75, 1.0))
@@ -122,6 +137,12 @@ def render(dataset, seed, split, i, size, with_image=True):
     if not with_image:
         return None, label
 
+    return _paint((height, width), pixel_rng, classes, masks), label
+
+
+def _paint(image_shape, pixel_rng, classes, masks):
+    """Smooth noisy ground, then each object in its class's colour and stripes (float array)."""
+    height, width = image_shape
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     base = pixel_rng.uniform(60, 200, size=3)
     tilt = pixel_rng.uniform(-0.3, 0.3, size=(2, 3))
@@ -131,7 +152,29 @@ def render(dataset, seed, split, i, size, with_image=True):
         stripes = np.sin(2 * np.pi * (xx[mask] * np.cos(angle) + yy[mask] * np.sin(angle)) / period)
         image[mask] = rgb[None, :] * (0.8 + 0.2 * stripes[:, None])
     image += pixel_rng.normal(0, 6, size=image.shape)
-    return np.clip(image, 0, 255).astype(np.uint8), label
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def render_cityscapes(seed, split, i, size, with_image=True):
+    """Image ``i`` of a Cityscapes ``split`` (``size`` high, twice as wide) and its raw ``labelIds`` array (see the
+    module docstring)."""
+    dataset = "cityscapes_domain"
+    rng, pixel_rng = _stream(dataset, seed, split, i, "layout"), _stream(dataset, seed, split, i, "pixels")
+    height, width = size, 2 * size
+    raw_ids = {train_id: label_id for label_id, train_id in cityscapes_domain.LABEL_TO_TRAIN_ID.items()}
+    n_objects = int(rng.integers(1, MAX_OBJECTS + 1))
+    first = i % cityscapes_domain.NUM_CLASSES
+    classes = [first] + [int(rng.integers(0, cityscapes_domain.NUM_CLASSES)) for _ in range(n_objects - 1)]
+    masks = [_object_mask(rng, height, width) for _ in classes]
+    label = np.full((height, width), CITYSCAPES_ROAD, dtype=np.uint8)
+    for c, mask in zip(classes, masks):
+        label[mask] = raw_ids[c]
+    label[_boundary_band(label, VOID_WIDTH)] = CITYSCAPES_UNLABELED
+    label[height - max(1, int(CITYSCAPES_EGO_FRACTION * height)):] = CITYSCAPES_EGO_VEHICLE
+    if not with_image:
+        return None, label
+    # colours by train id + 1, so that the road (train id 0) does not share the look of the ground
+    return _paint((height, width), pixel_rng, [c + 1 for c in classes], masks), label
 
 
 def _stream(dataset, seed, split, i, purpose):
@@ -153,6 +196,14 @@ def render_saliency(dataset, seed, split, i, label):
 
 
 def _paths(dataset, root, split, i):
+    if dataset == "cityscapes_domain":
+        cities = cityscapes_domain.CITIES
+        cities = cities[:CITYSCAPES_TRAIN_CITIES] if split == "train" else cities[CITYSCAPES_TRAIN_CITIES:]
+        city = cities[i % len(cities)]
+        name = f"{city}_000000_{i:06d}"
+        image_name = f"{name}_{cityscapes_domain.IMAGE_SUFFIX}"
+        return (name, os.path.join(root, cityscapes_domain.IMAGE_DIR, split, city, image_name),
+                os.path.join(root, cityscapes_domain.LABEL_DIR, split, city, cityscapes_domain.label_name(image_name)))
     if dataset == "voc":
         name = f"2012_{i:06d}" if split == "train" else f"2012_{900000 + i:06d}"
         return name, os.path.join(root, voc.IMAGE_DIR, name + ".jpg"), os.path.join(root, voc.LABEL_DIR, name + ".png")
@@ -176,18 +227,20 @@ def _write_one(job):
 
 
 def generate(dataset, root, n_train=300, n_val=60, size=160, seed=0, workers=None, labels_only=False):
-    """Write a synthetic ``dataset`` ("voc" or "ade") under ``root`` (the VOC2012 / ADEChallengeData2016
-    folder) with ``workers`` threads (default: the usable CPUs) and return ``{split: [ids]}``. VOC folders
-    also get ``saliency_map/``. ``labels_only`` skips the JPEGs (for class-index benchmarks)."""
-    if dataset not in ("voc", "ade"):
-        raise UserError(f"unknown dataset '{dataset}': expected voc or ade")
+    """Write a synthetic ``dataset`` ("voc", "ade" or "cityscapes_domain") under ``root`` (the VOC2012 /
+    ADEChallengeData2016 / Cityscapes folder) with ``workers`` threads (default: the usable CPUs) and return
+    ``{split: [ids]}``. VOC folders also get ``saliency_map/``. ``labels_only`` skips the images (for class-index
+    benchmarks)."""
+    if dataset not in DATASETS:
+        raise UserError(f"unknown dataset '{dataset}': expected one of {', '.join(DATASETS)}")
     if n_train < 1 or n_val < 1 or size < 32:
         raise UserError("expected --n_train >= 1, --n_val >= 1 and --size >= 32")
     counts = {"train": n_train, "val": n_val}
     for split in SPLITS:
-        _, image_path, label_path = _paths(dataset, root, split, 0)
-        os.makedirs(os.path.dirname(image_path), exist_ok=True)
-        os.makedirs(os.path.dirname(label_path), exist_ok=True)
+        for i in range(min(counts[split], CITYSCAPES_TRAIN_CITIES) if dataset == "cityscapes_domain" else 1):
+            _, image_path, label_path = _paths(dataset, root, split, i)  # every folder (Cityscapes: every city)
+            os.makedirs(os.path.dirname(image_path), exist_ok=True)
+            os.makedirs(os.path.dirname(label_path), exist_ok=True)
     if dataset == "voc":
         os.makedirs(os.path.dirname(saliency_path(root, "x")), exist_ok=True)
     jobs = [(dataset, root, split, i, size, seed, labels_only) for split in SPLITS for i in range(counts[split])]
@@ -207,12 +260,12 @@ def generate(dataset, root, n_train=300, n_val=60, size=160, seed=0, workers=Non
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--dataset", choices=("voc", "ade"), default="voc")
+    parser.add_argument("--dataset", choices=DATASETS, default="voc")
     parser.add_argument("--root", required=True,
-                        help="output folder: plays the role of VOC2012/ or ADEChallengeData2016/")
+                        help="output folder: plays the role of VOC2012/, ADEChallengeData2016/ or the Cityscapes folder")
     parser.add_argument("--n_train", type=int, default=300, help="training images")
     parser.add_argument("--n_val", type=int, default=60, help="validation (= test) images")
-    parser.add_argument("--size", type=int, default=160, help="nominal image size in pixels")
+    parser.add_argument("--size", type=int, default=160, help="nominal image size in pixels (Cityscapes: the height; the width is twice it)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=None, help="threads (default: the usable CPUs)")
     parser.add_argument("--labels_only", action="store_true", help="write the label PNGs only")

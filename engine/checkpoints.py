@@ -41,13 +41,14 @@ def identity(ctx, method, spec):
     """What a checkpoint was trained as: method, data, classes and model."""
     return {"method": method.name, "dataset": ctx.dataset, "task": ctx.task, "setting": ctx.setting,
             "step": ctx.step, "classes": [list(s) for s in ctx.steps[:ctx.step + 1]],
+            **({"domains": [list(d) for d in ctx.domains[:ctx.step + 1]]} if ctx.domains is not None else {}),
             "model": spec.name, "backbone": spec.backbone, "output_stride": spec.output_stride}
 
 
 def check_identity(checkpoint, method, ctx, spec, path):
     """Refuse a ``last.pth`` written by another run (method, classes or model)."""
     ours = identity(ctx, method, spec)
-    for key in ("method", "classes", "model", "backbone", "output_stride"):
+    for key in ("method", "classes", "domains", "model", "backbone", "output_stride"):
         if checkpoint.get(key) != ours[key]:
             raise UserError(f"{path} belongs to another run ({key} {checkpoint.get(key)}, this run {ours[key]}):"
                             f" remove it or drop --resume")

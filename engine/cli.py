@@ -12,6 +12,7 @@ import dataclasses
 import sys
 
 from datasets import default_num_workers
+from datasets import LAYOUTS
 from methods import get_method_class, list_methods
 from methods.base import check_hyper_value
 from network import list_models
@@ -32,7 +33,7 @@ class OneLineParser(argparse.ArgumentParser):
 def _selection(argv):
     pre = OneLineParser(add_help=False)
     pre.add_argument("--method", default="barm", choices=list_methods())
-    pre.add_argument("--dataset", default="voc", choices=("voc", "ade"))
+    pre.add_argument("--dataset", default="voc", choices=tuple(LAYOUTS))
     known, _ = pre.parse_known_args(argv)
     return known.method, known.dataset
 
@@ -59,8 +60,11 @@ def build_parser(method="barm", dataset="voc"):
                                        " (or step 0 only with --initial), or evaluate saved steps with --test.")
     data = parser.add_argument_group("data")
     data.add_argument("--data_root", required=True,
-                      help="the VOC2012 folder (voc) or the ADEChallengeData2016 folder (ade)")
-    data.add_argument("--dataset", default="voc", choices=("voc", "ade"), help="(default: %(default)s)")
+                      help="the VOC2012 folder (voc), the ADEChallengeData2016 folder (ade) or the Cityscapes folder"
+                           " with leftImg8bit/ and gtFine/ (cityscapes_domain)")
+    data.add_argument("--dataset", default="voc", choices=tuple(LAYOUTS),
+                      help="cityscapes_domain: domain-incremental Cityscapes, each step adds cities, the 19 classes"
+                           " at every step (default: %(default)s)")
     data.add_argument("--task", default="15-1", help="task name, e.g. 15-1, 10-1, 100-10, or any X-Y"
                                                      " (default: %(default)s)")
     data.add_argument("--task_file", default=None, metavar="FILE.json",
@@ -175,6 +179,13 @@ def build_parser(method="barm", dataset="voc"):
     sync.add_argument("--no_sync_gradients", dest="sync_gradients", action="store_const", const=False,
                       help="reproduce an unsynchronised published run: rank 0 alone, its batch, its fixed half of the"
                            " images")
+    held_out = reference.add_mutually_exclusive_group()
+    held_out.add_argument("--held_out_test", dest="held_out_test", action="store_const", const=True, default=None,
+                          help="cityscapes_domain: test step t on the union of the held-out parts of steps 0..t, which"
+                               " no step trains on (default: the reference's test, the held-out part of a new shuffle"
+                               " of all domains so far, which holds images earlier steps trained on)")
+    held_out.add_argument("--no_held_out_test", dest="held_out_test", action="store_const", const=False,
+                          help="cityscapes_domain: the reference's test set (the default)")
     reference.add_argument("--bn_chunks", type=int, default=None, metavar="N",
                            help="BatchNorm statistics per chunk of N of every batch, as DataParallel over N GPUs"
                                 " computed them, where BatchNorm trains (default: the published run's: 2 for SSUL,"
@@ -228,6 +239,10 @@ def validate(config, method_cls=None):
             problem = check_hyper_value(field.name, getattr(config, field.name), field.metadata)
             if problem:
                 raise UserError(problem)
+    if method_cls is not None:
+        refusal = method_cls(method_hyper(config, method_cls), dataset=config.dataset).refusal()
+        if refusal:
+            raise UserError(f"--method {method_cls.name} cannot run on --dataset {config.dataset}: {refusal}")
     if config.initial and config.curr_step not in (None, 0):
         raise UserError(f"--initial trains step 0 only, but --curr_step is {config.curr_step}")
     if config.test_ckpt is not None and not config.test:

@@ -1,14 +1,15 @@
 """The step being run (:class:`methods.base.StepContext`) from the run's configuration.
 
-Its files go to ``{ckpt_dir}/{subpath}/{task}/{overlap|disjoint}/step{t}/``: ``final.pth`` (end of the step),
-``last.pth`` (end of the latest epoch, while the step runs), ``best.pth`` (while a selecting step runs),
+Its files go to ``{ckpt_dir}/{subpath}/{task}/{overlap|disjoint|domains}/step{t}/``: ``final.pth`` (end of the
+step), ``last.pth`` (end of the latest epoch, while the step runs), ``best.pth`` (while a selecting step runs),
 ``results.json``, ``per_class.csv``, ``config.json`` and the tensorboard events; ``summary.csv`` in the
 setting folder has one row per evaluated step.
 """
+import dataclasses
 import os
 
 from methods.base import StepContext
-from utils.tasks import check_step, get_task, task_name
+from utils.tasks import check_step, get_domains, get_task, task_name
 
 
 def task_steps(config):
@@ -21,7 +22,8 @@ def make_context(config, step):
     steps = task_steps(config)
     name = task_name(config.task, config.task_file)
     check_step(steps, step, task=f"{config.dataset} task {name}")
-    setting = "overlap" if config.overlap else "disjoint"
-    root = os.path.join(config.ckpt_dir, config.subpath or config.method, name, setting)
-    return StepContext(config.dataset, tuple(tuple(s) for s in steps), step, config.data_root, name, config.overlap,
-                       root)
+    domains = get_domains(config.dataset, config.task, config.task_file)
+    ctx = StepContext(config.dataset, tuple(tuple(s) for s in steps), step, config.data_root, name, config.overlap,
+                      domains=None if domains is None else tuple(tuple(d) for d in domains))
+    root = os.path.join(config.ckpt_dir, config.subpath or config.method, name, ctx.setting)
+    return dataclasses.replace(ctx, root=root)

@@ -42,7 +42,8 @@ def _samples(ctx, split, config, dist_info):
     """The samples of ``split`` at the ctx's step; rank 0 goes first (it may build the class index), the others
     read its cache."""
     return main_first(lambda: step_samples(ctx.dataset, ctx.data_root, [list(s) for s in ctx.steps], ctx.step,
-                                           ctx.overlap, split, cache_dir=config.cache_dir), dist_info)
+                                           ctx.overlap, split, cache_dir=config.cache_dir, domains=ctx.domains,
+                                           held_out_test=config.held_out_test), dist_info)
 
 
 def train_samples(ctx, config, method, step=None, persist=True):
@@ -50,10 +51,10 @@ def train_samples(ctx, config, method, step=None, persist=True):
     every image of the training list where the method says so (``Method.trains_on_every_image``). ``persist``:
     whether a class index built here is cached (not for ``--dry_run``)."""
     step = ctx.step if step is None else step
-    if method.trains_on_every_image(dataclasses.replace(ctx, step=step)):
+    if ctx.domains is None and method.trains_on_every_image(dataclasses.replace(ctx, step=step)):
         return get_layout(ctx.dataset).list_split(ctx.data_root, "train")
     return step_samples(ctx.dataset, ctx.data_root, [list(s) for s in ctx.steps], step, ctx.overlap, "train",
-                        cache_dir=config.cache_dir, persist=persist)
+                        cache_dir=config.cache_dir, persist=persist, domains=ctx.domains)
 
 
 def class_names(ctx):

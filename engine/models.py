@@ -75,6 +75,12 @@ def read_checkpoint(path, ctx, upto, missing):
                 f"checkpoint {path} was trained on {checkpoint.get('dataset')} task {checkpoint.get('task')}"
                 f" (classes per step {checkpoint['classes']}), but step {ctx.step} of {ctx.dataset} task"
                 f" {ctx.task} needs classes per step {expected}")
+    if ctx.domains is not None and "domains" in checkpoint:  # domain tasks: the same classes, other domains
+        domains = [list(d) for d in ctx.domains[:upto + 1]]
+        if checkpoint["domains"] != domains:
+            raise UserError(f"checkpoint {path} was trained on {checkpoint.get('dataset')} task"
+                            f" {checkpoint.get('task')} (domains per step {checkpoint['domains']}), but step {ctx.step}"
+                            f" of {ctx.dataset} task {ctx.task} needs domains per step {domains}")
     return checkpoint
 
 

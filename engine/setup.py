@@ -87,7 +87,7 @@ def set_up_step(ctx, config, method, dist_info, first_step, run_folder, last_ste
             return method.build_network(spec, ctx.classes_per_step, pretrained=pretrained_source(config)), None
         path, checkpoint = previous
         student = method.build_network(spec, ctx.classes_per_step, layout_step=ctx.step - 1)
-        old = method.build_network(spec, ctx.classes_per_step[:-1], layout_step=ctx.step - 1)
+        old = method.build_network(spec, ctx.teacher_classes_per_step, layout_step=ctx.step - 1)
         state = model_state(checkpoint)
         load_exact(old, state, path)
         load_previous_into(student, state, path)

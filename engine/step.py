@@ -52,8 +52,8 @@ def batch_record(config, world_size):
 def selection_score(class_iou, ctx):
     """The score a step selects its best-validated weights by (BARM trainer/trainer.py::Trainer.validate, SSUL
     main.py::main): the mean validation IoU of the step's new classes (at step 0: classes 0..n_0-1, background
-    included)."""
-    first = ctx.num_old if ctx.step > 0 else 0
+    included; at a step that adds no class, a domain step, every class)."""
+    first = ctx.num_old if ctx.step > 0 and ctx.adds_classes else 0
     return float(np.mean([class_iou[c] for c in range(first, ctx.num_classes)]))
 
 
@@ -116,9 +116,10 @@ class StepRun:
         ctx, config, memory = self.ctx, self.config, self.data.memory
         new = ctx.steps[ctx.step]
         log.info("=" * 100)
-        log.info("%s step %d/%d of %s %s (%s): %s %s, %s", self.method.name, ctx.step, len(ctx.steps) - 1,
+        log.info("%s step %d/%d of %s %s (%s): %s %s, %s%s", self.method.name, ctx.step, len(ctx.steps) - 1,
                  ctx.dataset, ctx.task, ctx.setting, plural(len(new), "new class", "new classes"),
-                 list(new) if len(new) <= 10 else f"{new[0]}..{new[-1]}", plural(ctx.num_classes, "channel"))
+                 list(new) if len(new) <= 10 else f"{new[0]}..{new[-1]}", plural(ctx.num_classes, "channel"),
+                 f", domains {list(ctx.domains[ctx.step])}" if ctx.domains is not None else "")
         log.info("%s%s, %s = global batch %d, %s per epoch, %s, %s",
                  plural(len(self.data.current), "training image"),
                  f" + {plural(len(memory), 'memory image')} ({self.data.memory_use.mode})" if memory is not None

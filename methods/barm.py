@@ -208,6 +208,8 @@ class BarmHyper:
 
 class BARM(Method):
     name = "barm"
+    domain_refusal = ("it pseudo-labels old classes in the background, and cityscapes_domain has no background: its 19"
+                      " classes are labelled at every step and no step adds a class")
     Hyper = BarmHyper
     model_families = ("deeplabv3bga",)
 

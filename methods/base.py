@@ -24,11 +24,19 @@ from datasets.transforms import eval_transform, train_transform
 from methods.losses import upsample
 from network import build_model
 from network.abn import ABN
+from utils.tasks import is_domain_incremental
+
+DOMAIN_SETTING = "domains"  # the setting (and run folder) of a domain-incremental task
+
 
 @dataclass(frozen=True)
 class StepContext:
     """The step being run: its dataset, the class ids of every step of the task, its index, and (in a run)
-    where its data and its files are. Methods read the first three; the trainer the rest."""
+    where its data and its files are. Methods read the first three; the trainer the rest.
+
+    On a domain-incremental dataset (``domains`` set: domain ids per step) step 0 holds every class and the later
+    steps add none: the model keeps one classifier over all classes, ``num_new`` is 0 and ``num_old`` every class
+    at t > 0 (:attr:`adds_classes` is False)."""
     dataset: str
     steps: tuple  # class ids per step of the whole task
     step: int
@@ -36,10 +44,22 @@ class StepContext:
     task: str = None  # the name runs are filed under
     overlap: bool = False
     root: str = None  # {ckpt_dir}/{subpath}/{task}/{setting}
+    domains: tuple = None  # domain ids per step of the whole task (domain-incremental datasets), else None
 
     @property
     def classes_per_step(self):
-        return [len(s) for s in self.steps[:self.step + 1]]
+        """Classes of each classifier of the model at this step (steps that add no class add no classifier)."""
+        return [len(s) for s in self.steps[:self.step + 1] if s]
+
+    @property
+    def teacher_classes_per_step(self):
+        """Classes of each classifier of the step t-1 model (the teacher)."""
+        return [len(s) for s in self.steps[:self.step] if s]
+
+    @property
+    def adds_classes(self):
+        """Whether this step adds classes (False at the steps t > 0 of a domain-incremental task)."""
+        return self.num_new > 0
 
     @property
     def num_classes(self):
@@ -57,6 +77,8 @@ class StepContext:
 
     @property
     def setting(self):
+        if self.domains is not None:  # images are chosen by domain: --overlap / disjoint do not apply
+            return DOMAIN_SETTING
         return "overlap" if self.overlap else "disjoint"
 
     def step_dir(self, step=None):
@@ -219,6 +241,8 @@ class Method:
     uses_gradients = False  # True: after_backward runs between the task-loss backward and the optimizer step
     test_split = "test"  # "test": the whole validation list; "test_seen": the images holding a seen class
     deviations = ()  # the method's own Deviation records: hyper-parameters whose default is the reference's
+    #: why the method cannot run on a domain-incremental dataset (None: it can; see :meth:`refusal`)
+    domain_refusal = "no reference implementation ran it on a domain-incremental dataset"
 
     def __init__(self, hyper=None, dataset="voc"):
         self.hp = hyper if hyper is not None else self.default_hyper(dataset)
@@ -235,6 +259,13 @@ class Method:
     def published(self):
         """The method's published run on its dataset (a :class:`Published`), or None where it has none (the
         trainer's generic defaults then apply)."""
+        return None
+
+    def refusal(self):
+        """Why this method (with its hyper-parameters) cannot run on its dataset, in one line, or None when it can.
+        Default: on a domain-incremental dataset, :attr:`domain_refusal`."""
+        if is_domain_incremental(self.dataset):
+            return self.domain_refusal
         return None
 
     def step0_protocol(self):

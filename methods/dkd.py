@@ -159,6 +159,8 @@ class DKD(Method):
     """DKD / DKD-M (DKD train_voc.py, utils/memory.py::memory_sampling_balanced; see the module docstring)."""
 
     name = "dkd"
+    domain_refusal = ("it models background and unknown classes, and cityscapes_domain has neither: its 19 classes are"
+                      " labelled at every step and no step adds a class")
     Hyper = DKDHyper
     model_families = ("dkd",)
     deviations = (
@@ -182,7 +184,7 @@ class DKD(Method):
     @classmethod
     def default_hyper(cls, dataset):
         """DKD's values for ``dataset``: pos_weight 2 at step 0 and 1 after on VOC, 35 at every step on ADE."""
-        base, incremental = POS_WEIGHTS[dataset]
+        base, incremental = POS_WEIGHTS.get(dataset, POS_WEIGHTS["voc"])  # others are refused (domain_refusal)
         return cls.Hyper(pos_weight_base=base, pos_weight=incremental)
 
     def published(self):

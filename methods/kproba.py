@@ -300,6 +300,8 @@ class KProBA(BARM):
     :func:`kproba_pseudo_labels` (``--pseudo_thresh`` does not exist: it was dead in KProBA).
     """
     name = "kproba"
+    domain_refusal = ("it finds old-class prototypes in the background, and cityscapes_domain has no background: its 19"
+                      " classes are labelled at every step and no step adds a class")
     Hyper = KProbaHyper
 
     def __init__(self, hyper=None, dataset="voc"):

@@ -35,11 +35,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from datasets import get_layout
 from datasets.incremental import IGNORE, LUT_SIZE, channel_order
 from datasets.transforms import eval_transform, mib_train_transform
 from methods import losses
 from methods.base import Method, Published, epoch_due, hyper
 from network.abn import convert_sync_abn
+from utils.tasks import is_domain_incremental
 
 # label conventions of the reference repositories (MiB dataset/voc.py, PLOP dataset/voc.py)
 MIB_PROTOCOL = "mib"
@@ -132,11 +134,20 @@ def plop_lut(steps, step, split):
     return lut
 
 
+def cityscapes_domain_lut(steps, step, split):
+    """PLOP's and RCIL's Cityscapes label mapping (PLOP dataset/cityscapes_domain.py::id_to_trainid, applied as the
+    target transform of every split): raw ``labelIds`` → train id 0..18 (then its channel), every other id → 255.
+    The same at every step and split: a domain step masks nothing (the 19 classes are labelled everywhere)."""
+    return channel_order(steps)[get_layout("cityscapes_domain").label_table()]
+
+
 LABEL_TABLES = {
     (MIB_PROTOCOL, "voc"): mib_voc_lut,
     (MIB_PROTOCOL, "ade"): mib_ade_lut,
     (PLOP_PROTOCOL, "voc"): plop_lut,
     (PLOP_PROTOCOL, "ade"): plop_lut,
+    (MIB_PROTOCOL, "cityscapes_domain"): cityscapes_domain_lut,
+    (PLOP_PROTOCOL, "cityscapes_domain"): cityscapes_domain_lut,
 }
 
 
@@ -145,7 +156,7 @@ def protocol_label_policy(protocol, dataset):
     ``"plop"``) on ``dataset`` (``"voc"`` or ``"ade"``)."""
     if (protocol, dataset) not in LABEL_TABLES:
         raise ValueError(f"no label table for protocol {protocol!r} on dataset {dataset!r}: expected one of"
-                         f" {PROTOCOLS} on voc or ade")
+                         f" {PROTOCOLS} on voc, ade or cityscapes_domain")
     return LABEL_TABLES[(protocol, dataset)]
 
 
@@ -167,6 +178,13 @@ def kd_alpha_hyper():
 
 # ---- the published runs ---------------------------------------------------------------------------------
 
+#: Cityscapes domain-incremental: every run of the family was PLOP's code (PLOP
+#: scripts/cityscapesDomain/mib_cityscapesDomain_1-1.sh, plop_cityscapesDomain_{1-1,11-1}.sh: 2 GPUs x batch 12,
+#: lr 0.01 then 0.001, 50 epochs at every step, apex O1); the MiB repository has no Cityscapes code.
+CITYSCAPES_DOMAIN_PUBLISHED = Published(
+    "PLOP scripts/cityscapesDomain/*_cityscapesDomain_*.sh (2 GPUs x batch 12, lr 0.01 then 0.001, 50 epochs,"
+    " apex O1)",
+    train_epoch=(50, 50), global_batch=(24, 24), lr=(0.01, 0.001), gpus=(2, 2), amp=True)
 #: The MiB repository's runs (MiB README: 2 GPUs x batch 12, lr 0.01 at step 0 then 0.001, 30 epochs on VOC and
 #: 60 on ADE, crop 512, fp32 (apex O0), seed 42).
 MIB_PUBLISHED = {
@@ -174,6 +192,7 @@ MIB_PUBLISHED = {
                      train_epoch=(30, 30), global_batch=(24, 24), lr=(0.01, 0.001), gpus=(2, 2)),
     "ade": Published("MiB README, ADE (2 GPUs x batch 12, lr 0.01 then 0.001, 60 epochs, fp32)",
                      train_epoch=(60, 60), global_batch=(24, 24), lr=(0.01, 0.001), gpus=(2, 2)),
+    "cityscapes_domain": CITYSCAPES_DOMAIN_PUBLISHED,
 }
 #: PLOP's runs and its re-runs of the MiB family (PLOP scripts/voc/plop_*.sh, scripts/ade/plop_ade_*.sh,
 #: scripts/voc/mib_15-1.sh): the same, with apex O1 (``--amp``) and 10 epochs at t > 0 on VOC 10-1.
@@ -184,6 +203,7 @@ PLOP_PUBLISHED = {
                      tasks={"10-1": {"train_epoch": (30, 10)}}),
     "ade": Published("PLOP scripts/ade/plop_ade_*.sh (2 GPUs x batch 12, lr 0.01 then 0.001, 60 epochs, apex O1)",
                      train_epoch=(60, 60), global_batch=(24, 24), lr=(0.01, 0.001), gpus=(2, 2), amp=True),
+    "cityscapes_domain": CITYSCAPES_DOMAIN_PUBLISHED,
 }
 PUBLISHED_BY_PROTOCOL = {MIB_PROTOCOL: MIB_PUBLISHED, PLOP_PROTOCOL: PLOP_PUBLISHED}
 
@@ -245,12 +265,30 @@ class MiBFamily(Method):
     test_split = "test_seen"  # validation images with a seen class (MiB dataset/utils.py::filter_images)
     default_protocol = MIB_PROTOCOL
     default_background_init = None
+    domain_refusal = None  # PLOP and RCIL ran the family on Cityscapes domains (see refusal for the exceptions)
+    #: hyper-parameters that only mean something where a step adds classes to a background: on a domain-incremental
+    #: dataset they must be off (PLOP's Cityscapes scripts never set them: scripts/cityscapesDomain/*.sh)
+    BACKGROUND_ONLY = {"init_balanced": "copies the background classifier's weights to the new classes' classifier",
+                       "classif_adaptive_factor": "weighs each image by its background pixels that were"
+                                                  " pseudo-labelled"}
 
     # ---- model ----------------------------------------------------------------------------------------
     def sync_batchnorm(self, model):
         """InPlaceABNSync: every :class:`network.abn.ABN` becomes a :class:`network.abn.SyncABN` (MiB
         segmentation_module.py::make_model)."""
         return convert_sync_abn(model)
+
+    def refusal(self):
+        """On a domain-incremental dataset: :attr:`domain_refusal` (the family runs), unless a hyper-parameter of
+        :attr:`BACKGROUND_ONLY` is on: there is no background and no new classifier there."""
+        refusal = super().refusal()
+        if refusal or not is_domain_incremental(self.dataset):
+            return refusal
+        for name, what in self.BACKGROUND_ONLY.items():
+            if getattr(self.hp, name, False):
+                return (f"--{name} {what}, and {self.dataset} has no background and adds no class at any step"
+                        f" (give --no_{name})")
+        return None
 
     def background_init(self, ctx):
         """How ``prepare_student`` initialises the new classifier at t > 0: None (PyTorch's default, kept),
@@ -259,9 +297,10 @@ class MiBFamily(Method):
         return self.default_background_init
 
     def prepare_student(self, model, previous, ctx):
-        """The new classifier's initialisation (:meth:`background_init`), on ``cls[0]`` and ``cls[-1]``."""
+        """The new classifier's initialisation (:meth:`background_init`), on ``cls[0]`` and ``cls[-1]``; none at a
+        step that adds no class (a domain step keeps its one classifier)."""
         mode = self.background_init(ctx)
-        if mode is None:
+        if mode is None or not ctx.adds_classes:
             return
         if mode not in (INIT_FULL, INIT_WEIGHTS):
             raise ValueError(f"unknown background initialisation {mode!r}: expected {INIT_FULL!r} or {INIT_WEIGHTS!r}")
@@ -323,6 +362,11 @@ class MiBFamily(Method):
         150 classes) or scored (PLOP/RCIL, 151 classes); future classes ignored (MiB) or background (PLOP/RCIL) at
         intermediate steps."""
         protocol = self.protocol()
+        if is_domain_incremental(self.dataset):
+            # PLOP run.py::main: StreamSegMetrics over the 19 classes on the seen domains' test images; every class
+            # is "old" (step 0's), none "new", no background
+            return {"background_in_old": False, "exclude_absent": True, "domain_incremental": True,
+                    "labels": protocol}
         mib = protocol == MIB_PROTOCOL
         convention = {"background_in_old": True, "exclude_absent": True,
                       "future_classes": "ignored" if mib else "background", "labels": protocol}

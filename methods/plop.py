@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from methods.base import Deviation, hyper
 from methods.losses import ce_all_pixels, check_map_pairs, collapse_logits, layer_factors
 from methods.mib_family import INIT_FULL, PLOP_PROTOCOL, MiBFamily, protocol_hyper
+from utils.tasks import is_domain_incremental
 
 IGNORE_INDEX = 255
 
@@ -31,7 +32,12 @@ POD_FACTOR_VOC = 0.01
 POD_LOGITS_FACTOR_VOC = 0.0005
 POD_FACTOR_ADE = 0.001
 POD_LOGITS_FACTOR_ADE = 1e-5
-POD_FACTORS = {"voc": (POD_FACTOR_VOC, POD_LOGITS_FACTOR_VOC), "ade": (POD_FACTOR_ADE, POD_LOGITS_FACTOR_ADE)}
+# Cityscapes domains (PLOP scripts/cityscapesDomain/plop_cityscapesDomain_11-1.sh: --pod_factor 0.0001 and the logits'
+# "after" factor 0.0001; the 1-1 script sets that one to 0.001, which scripts/recipes/mib.sh passes for 1-1)
+POD_FACTOR_CITYSCAPES = 1e-4
+POD_LOGITS_FACTOR_CITYSCAPES = 1e-4
+POD_FACTORS = {"voc": (POD_FACTOR_VOC, POD_LOGITS_FACTOR_VOC), "ade": (POD_FACTOR_ADE, POD_LOGITS_FACTOR_ADE),
+               "cityscapes_domain": (POD_FACTOR_CITYSCAPES, POD_LOGITS_FACTOR_CITYSCAPES)}
 POD_SCALES = (1, 2, 4)  # spp_scales of Local POD (PLOP train.py::features_distillation)
 
 # entropy pseudo-labelling (PLOP train.py::Trainer.find_median, Trainer.train)
@@ -272,6 +278,11 @@ class PLOP(MiBFamily):
       small logits (the student's collapsed by :func:`collapse_logits`), weights (``pod_factor`` × 5,
       ``pod_logits_factor``);
     * new classifier: MiB's background initialisation (``--no_init_balanced`` keeps PyTorch's).
+
+    At a step that adds no class (Cityscapes domains, PLOP scripts/cityscapesDomain/plop_cityscapesDomain_*.sh) there
+    is no background to pseudo-label: the loss is plain CE over all pixels + Local POD over the same six maps, the
+    logits uncollapsed (teacher and student have the same channels) and the factor √(K_t / N_new) = 1 (PLOP
+    train.py::Trainer.__init__ counts the 19 classes as new there); no thresholds, no initialisation.
     """
 
     name = "plop"
@@ -294,7 +305,9 @@ class PLOP(MiBFamily):
     @classmethod
     def default_hyper(cls, dataset):
         factor, logits_factor = POD_FACTORS.get(dataset, POD_FACTORS["voc"])
-        return cls.Hyper(pod_factor=factor, pod_logits_factor=logits_factor)
+        with_background = not is_domain_incremental(dataset)  # PLOP's Cityscapes scripts set neither
+        return cls.Hyper(pod_factor=factor, pod_logits_factor=logits_factor, init_balanced=with_background,
+                         classif_adaptive_factor=with_background)
 
     def build_network(self, spec, classes_per_step, pretrained=None, layout_step=None):
         model = super().build_network(spec, classes_per_step, pretrained, layout_step)
@@ -308,7 +321,7 @@ class PLOP(MiBFamily):
         """The per-class entropy thresholds (PLOP train.py::Trainer.find_median): each process's from its own share
         of the images, as PLOP, or (``--no_histogram_per_process``) from one histogram summed over the processes;
         with PLOP's loop, or (``--exact_median``) the true medians."""
-        if ctx.step == 0:
+        if ctx.step == 0 or not ctx.adds_classes:  # nothing to pseudo-label at a domain step
             return
         histogram = torch.zeros(ctx.num_classes, ENTROPY_BINS, dtype=torch.int64, device=data.device)
         with torch.no_grad(), data.eval_mode(teacher):
@@ -328,17 +341,22 @@ class PLOP(MiBFamily):
         if ctx.step == 0:
             ce = ce_all_pixels(logits_up, batch.labels)
             return {"total": ce, "ce": ce}
+        old_logits, old_features = teacher_outputs
+        old_maps = list(old_features["attentions"]) + [old_features["sem_logits_small"]]
+        factors = layer_factors(len(old_maps), self.hp.pod_factor, self.hp.pod_logits_factor)
+        if not ctx.adds_classes:  # a domain step (PLOP plop_cityscapesDomain_*.sh): CE + Local POD, factor 1
+            ce = ce_all_pixels(logits_up, batch.labels)
+            new_maps = list(features["attentions"]) + [features["sem_logits_small"]]
+            pod = local_pod(old_maps, new_maps, factors, ctx.num_classes, ctx.num_classes)
+            return {"total": ce + pod, "ce": ce, "pod": pod}
         if self.thresholds is None or self.thresholds.numel() != ctx.num_classes:
             raise RuntimeError("PLOP.loss at t > 0 needs the thresholds of before_step (or of a resumed state)")
-        old_logits, old_features = teacher_outputs
         labels, factor = entropy_pseudo_labels(self.upsampled(old_logits, batch.labels), batch.labels,
                                                self.thresholds, ctx.num_old)
         if not self.hp.classif_adaptive_factor:
             factor = torch.ones_like(factor)
         ce = weighted_ce_all_pixels(logits_up, labels, factor)
-        old_maps = list(old_features["attentions"]) + [old_features["sem_logits_small"]]
         new_maps = list(features["attentions"]) + [collapse_logits(features["sem_logits_small"], ctx.num_old)]
-        factors = layer_factors(len(old_maps), self.hp.pod_factor, self.hp.pod_logits_factor)
         pod = local_pod(old_maps, new_maps, factors, ctx.num_classes, ctx.num_new)
         return {"total": ce + pod, "ce": ce, "pod": pod}
 

@@ -26,9 +26,11 @@ import torch.nn.functional as F
 from methods import losses
 from methods.base import Published, hyper
 from methods.losses import check_map_pairs, collapse_logits, layer_factors
+from methods.lwf import kd_old_channels
 from methods.mib_family import INIT_WEIGHTS, PLOP_PROTOCOL, MiBFamily, kd_alpha_hyper
 from network import build_model
 from network.rcil_merge import freeze_merged, merge_branches
+from utils.tasks import is_domain_incremental
 
 RCIL_W_KD = 100.0  # L = UNCE + 100·UNKD + PCKD (RCIL argparser.py: --loss_kd 100)
 # The reference validates every 15 epochs (RCIL's --val_interval default, RCIL argparser.py); validation never
@@ -45,7 +47,15 @@ PCKD_FACTOR_VOC = 0.01
 PCKD_LAST_FACTOR_VOC = 0.0005
 PCKD_FACTOR_ADE = 5e-6
 PCKD_LAST_FACTOR_ADE = 5e-7
-PCKD_FACTORS = {"voc": (PCKD_FACTOR_VOC, PCKD_LAST_FACTOR_VOC), "ade": (PCKD_FACTOR_ADE, PCKD_LAST_FACTOR_ADE)}
+# Cityscapes domains (RCIL train.py, its cityscapes_domain constants): spatial term 5e-4 for mod2..mod5 and x_pl, 1e-4
+# for the logits; channel term 1e-4 for mod2..mod5 and 0 for x_pl (the only dataset whose two terms differ)
+PCKD_FACTOR_CITYSCAPES = 5e-4
+PCKD_LAST_FACTOR_CITYSCAPES = 1e-4
+PCKD_CHANNEL_FACTOR_CITYSCAPES = 1e-4
+PCKD_CHANNEL_LAST_FACTOR_CITYSCAPES = 0.0
+PCKD_FACTORS = {"voc": (PCKD_FACTOR_VOC, PCKD_LAST_FACTOR_VOC), "ade": (PCKD_FACTOR_ADE, PCKD_LAST_FACTOR_ADE),
+                "cityscapes_domain": (PCKD_FACTOR_CITYSCAPES, PCKD_LAST_FACTOR_CITYSCAPES)}
+PCKD_CHANNEL_FACTORS = {"cityscapes_domain": (PCKD_CHANNEL_FACTOR_CITYSCAPES, PCKD_CHANNEL_LAST_FACTOR_CITYSCAPES)}
 PCKD_SPATIAL_KERNELS = (4, 8, 12, 16, 20, 24)  # avg-pool kernel sizes of the spatial term
 PCKD_CHANNEL_WINDOW = 3  # channels averaged by the channel term (one zero channel of padding each side)
 PCKD_SPATIAL_MAPS = 6  # stages mod2..mod5, x_pl, small logits
@@ -61,14 +71,19 @@ RCIL_PUBLISHED = {
                      " apex O1)",
                      train_epoch=(60, 60), global_batch=(24, 24), lr=(0.01, 0.001), gpus=(4, 4), amp=True,
                      tasks={"100-10": {"gpus": (2, 2)}, "100-5": {"gpus": (2, 2)}}),
+    "cityscapes_domain": Published("RCIL scripts/cityscapesDomain/RCIL_cityscapes_{11-5,11-1,1-1}.sh (4 GPUs x batch 6,"
+                                   " lr 0.02 then 0.002; 11-1: 0.004; 50 epochs, apex O1)",
+                                   train_epoch=(50, 50), global_batch=(24, 24), lr=(0.02, 0.002), gpus=(4, 4),
+                                   amp=True, tasks={"11-1": {"lr": (0.02, 0.004)}}),
 }
 
 
 def pckd_factors(dataset, n_maps):
-    """The per-map weights λ_1..λ_n of a PCKD term on ``dataset`` ("voc" or "ade"): the dataset's feature factor
-    for every map but the last, its last-map factor for the last one (RCIL train.py). Call it with
-    :data:`PCKD_SPATIAL_MAPS` for the spatial term and :data:`PCKD_CHANNEL_MAPS` for the channel term."""
-    factor, last_factor = PCKD_FACTORS[dataset]
+    """The per-map weights λ_1..λ_n of a PCKD term on ``dataset``: the dataset's feature factor for every map but the
+    last, its last-map factor for the last one (RCIL train.py). Call it with :data:`PCKD_SPATIAL_MAPS` for the
+    spatial term and :data:`PCKD_CHANNEL_MAPS` for the channel term (whose factors differ on cityscapes_domain)."""
+    table = PCKD_CHANNEL_FACTORS if n_maps == PCKD_CHANNEL_MAPS and dataset in PCKD_CHANNEL_FACTORS else PCKD_FACTORS
+    factor, last_factor = table[dataset]
     return layer_factors(n_maps, factor, last_factor)
 
 
@@ -171,6 +186,10 @@ class RCILHyper:
                                                           " 5e-7", low=0.0)
     init_balanced: bool = hyper(True, "t>0: new classifier weights copied from the background's (RCIL's"
                                       " weight-only variant; biases keep their random init)")
+    pckd_channel_factor: float = hyper(None, "t>0: channel pooled-cube KD weight of the four backbone stages (default:"
+                                             " --pckd_factor; cityscapes_domain 1e-4)", low=0.0, type=float)
+    pckd_channel_last_factor: float = hyper(None, "t>0: channel pooled-cube KD weight of x_pl (default:"
+                                                  " --pckd_last_factor; cityscapes_domain 0)", low=0.0, type=float)
 
 
 class RCIL(MiBFamily):
@@ -203,8 +222,13 @@ class RCIL(MiBFamily):
     @classmethod
     def default_hyper(cls, dataset):
         """PCKD weights per dataset (RCIL train.py: 0.01 / 0.0005 on VOC, 5e-6 / 5e-7 on ADE)."""
-        factor, last_factor = PCKD_FACTORS[dataset]
-        return RCILHyper(pckd_factor=factor, pckd_last_factor=last_factor)
+        factor, last_factor = PCKD_FACTORS.get(dataset, PCKD_FACTORS["voc"])
+        if not is_domain_incremental(dataset):
+            return RCILHyper(pckd_factor=factor, pckd_last_factor=last_factor)
+        channel, channel_last = PCKD_CHANNEL_FACTORS[dataset]
+        # RCIL's Cityscapes loss is CE + PCKD alone (RCIL train.py: no KD there) and no initialisation
+        return RCILHyper(pckd_factor=factor, pckd_last_factor=last_factor, pckd_channel_factor=channel,
+                         pckd_channel_last_factor=channel_last, loss_kd=0.0, init_balanced=False)
 
     def published(self):
         return RCIL_PUBLISHED.get(self.dataset)
@@ -270,17 +294,29 @@ class RCIL(MiBFamily):
             ce = losses.ce_all_pixels(up, labels)
             return {"total": ce, "ce": ce}
         old_logits, old_features = teacher_outputs
-        unce = losses.unbiased_ce(up, labels, ctx.num_old)
-        unkd = losses.unbiased_kd(up, self.upsampled(old_logits, labels), alpha=self.hp.alpha)
         new_maps, old_maps = list(features["attentions"]), list(old_features["attentions"])
+        domain_step = not ctx.adds_classes
+        # a domain step: equal channels, nothing to collapse, √(K_t / N_new) = 1 (RCIL train.py counts the 19 classes
+        # as new there)
+        n_new = ctx.num_classes if domain_step else ctx.num_new
+        small = features["sem_logits_small"]
         spatial = pooled_cube_spatial(
             old_maps + [old_features["sem_logits_small"]],
-            new_maps + [collapse_logits(features["sem_logits_small"], ctx.num_old)],
-            layer_factors(PCKD_SPATIAL_MAPS, self.hp.pckd_factor, self.hp.pckd_last_factor),
-            ctx.num_classes, ctx.num_new)
-        channel = pooled_cube_channel(old_maps, new_maps,
-                                      layer_factors(PCKD_CHANNEL_MAPS, self.hp.pckd_factor, self.hp.pckd_last_factor),
-                                      ctx.num_classes, ctx.num_new)
+            new_maps + [small if domain_step else collapse_logits(small, ctx.num_old)],
+            layer_factors(PCKD_SPATIAL_MAPS, self.hp.pckd_factor, self.hp.pckd_last_factor), ctx.num_classes, n_new)
+        channel_factor = self.hp.pckd_factor if self.hp.pckd_channel_factor is None else self.hp.pckd_channel_factor
+        channel_last = (self.hp.pckd_last_factor if self.hp.pckd_channel_last_factor is None
+                        else self.hp.pckd_channel_last_factor)
+        channel = pooled_cube_channel(old_maps, new_maps, layer_factors(PCKD_CHANNEL_MAPS, channel_factor, channel_last),
+                                      ctx.num_classes, n_new)
+        old_up = self.upsampled(old_logits, labels)
+        if domain_step:  # RCIL train.py on Cityscapes: CE + PCKD (+ loss_kd · KD over all channels, 0 as published)
+            ce = losses.ce_all_pixels(up, labels)
+            kd = kd_old_channels(up, old_up, alpha=self.hp.alpha)
+            return {"total": ce + self.hp.loss_kd * kd + spatial + channel, "ce": ce, "kd": kd,
+                    "pckd_spatial": spatial, "pckd_channel": channel}
+        unce = losses.unbiased_ce(up, labels, ctx.num_old)
+        unkd = losses.unbiased_kd(up, old_up, alpha=self.hp.alpha)
         total = unce + self.hp.loss_kd * unkd + spatial + channel
         return {"total": total, "unce": unce, "unkd": unkd, "pckd_spatial": spatial, "pckd_channel": channel}
 

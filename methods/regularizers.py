@@ -223,6 +223,7 @@ class RegularizedMethod(MiBFamily):
     """
 
     uses_gradients = True
+    domain_refusal = "neither PLOP nor RCIL ran EWC, PI or RW on a domain-incremental dataset (no published protocol)"
     regularizer_cls = None
     importance = {}  # protocol -> λ (reg_importance) of that repository's argparser
 

@@ -96,6 +96,8 @@ class SSULHyper:
 class SSUL(Method):
     """SSUL (``--mem_size 0``) and SSUL-M (``--mem_size N``), SSUL main.py::main."""
     name = "ssul"
+    domain_refusal = ("it models background and unknown classes, and cityscapes_domain has neither: its 19 classes are"
+                      " labelled at every step and no step adds a class")
     Hyper = SSULHyper
     model_families = ("deeplabv3",)
     deviations = (Deviation("memory_labels_unshifted", False,

@@ -22,12 +22,13 @@ def harmonic(old, new):
     return 2 * old * new / (old + new) if old + new > 0 else 0.0
 
 
-def step_summary(confusion, n_old, exclude_absent=False):
+def step_summary(confusion, n_old, exclude_absent=False, background=True):
     """Summary dict of a confusion matrix (rows = ground truth) with ``n_old`` classes in step 0.
 
     Keys: ``mIoU``, ``mIoU_old``, ``mIoU_new``, ``hIoU``; ``mIoU_nobg``, ``mIoU_old_nobg``, ``hIoU_nobg``
     (background channel 0 left out; "new" never holds it); ``n_old``, ``n_new``. At step 0 the entries
-    that need new classes are None.
+    that need new classes are None; so are the ``_nobg`` entries of a dataset without a background class
+    (``background=False``: channel 0 is a class like the others).
     """
     hist = np.asarray(confusion, dtype=np.float64)
     diag, rows, cols = np.diag(hist), hist.sum(axis=1), hist.sum(axis=0)
@@ -47,4 +48,6 @@ def step_summary(confusion, n_old, exclude_absent=False):
     }
     summary["hIoU"] = harmonic(summary["mIoU_old"], summary["mIoU_new"])
     summary["hIoU_nobg"] = harmonic(summary["mIoU_old_nobg"], summary["mIoU_new"])
+    if not background:
+        summary.update(mIoU_nobg=None, mIoU_old_nobg=None, hIoU_nobg=None)
     return summary

@@ -72,6 +72,17 @@ PROTOCOLS = {
     ("plop", "voc"): PLOP_VOC,
     ("plop", "ade"): PLOP_ADE,
 }
+# PLOP scripts/cityscapesDomain/mib_cityscapesDomain_1-1.sh, plop_cityscapesDomain_{1-1,11-1}.sh: 2 GPUs x
+# --batch_size 12, --lr 0.01 then 0.001, --epochs 50, --opt_level O1; argparser.py: crop 512, seed 42
+PLOP_CITYSCAPES = (PLOP_COMMON, {"train_epoch": 50, "global_batch": 24, "lr": 0.01, "gpus": 2},
+                   {"train_epoch": 50, "global_batch": 24, "lr": 0.001, "gpus": 2})
+PROTOCOLS[("plop", "cityscapes_domain")] = PLOP_CITYSCAPES
+# RCIL scripts/cityscapesDomain/RCIL_cityscapes_11-5.sh (and 1-1): 4 GPUs x --batch_size 6, --lr 0.02 then 0.002,
+# --epochs 50, --opt_level O1 (11-1: 0.004 at t > 0, TASK_CHANGES)
+PROTOCOLS[("rcil", "cityscapes_domain")] = (PLOP_COMMON, {"train_epoch": 50, "global_batch": 24, "lr": 0.02, "gpus": 4},
+                                            {"train_epoch": 50, "global_batch": 24, "lr": 0.002, "gpus": 4})
+for _name in ("ft", "lwf", "lwf-mc", "ilt", "mib"):  # all run with PLOP's code there, whatever --protocol
+    PROTOCOLS[(_name, "cityscapes_domain")] = PROTOCOLS[(f"{_name}@plop", "cityscapes_domain")] = PLOP_CITYSCAPES
 for _name in ("ft", "lwf", "lwf-mc", "ilt", "ewc", "pi", "rw", "mib"):
     PROTOCOLS[(_name, "voc")] = MIB_VOC
     PROTOCOLS[(_name, "ade")] = MIB_ADE
@@ -86,6 +97,8 @@ TASK_CHANGES = {
     # RCIL scripts/ade/RCIL_ade_100-10.sh and RCIL_ade_100-5.sh: 2 GPUs x --batch_size 12
     ("rcil", "ade", "100-10"): ({"gpus": 2}, {"gpus": 2}),
     ("rcil", "ade", "100-5"): ({"gpus": 2}, {"gpus": 2}),
+    # RCIL scripts/cityscapesDomain/RCIL_cityscapes_11-1.sh: --lr 0.004 at the steps t > 0
+    ("rcil", "cityscapes_domain", "11-1"): ({}, {"lr": 0.004}),
 }
 
 #: The reference behaviour of each published run (the deviations' published values): step 0, steps t > 0.

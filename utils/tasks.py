@@ -14,6 +14,11 @@ from utils.errors import UserError
 
 NUM_CLASSES = {"voc": 21, "ade": 151}  # background / ADE "other" (0) included
 
+# Domain-incremental datasets: every step trains and scores the same classes; a task adds domains (PLOP/RCIL
+# tasks.py, "cityscapes_domain"). Their class table is one step holding every class, later steps adding none.
+DOMAIN_CLASSES = {"cityscapes_domain": 19}  # Cityscapes train ids 0..18, no background class
+DOMAIN_COUNTS = {"cityscapes_domain": 21}  # cities, ids of PLOP dataset/cityscapes_domain.py::city_to_id
+
 
 def _span(first, last):
     """Inclusive range of class ids, as the reference code's ``range(first, last + 1)``."""
@@ -118,13 +123,29 @@ def _ade_tasks():
     }
 
 
+def _cityscapes_domain_tasks():
+    """Domain ids per step (PLOP tasks.py, "cityscapes_domain"; RCIL tasks.py is the same table)."""
+    domains = DOMAIN_COUNTS["cityscapes_domain"]
+    last = domains - 1
+    return {
+        "offline": [_span(0, last)],
+        "11-5": [_span(0, 10), _span(11, 15), _span(16, last)],
+        "11-1": [_span(0, 10)] + _chunks(11, last, 1),
+        "1-1": _chunks(0, last, 1),
+    }
+
+
+_DOMAIN_TABLES = {"cityscapes_domain": _cityscapes_domain_tasks}
+
+
 # Names used by other reference repositories for the same class lists (MiB/PLOP "15-5s", DKD "joint", ...).
 _ALIASES = {
     "voc": {"15-5s": "15-1", "joint": "offline",
             **{f"15-5s_{letter}": f"15-1_{letter}" for letter in _SHUFFLED_15_1}},
     "ade": {"joint": "offline", "50": "50-50"},
+    "cityscapes_domain": {},
 }
-_TABLES = {"voc": _voc_tasks, "ade": _ade_tasks}
+_TABLES = {"voc": _voc_tasks, "ade": _ade_tasks, **_DOMAIN_TABLES}
 _NATURAL_NAME = re.compile(r"^(\d+)(?:-(\d+))+$")
 
 
@@ -171,13 +192,39 @@ def natural_task(dataset, name):
     return steps
 
 
+def is_domain_incremental(dataset):
+    """Whether the steps of ``dataset``'s tasks add domains (all classes at every step) rather than classes."""
+    return dataset in _DOMAIN_TABLES
+
+
+def get_domains(dataset, task, task_file=None):
+    """Domain ids per step of ``task`` of a domain-incremental ``dataset`` (None for a class-incremental one).
+
+    Unknown names, and ``task_file`` (custom orders are class orders), raise :class:`UserError`."""
+    _check_dataset(dataset)
+    if not is_domain_incremental(dataset):
+        return None
+    if task_file is not None:
+        raise UserError(f"--task_file sets a class order, but {dataset} adds domains, not classes: use one of its"
+                        f" tasks {', '.join(list_tasks(dataset))}")
+    table = _DOMAIN_TABLES[dataset]()
+    if task not in table:
+        raise UserError(f"unknown {dataset} task '{task}': expected one of {', '.join(list_tasks(dataset))}")
+    return table[task]
+
+
 def get_task(dataset, task, task_file=None):
-    """Class ids per step for ``task`` of ``dataset`` ("voc" or "ade"), step 0 starting with background 0.
+    """Class ids per step for ``task`` of ``dataset``, step 0 starting with class 0 (VOC/ADE: background).
 
     ``task_file`` (a JSON file, see :func:`load_task_file`) overrides the name. Unknown names raise
-    :class:`UserError` listing the valid ones.
+    :class:`UserError` listing the valid ones. A domain-incremental dataset (:func:`is_domain_incremental`) has
+    one classifier over all its classes at every step: step 0 holds every class and the later steps add none
+    (empty lists, one per step of :func:`get_domains`).
     """
     _check_dataset(dataset)
+    if is_domain_incremental(dataset):
+        domains = get_domains(dataset, task, task_file)
+        return [list(range(DOMAIN_CLASSES[dataset]))] + [[] for _ in domains[1:]]
     if task_file is not None:
         return load_task_file(dataset, task_file)
     table = _TABLES[dataset]()

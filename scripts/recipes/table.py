@@ -11,7 +11,7 @@ import os
 
 TABLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "published.tsv")
 MIB_FAMILY = ("ft", "lwf", "lwf-mc", "ilt", "ewc", "pi", "rw", "mib", "plop")
-DATASETS = {"voc": "VOC", "ade": "ADE20K"}
+DATASETS = {"voc": "VOC", "ade": "ADE20K", "cityscapes_domain": "Cityscapes (domains)"}
 
 
 def read_rows(path=TABLE):

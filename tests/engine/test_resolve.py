@@ -48,6 +48,29 @@ def test_defaults_are_the_published_run(name, flags, method, dataset, task, step
     assert (config.global_batch, config.reference_shards) == (want["global_batch"] // shards, shards)
 
 
+DOMAIN_METHODS = ("ft", "lwf", "lwf-mc", "ilt", "mib", "plop", "rcil")  # those PLOP and RCIL ran on Cityscapes
+DOMAIN_CASES = [(name, flags, method, task, step)
+                for method in DOMAIN_METHODS for name, flags in protocol_names(method)
+                for task in ("11-5", "11-1", "1-1") for step in (0, 1)]
+
+
+@pytest.mark.parametrize("name, flags, method, task, step", DOMAIN_CASES,
+                         ids=[f"{c[0]}-cityscapes_domain-{c[3]}-step{c[4]}" for c in DOMAIN_CASES])
+def test_cityscapes_domain_defaults_are_the_published_run(name, flags, method, task, step):
+    config = resolved(method, "cityscapes_domain", task, step, *flags)
+    want = expected(name, "cityscapes_domain", task, step)
+    for flag in PROTOCOL_FLAGS:
+        assert getattr(config, flag) == pytest.approx(want[flag]), flag
+        assert config.source(flag).startswith("published: "), (flag, config.source(flag))
+    assert (config.global_batch, config.sync_gradients, config.held_out_test) == (want["global_batch"], True, False)
+
+
+def test_held_out_test_is_a_clean_deviation():
+    assert resolved("mib", "cityscapes_domain", "11-5", 1, "--clean").held_out_test is True
+    assert resolved("mib", "cityscapes_domain", "11-5", 1, "--clean", "--no_held_out_test").held_out_test is False
+    assert resolved("mib", "cityscapes_domain", "11-5", 1, "--held_out_test").source("held_out_test") == "command line"
+
+
 def config_ctx(dataset, task, step):
     from engine.context import StepContext
     from utils.tasks import get_task

@@ -220,7 +220,7 @@ def test_local_pod_rejects_mismatched_maps():
 
 
 def test_named_constants():
-    assert plop.POD_FACTORS == {"voc": (0.01, 0.0005), "ade": (0.001, 1e-5)}
+    assert plop.POD_FACTORS == {"voc": (0.01, 0.0005), "ade": (0.001, 1e-5), "cityscapes_domain": (1e-4, 1e-4)}
     assert plop.ENTROPY_THRESHOLD_MIN == 0.001 and plop.ENTROPY_BINS == 100 and plop.POD_SCALES == (1, 2, 4)
 
 
