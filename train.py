@@ -24,7 +24,7 @@ from engine.evaluate import evaluate_state
 from engine.models import MODEL_KEYS, check_start, model_spec, model_state, read_checkpoint
 from engine.resolve import resolve_step
 from engine.panels import visualize_test_step
-from engine.results import (format_step, format_summary, read_results, step_results, summary_row,
+from engine.results import (device_name, format_step, format_summary, read_results, step_results, summary_row,
                             write_step_results, write_summary, write_summary_rows)
 from engine.run_folder import RunFolder
 from engine.setup import run_step
@@ -148,8 +148,13 @@ def test(config, dist_info, status):
         spec = model_spec(step_config, method_cls)
         confusion = evaluate_state(ctx, step_config, method, spec, state, dist_info, path)
         results = step_results(confusion, ctx, method.name, class_names(ctx), path, method.eval_convention())
+        trained = (checkpoint.get("metrics") or {}).get("provenance")  # what produced the weights (ciss's)
         results.update(run_id=checkpoint.get("run_id"), parent_id=checkpoint.get("parent_id"),
-                       evaluation={k: getattr(step_config, k) for k in RECORDED_EVAL_FLAGS})
+                       provenance=trained or {"seed": (checkpoint.get("args") or {}).get("random_seed"),
+                                              "class_order": [list(s) for s in ctx.steps]},
+                       evaluation={**{k: getattr(step_config, k) for k in RECORDED_EVAL_FLAGS},
+                                   "processes": dist_info.world_size, "torch": str(torch.__version__),
+                                   "device": device_name(dist_info.device)})
         folder = os.path.join(ctx.root, "eval", eval_name(step_config))
         if dist_info.is_main:
             write_step_results(results, os.path.join(folder, f"step{step}"))

@@ -14,13 +14,37 @@ import json
 import os
 
 import numpy as np
+import torch
 
 from datasets import get_layout
 from metrics.stream_metrics import results_from_confusion
 from metrics.summary import step_summary
+from utils.hardware import cpu_model
 
+#: What produced a number, in ``results.json`` (``provenance``) and as the last columns of ``summary.csv``.
+PROVENANCE_COLUMNS = ("seed", "class_order", "global_batch", "accumulate", "processes", "torch", "device")
 SUMMARY_COLUMNS = ("step", "n_classes", "mIoU", "mIoU_old", "mIoU_new", "hIoU", "mIoU_nobg", "mIoU_old_nobg",
-                   "hIoU_nobg", "overall_acc", "mean_acc")
+                   "hIoU_nobg", "overall_acc", "mean_acc") + PROVENANCE_COLUMNS
+
+
+def device_name(device):
+    """What ran the computation: the GPU's name on CUDA, else the CPU's model."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
+
+
+def provenance(config, ctx, world_size, device):
+    """What produced a step's numbers: the seed, the class order (class ids per step of the whole task, and the
+    ``--task_file`` that set it, if any), the batch (global, per process, micro-batch, accumulation), the number of
+    processes, and the software and device."""
+    return {"seed": config.random_seed, "class_order": [list(s) for s in ctx.steps], "task_file": config.task_file,
+            "global_batch": config.global_batch, "batch_per_process": config.batch_size,
+            "micro_batch": config.micro_batch, "accumulate": config.accumulate, "processes": world_size,
+            "torch": str(torch.__version__), "cuda": torch.version.cuda, "device": device_name(device)}
+
+
+def class_order_text(order):
+    """A class order as one field: the steps' class ids, steps separated by ``|`` (``0 1 2 | 3 | 4``)."""
+    return " | ".join(" ".join(str(c) for c in step) for step in order)
 
 
 def step_results(confusion, ctx, method_name, class_names, checkpoint, convention=None):
@@ -97,10 +121,14 @@ def read_results(path):
 
 
 def summary_row(results):
+    """One ``summary.csv`` row: the step's summary, then its provenance (empty for results that have none)."""
     summary = results["summary"]
+    origin = results.get("provenance") or {}
     return {"step": results["step"], "n_classes": len(results["Class IoU"]),
             **{k: summary[k] for k in SUMMARY_COLUMNS[2:9]},
-            "overall_acc": results["Overall Acc"], "mean_acc": results["Mean Acc"]}
+            "overall_acc": results["Overall Acc"], "mean_acc": results["Mean Acc"],
+            **{k: origin.get(k) for k in PROVENANCE_COLUMNS},
+            "class_order": class_order_text(origin["class_order"]) if origin.get("class_order") else None}
 
 
 def chain_results(setting_dir, last_step):

@@ -20,17 +20,12 @@ from engine.evaluate import evaluate, evaluate_state
 from engine.iteration import train_iteration
 from engine.meter import TrainingLog
 from engine.models import load_exact
-from engine.results import format_step, step_results, write_json, write_step_results
+from engine.results import format_step, provenance, step_results, write_json, write_step_results
 from utils.checkpoint import CHECKPOINT_FORMAT, load_checkpoint_file, rng_state, save_checkpoint, set_rng_state
 from utils.distributed import all_gather_objects, barrier
 from utils.logging import plural
 
 log = logging.getLogger("ciss")
-
-
-def global_batch(config, world_size):
-    """The images of one optimizer step over all processes (rank 0's of an unsynchronised published run)."""
-    return config.batch_size * world_size
 
 
 def batch_text(config, world_size):
@@ -44,7 +39,7 @@ def batch_text(config, world_size):
 def batch_record(config, world_size):
     """What ``config.json`` and the results record of the batch (BatchNorm statistics: per micro-batch of one
     process, per chunk with ``--bn_chunks``, or per batch over the GPUs with SyncBatchNorm)."""
-    return {"global": global_batch(config, world_size), "per_process": config.batch_size,
+    return {"global": config.global_batch, "per_process": config.batch_size,
             "micro_batch": config.micro_batch, "accumulate": config.accumulate, "processes": world_size,
             "batchnorm_statistics": "per micro-batch" if config.accumulate > 1 else "per batch"}
 
@@ -123,7 +118,7 @@ class StepRun:
         log.info("%s%s, %s = global batch %d, %s per epoch, %s, %s",
                  plural(len(self.data.current), "training image"),
                  f" + {plural(len(memory), 'memory image')} ({self.data.memory_use.mode})" if memory is not None
-                 else "", batch_text(config, self.dist.world_size), global_batch(config, self.dist.world_size),
+                 else "", batch_text(config, self.dist.world_size), config.global_batch,
                  plural(len(self.data), "iteration"), plural(config.train_epoch, "epoch"),
                  plural(self.total_iterations, "iteration"))
         if config.accumulate > 1:
@@ -231,7 +226,8 @@ class StepRun:
         confusion = evaluate_state(ctx, self.config, self.method, self.spec, state, self.dist)
         results = step_results(confusion, ctx, self.method.name, class_names(ctx), ctx.final_path(),
                                self.method.eval_convention())
-        results.update(run_id=self.run_id, parent_id=self.parent_id, started_from=self.started_from)
+        results.update(run_id=self.run_id, parent_id=self.parent_id, started_from=self.started_from,
+                       provenance=provenance(self.config, ctx, self.dist.world_size, self.dist.device))
         self._check_replicas()
         if self.dist.is_main:
             save_checkpoint(self.checkpoint(self.config.train_epoch, final=True, metrics=results, **selected),
