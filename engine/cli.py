@@ -11,7 +11,7 @@ import argparse
 import dataclasses
 import sys
 
-from datasets import default_num_workers
+from datasets import LAYOUTS, default_num_workers
 from methods import get_method_class, list_methods
 from methods.base import check_hyper_value
 from network import list_models
@@ -32,7 +32,7 @@ class OneLineParser(argparse.ArgumentParser):
 def _selection(argv):
     pre = OneLineParser(add_help=False)
     pre.add_argument("--method", default="barm", choices=list_methods())
-    pre.add_argument("--dataset", default="voc", choices=("voc", "ade"))
+    pre.add_argument("--dataset", default="voc", choices=list(LAYOUTS))
     known, _ = pre.parse_known_args(argv)
     return known.method, known.dataset
 
@@ -59,8 +59,9 @@ def build_parser(method="barm", dataset="voc"):
                                        " (or step 0 only with --initial), or evaluate saved steps with --test.")
     data = parser.add_argument_group("data")
     data.add_argument("--data_root", required=True,
-                      help="the VOC2012 folder (voc) or the ADEChallengeData2016 folder (ade)")
-    data.add_argument("--dataset", default="voc", choices=("voc", "ade"), help="(default: %(default)s)")
+                      help="the VOC2012 folder (voc), the ADEChallengeData2016 folder (ade), or a folder with a"
+                           " dataset.json describing a dataset of your own (custom; docs/data.md)")
+    data.add_argument("--dataset", default="voc", choices=list(LAYOUTS), help="(default: %(default)s)")
     data.add_argument("--task", default="15-1", help="task name, e.g. 15-1, 10-1, 100-10, or any X-Y"
                                                      " (default: %(default)s)")
     data.add_argument("--task_file", default=None, metavar="FILE.json",
