@@ -152,7 +152,7 @@ def _table(dataset, num_classes=None):
     """The named tasks of ``dataset``: VOC's and ADE's tables, else "offline" only."""
     if dataset in _TABLES:
         return _TABLES[dataset]()
-    return {OFFLINE: _span(0, class_count(dataset, num_classes) - 1)}
+    return {OFFLINE: [_span(0, class_count(dataset, num_classes) - 1)]}
 
 
 def _aliases(dataset):
