@@ -284,3 +284,15 @@ def test_no_background_description(shapes_copy):
     assert layout.NUM_CLASSES == 8 and layout.CLASS_NAMES[:2] == (custom.BACKGROUND_NAME, "grass")
     assert layout.LABEL_MAP[0] == 1 and layout.LABEL_MAP[60] == 7 and not layout.HAS_BACKGROUND
 
+
+
+def test_synthetic_command_writes_a_checkable_folder(tmp_path, capsys):
+    from datasets.synthetic import main
+    root = str(tmp_path / "cli")
+    main(["--dataset", "custom", "--root", root, "--n_train", "6", "--n_val", "2", "--size", "40", "--workers", "1",
+          "--classes", "sea,ship,gull", "--no_background", "--lists"])
+    assert "wrote a synthetic dataset of 3 classes" in capsys.readouterr().out
+    layout = get_layout("custom", root)
+    assert layout.CLASS_NAMES == (custom.BACKGROUND_NAME, "sea", "ship", "gull") and not layout.HAS_BACKGROUND
+    assert [len(layout.list_split(root, split)) for split in ("train", "val")] == [6, 2]
+    check_data("custom", root, str(tmp_path / "cache"))
