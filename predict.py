@@ -52,6 +52,7 @@ class Predictor:
     device: torch.device
     step: int
     crop_size: int = None
+    data_root: str = None  # the training data folder (a dataset of one's own names its classes there)
 
     def transform(self, image):
         """uint8 (3, H, W) of a PIL image through the method's evaluation transform."""
@@ -92,7 +93,8 @@ def load_predictor(path, device="auto", crop_size=None):
     device = resolve_device(device)
     model = model.to(device).eval()
     return Predictor(model=model, method=method, dataset=dataset, class_ids=[c for s in classes for c in s],
-                     device=device, step=len(classes) - 1, crop_size=crop_size)
+                     device=device, step=len(classes) - 1, crop_size=crop_size,
+                     data_root=checkpoint.get("args", {}).get("data_root"))
 
 
 def list_images(folder):
@@ -117,7 +119,7 @@ def predict_folder(ckpt, images, out, device="auto", crop_size=None):
     """Predict every image of the folder ``images`` with the checkpoint ``ckpt``; returns the written
     ``{out}/{stem}.png`` paths (panels in ``{out}/panels/``)."""
     predictor = load_predictor(ckpt, device, crop_size)
-    layout = get_layout(predictor.dataset)
+    layout = get_layout(predictor.dataset, predictor.data_root)
     palette = layout.palette()
     files = list_images(images)
     try:

@@ -3,7 +3,9 @@ image lists.
 
 Public API: :func:`step_image_ids` (the image ids a step trains or validates on), :func:`step_samples`
 (the same as ``(id, image_path, label_path)`` triples), :func:`get_layout` (the dataset module: class
-names, number of classes, file lists), :func:`saliency_path` (SSUL's saliency maps) and
+names, number of classes, file lists; for a dataset of the user's own, ``datasets.custom``, the layout its
+folder describes), :func:`label_values` (how label files map to class ids), :func:`check_data` (every file
+checked before training, where the layout asks for it), :func:`saliency_path` (SSUL's saliency maps) and
 :func:`default_num_workers` (the ``--num_workers`` default).
 
 Every function here works from a plain script without ``if __name__ == "__main__":`` (the labels are decoded
@@ -13,14 +15,14 @@ import os
 
 import numpy as np
 
-from datasets import ade, cityscapes_domain, voc
+from datasets import ade, cityscapes_domain, custom, voc
 from datasets.class_index import load_class_index
 from datasets.files import usable_cpus
 from datasets.incremental import step_mask
 from utils.errors import UserError
 from utils.tasks import check_step, get_domains, get_task, is_domain_incremental
 
-LAYOUTS = {"voc": voc, "ade": ade, "cityscapes_domain": cityscapes_domain}
+LAYOUTS = {"voc": voc, "ade": ade, "cityscapes_domain": cityscapes_domain, "custom": custom}
 # "train": training list; "val": per-step validation; "test": the whole validation list (BARM/SSUL);
 # "test_seen": validation images with a seen class (MiB/PLOP/RCIL/DKD; MiB dataset/utils.py::filter_images)
 SPLITS = ("train", "val", "test", "test_seen")
@@ -28,11 +30,25 @@ SALIENCY_DIR = "saliency_map"  # SSUL's saliency maps inside the VOC2012 folder 
 MAX_DEFAULT_WORKERS = 4  # BARM's --num_workers default, the most the default ever picks
 
 
-def get_layout(dataset):
-    """The module describing ``dataset`` ("voc", "ade" or "cityscapes_domain")."""
+def get_layout(dataset, data_root=None):
+    """What describes ``dataset``: its module ("voc", "ade"), or, for a module with ``load(data_root)`` (a dataset
+    described by its own folder: "custom"), what that returns for ``data_root``. Either has ``NAME``,
+    ``NUM_CLASSES``, ``IGNORE_LABEL``, ``CLASS_NAMES``, ``IMAGE_COUNTS``, ``palette()`` and ``list_split``."""
     if dataset not in LAYOUTS:
         raise UserError(f"unknown dataset '{dataset}': expected one of {', '.join(LAYOUTS)}")
-    return LAYOUTS[dataset]
+    layout = LAYOUTS[dataset]
+    return layout.load(data_root) if hasattr(layout, "load") else layout
+
+
+def label_values(dataset, data_root):
+    """The :class:`datasets.class_index.LabelValues` of a dataset whose label files hold other values than its
+    class ids, else None (the files hold class ids)."""
+    return getattr(get_layout(dataset, data_root), "LABEL_VALUES", None)
+
+
+def num_classes(dataset, data_root):
+    """The number of classes of ``dataset`` (background included), for ``utils.tasks.get_task``."""
+    return get_layout(dataset, data_root).NUM_CLASSES
 
 
 def file_split(split):
@@ -45,12 +61,22 @@ def file_split(split):
 
 def split_class_index(dataset, data_root, split, cache_dir=None, workers=None, persist=True):
     """``(samples, index)`` of the file list behind ``split`` (see ``datasets.class_index``)."""
-    layout = get_layout(dataset)
+    layout = get_layout(dataset, data_root)
     files = file_split(split)
     samples = layout.list_split(data_root, files)
     index = load_class_index(dataset, data_root, files, samples, layout.NUM_CLASSES, layout.IGNORE_LABEL,
-                             cache_dir=cache_dir, workers=workers, persist=persist)
+                             cache_dir=cache_dir, workers=workers, persist=persist,
+                             values=getattr(layout, "LABEL_VALUES", None))
     return samples, index
+
+
+def check_data(dataset, data_root, cache_dir=None, persist=True):
+    """Check every file of both lists now (build or reuse their class indexes: labels decode and hold only the
+    described values, images match their labels' sizes) where the layout asks for it (``CHECK_ALL_SPLITS``: a
+    dataset of the user's own), so that a bad file stops a run before its first step; elsewhere nothing."""
+    if getattr(get_layout(dataset, data_root), "CHECK_ALL_SPLITS", False):
+        for split in ("train", "val"):
+            split_class_index(dataset, data_root, split, cache_dir=cache_dir, persist=persist)
 
 
 def step_samples(dataset, data_root, steps, step, overlap, split="train", cache_dir=None, workers=None,
@@ -70,18 +96,20 @@ def step_samples(dataset, data_root, steps, step, overlap, split="train", cache_
       ``overlap`` does not matter. At the last step of a task whose classes all occur it is the whole list.
     """
     check_step(steps, step)
+    layout = get_layout(dataset, data_root)
     if is_domain_incremental(dataset):
         file_split(split)  # checks the split's name
         if domains is None or len(domains) != len(steps):
             raise ValueError(f"{dataset} needs the domains of every step of the task, got {domains!r}")
-        layout = get_layout(dataset)
         pool = layout.list_pool(data_root)
         chosen = layout.step_indices([entry[3] for entry in pool], domains, step, split, held_out_test)
         return [pool[i][:3] for i in chosen]
-    if split == "test":
-        return get_layout(dataset).list_split(data_root, file_split(split))
+    if split == "test" and not getattr(layout, "CHECK_ALL_SPLITS", False):
+        return layout.list_split(data_root, file_split(split))
     samples, index = split_class_index(dataset, data_root, split, cache_dir=cache_dir, workers=workers,
                                        persist=persist)
+    if split == "test":  # every image, its labels checked
+        return samples
     if split == "test_seen":
         seen = {c for s in steps[:step + 1] for c in s} - {0}
         keep = np.flatnonzero(index.contains_any(seen))
@@ -94,7 +122,7 @@ def step_image_ids(dataset, data_root, task, step, overlap, split="train", cache
                    held_out_test=False):
     """Image ids of ``split`` ("train", "val", "test" or "test_seen") at ``step`` of ``task`` (see
     :func:`step_samples`; ``held_out_test`` matters for domain-incremental datasets only)."""
-    steps = get_task(dataset, task, task_file)
+    steps = get_task(dataset, task, task_file, num_classes=num_classes(dataset, data_root))
     check_step(steps, step, task=f"{dataset} task {task}")
     return [s[0] for s in step_samples(dataset, data_root, steps, step, overlap, split, cache_dir=cache_dir,
                                        domains=get_domains(dataset, task, task_file), held_out_test=held_out_test)]

@@ -11,6 +11,13 @@ step, and the number of images containing each class::
 A domain-incremental dataset (``cityscapes_domain``) is checked by domain instead: images per city against the public
 counts, every label decoded and holding raw ``labelIds`` only (0..33, 255), and the training, validation and test
 images of every step of the task.
+
+A dataset of one's own (``--dataset custom``, ``datasets.custom``) is checked against its ``dataset.json``: the
+description itself, every listed file (present, labels holding only described values, images of their labels'
+size), and the report adds what the description says (classes with their label ids and ciss class ids, the
+ignore value, the background, the lists or the seeded split) and the classes no image holds::
+
+    python -m datasets.check --dataset custom --data_root data/my_shapes --task 4-2
 """
 import argparse
 import logging
@@ -21,12 +28,14 @@ import sys
 import numpy as np
 from PIL import Image
 
-from datasets import get_layout, split_class_index, step_samples
+from datasets import LAYOUTS, get_layout, split_class_index, step_samples
 from datasets.class_index import build_index
 from datasets.incremental import step_mask
 from utils.errors import UserError, exit_on_user_error
-from utils.tasks import get_domains, get_task, is_domain_incremental, task_name
+from utils.tasks import NUM_CLASSES, get_domains, get_task, is_domain_incremental, task_name
 
+DEFAULT_TASK = "15-1"  # the per-step table's task on VOC and ADE when none is given (a dataset of one's own: none)
+DEFAULT_DOMAIN_TASK = "11-5"  # the per-step table's task on Cityscapes when none is given
 RAW_LABEL_IDS = 34  # Cityscapes labelIds 0..33 (cityscapesScripts labels.py), and 255
 
 
@@ -85,49 +94,87 @@ def check_domains(dataset, data_root, task, workers=None, images=False):
     return len(pool)
 
 
-def check(dataset, data_root, task, task_file=None, cache_dir=None, workers=None, images=False):
+def describe(layout):
+    """The lines saying what a dataset of one's own's description holds (nothing for VOC and ADE)."""
+    settings = getattr(layout, "settings", None)
+    if settings is None:
+        return []
+    background = settings["background"]
+    lists = settings["train_list"]
+    split = (f"lists {settings['train_list']} and {settings['val_list']}" if lists else
+             f"seeded split (seed {settings['split_seed']}, validation fraction {settings['val_fraction']:g})")
+    return [f"{layout.path}: \"{layout.DATASET_NAME}\", {layout.NUM_CLASSES} classes,"
+            f" background {'label id ' + str(background) if background is not None else 'none (class 0 is reserved)'},"
+            f" ignore value {settings['ignore_index']}, {split}",
+            f"images {settings['images']}/*{settings['image_ext']}, labels {settings['labels']}/*{settings['label_ext']}"]
+
+
+def check(dataset, data_root, task=None, task_file=None, cache_dir=None, workers=None, images=False):
+    """Check ``data_root`` and print what it holds; returns the number of classes some training image holds (a
+    domain-incremental dataset: the number of images)."""
     if is_domain_incremental(dataset):
-        return check_domains(dataset, data_root, task, workers, images)
-    layout = get_layout(dataset)
-    steps = get_task(dataset, task, task_file)
+        return check_domains(dataset, data_root, task or DEFAULT_DOMAIN_TASK, workers, images)
+    layout = get_layout(dataset, data_root)
+    for line in describe(layout):
+        print(line)
+    if task is None and task_file is None and dataset in NUM_CLASSES:
+        task = DEFAULT_TASK
+    steps = None
+    if task is not None or task_file is not None:
+        steps = get_task(dataset, task, task_file, num_classes=layout.NUM_CLASSES)
     indexes = {}
     for split in ("train", "val"):
         samples, index = split_class_index(dataset, data_root, split, cache_dir=cache_dir, workers=workers)
         indexes[split] = index
-        expected = layout.IMAGE_COUNTS[split]
+        expected = layout.IMAGE_COUNTS[split] if layout.IMAGE_COUNTS else len(samples)
         note = "" if len(samples) == expected else f" (the full {dataset} {split} split has {expected})"
-        print(f"{split}: {len(samples)} images, labels OK{note}")
+        sizes = ", image sizes match" if getattr(layout, "LABEL_VALUES", None) is not None else ""
+        print(f"{split}: {len(samples)} images, labels OK{sizes}{note}")
         if images:
             verify_images(samples, workers or os.cpu_count() or 1)
             print(f"{split}: every image decodes and matches its label's size")
 
-    name = task_name(task, task_file)
-    print(f"\ntask {name}: {len(steps)} steps, classes per step {[len(s) for s in steps]}")
-    print(f"{'step':>4} {'classes':<24} {'train overlap':>13} {'train disjoint':>14} {'val':>6}")
-    for t, classes in enumerate(steps):
-        counts = [int(step_mask(indexes["train"], steps, t, overlap).sum()) for overlap in (True, False)]
-        val = int(step_mask(indexes["val"], steps, t, True).sum())
-        shown = ",".join(map(str, classes)) if len(classes) <= 6 else f"{classes[0]}..{classes[-1]} ({len(classes)})"
-        print(f"{t:>4} {shown:<24} {counts[0]:>13} {counts[1]:>14} {val:>6}")
+    if steps is not None:
+        name = task_name(task, task_file)
+        print(f"\ntask {name}: {len(steps)} steps, classes per step {[len(s) for s in steps]}")
+        print(f"{'step':>4} {'classes':<24} {'train overlap':>13} {'train disjoint':>14} {'val':>6}")
+        for t, classes in enumerate(steps):
+            counts = [int(step_mask(indexes["train"], steps, t, overlap).sum()) for overlap in (True, False)]
+            val = int(step_mask(indexes["val"], steps, t, True).sum())
+            shown = (",".join(map(str, classes)) if len(classes) <= 6
+                     else f"{classes[0]}..{classes[-1]} ({len(classes)})")
+            print(f"{t:>4} {shown:<24} {counts[0]:>13} {counts[1]:>14} {val:>6}")
 
-    print(f"\n{'class':>5} {'name':<20} {'train':>7} {'val':>6}")
+    order = getattr(layout, "ORDER", None)  # label ids of a dataset of one's own
+    print(f"\n{'class':>5} {'label':>5} {'name':<20} {'train':>7} {'val':>6}" if order else
+          f"\n{'class':>5} {'name':<20} {'train':>7} {'val':>6}")
     train_counts, val_counts = indexes["train"].counts(), indexes["val"].counts()
     for c in range(layout.NUM_CLASSES):
-        print(f"{c:>5} {layout.CLASS_NAMES[c]:<20} {train_counts[c]:>7} {val_counts[c]:>6}")
-    missing = [c for c in range(1, layout.NUM_CLASSES) if train_counts[c] == 0]
-    if missing:
-        print(f"\nwarning: classes {missing} occur in no training image")
-    return int(np.sum(train_counts > 0))
+        label = "" if order is None else f" {'-' if order[c] is None else order[c]:>5}"
+        print(f"{c:>5}{label} {layout.CLASS_NAMES[c]:<20} {train_counts[c]:>7} {val_counts[c]:>6}")
+    problems = 0
+    for counts, where in ((train_counts, "training"), (val_counts, "validation")):
+        missing = [c for c in range(1, layout.NUM_CLASSES) if counts[c] == 0]
+        if missing:
+            problems += 1
+            print(f"\nwarning: classes {missing} occur in no {where} image")
+    if order is not None:
+        print(f"\n{'no problems found' if not problems else f'{problems} warning(s)'}: ready to train with"
+              f" --dataset custom --data_root {data_root}")
+    return int(np.sum(train_counts[:layout.NUM_CLASSES] > 0))
 
 
 @exit_on_user_error
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--dataset", choices=("voc", "ade", "cityscapes_domain"), default="voc")
+    parser.add_argument("--dataset", choices=list(LAYOUTS), default="voc")
     parser.add_argument("--data_root", required=True,
-                        help="the VOC2012, ADEChallengeData2016 or Cityscapes (leftImg8bit/, gtFine/) folder")
-    parser.add_argument("--task", default="15-1")
+                        help="the VOC2012, ADEChallengeData2016 or Cityscapes (leftImg8bit/, gtFine/) folder, or a"
+                             " folder with dataset.json (custom)")
+    parser.add_argument("--task", default=None,
+                        help=f"the task whose steps are counted (default: {DEFAULT_TASK} on voc and ade,"
+                             f" {DEFAULT_DOMAIN_TASK} on cityscapes_domain; none on custom)")
     parser.add_argument("--task_file", default=None, help="JSON file with a custom class order")
     parser.add_argument("--cache_dir", default=None, help="class-index cache folder")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")

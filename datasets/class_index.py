@@ -12,6 +12,12 @@ be decoded, or that holds values outside the dataset's range is a :class:`UserEr
 no cache file (nor a cache folder this call created) is left behind. A cache file that cannot be read
 (truncated, damaged: any error while loading it) is rebuilt with one warning line.
 
+A dataset whose label files hold other values than its class ids (a dataset of the user's own,
+``datasets.custom``) passes a :class:`LabelValues`: the values a label may hold are then the described ones, the
+index records class ids (the label values mapped through its table), the cache key includes the description's
+digest (editing the description rebuilds the index) and, with ``check_sizes``, every image's size (read from its
+header) must equal its label's.
+
 The labels are decoded by a thread pool (``datasets.files.parallel_imap``), never by a process pool, so
 :func:`load_class_index` works from a script without a ``__main__`` guard.
 """
@@ -19,8 +25,11 @@ import hashlib
 import logging
 import os
 import sys
+from dataclasses import dataclass
 
 import numpy as np
+
+from PIL import Image
 
 from datasets.files import parallel_imap, read_label
 from utils.errors import UserError
@@ -29,6 +38,17 @@ log = logging.getLogger("ciss")
 
 INDEX_VERSION = 1
 LABEL_VALUES = 256
+
+
+@dataclass(frozen=True)
+class LabelValues:
+    """How the label files of a dataset map to class ids: ``table`` (256 uint8: label value → class id, 255 =
+    ignored), ``allowed`` (the label values a file may hold), ``source`` (the file that describes them, named in
+    errors) and ``digest`` (of that description: part of the cache key)."""
+    table: object
+    allowed: tuple
+    source: str
+    digest: str
 
 
 class ClassIndex:
@@ -63,6 +83,13 @@ class ClassIndex:
         """Number of images in which each label value occurs (length 256)."""
         return self.presence.sum(axis=0)
 
+    def remapped(self, table):
+        """The index of the same images with every value ``v`` recorded as ``table[v]``."""
+        presence = np.zeros_like(self.presence)
+        for value in np.flatnonzero(self.presence.any(axis=0)):
+            presence[:, table[value]] |= self.presence[:, value]
+        return ClassIndex(self.ids, presence)
+
 
 def label_presence(path):
     """The set of label values in one label PNG, as a bool array of length 256.
@@ -73,21 +100,42 @@ def label_presence(path):
     return np.asarray(histogram[:LABEL_VALUES]) > 0
 
 
-def _scan(path):
-    """Packed presence bits of one label, or the error message (raised by the caller, in order)."""
+def size_problem(image_path, label_path):
+    """Why an image does not go with its label (its header cannot be read, or the sizes differ), or None."""
     try:
-        return np.packbits(label_presence(path)).tobytes(), None
+        with Image.open(image_path) as image:
+            size = image.size
+        with Image.open(label_path) as label:
+            label_size = label.size
+    except (OSError, SyntaxError, ValueError) as err:
+        return f"cannot read image {image_path} ({err}): expected a JPEG or PNG image"
+    if size != label_size:
+        return (f"image {image_path} is {size[0]}x{size[1]} but its label {label_path} is {label_size[0]}x"
+                f"{label_size[1]}: expected the same size")
+    return None
+
+
+def _scan(item):
+    """Packed presence bits of one label (``item``: its path, or ``(label path, image path)`` to compare their
+    sizes too), or the error message (raised by the caller, in order)."""
+    path, image_path = item if isinstance(item, tuple) else (item, None)
+    try:
+        bits = np.packbits(label_presence(path)).tobytes()
     except UserError as err:
         return None, str(err)
+    problem = None if image_path is None else size_problem(image_path, path)
+    return (None, problem) if problem else (bits, None)
 
 
-def build_index(label_paths, ids, workers=None, progress=None):
+def build_index(label_paths, ids, workers=None, progress=None, image_paths=None):
     """Decode every label of ``label_paths`` into a :class:`ClassIndex` over ``ids``, with ``workers``
-    threads (default: the usable CPUs). The first undecodable label (in list order) is a UserError."""
+    threads (default: the usable CPUs). The first undecodable label (in list order) is a UserError; with
+    ``image_paths``, so is the first image whose size differs from its label's."""
     progress = sys.stderr.isatty() if progress is None else progress
     chunk = max(1, min(256, len(label_paths) // (8 * (workers or 1))))
+    items = label_paths if image_paths is None else list(zip(label_paths, image_paths))
     packed = bytearray()
-    for n, (bits, error) in enumerate(parallel_imap(_scan, label_paths, workers, chunk), 1):
+    for n, (bits, error) in enumerate(parallel_imap(_scan, items, workers, chunk), 1):
         if error is not None:
             raise UserError(error)
         packed += bits
@@ -108,6 +156,18 @@ def check_label_values(index, label_paths, num_classes, ignore_label):
         values = [v for v in index.classes(i) if v not in allowed]
         raise UserError(f"label {label_paths[i]} holds values {values}: expected class ids 0..{num_classes - 1}"
                         f" (and {ignore_label} = ignore); {int(bad.sum())} label file(s) are affected")
+
+
+def check_described_values(index, label_paths, values):
+    """Raise :class:`UserError` naming the first label with a value its dataset's description does not list
+    (``values``: a :class:`LabelValues`)."""
+    bad = ~index.contains_only(values.allowed)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        found = [v for v in index.classes(i) if v not in values.allowed]
+        raise UserError(f"label {label_paths[i]} holds values {found} that {values.source} does not describe:"
+                        f" expected {list(values.allowed)} (class ids and the ignore value); {int(bad.sum())}"
+                        f" label file(s) are affected")
 
 
 def fingerprint(label_paths):
@@ -206,36 +266,42 @@ def read_barm_cls_file(path, ids):
 
 
 def load_class_index(dataset, data_root, split, samples, num_classes, ignore_label, cache_dir=None,
-                     workers=None, persist=True):
+                     workers=None, persist=True, values=None):
     """The class index of ``samples`` (``[(id, image, label)]`` of ``split``), from cache or built.
 
     Order of preference: BARM's ``{split}_cls.txt`` in the cache folder, the cached index if the label
     files are unchanged, else a fresh build (validated and cached). A cache file that cannot be read is
     rebuilt (one warning line). When a label is invalid (UserError) or the build is interrupted, a cache
     folder created by this call is removed again if it is still empty. ``persist=False`` reads a cache but
-    writes none (``--dry_run``).
+    writes none (``--dry_run``). ``values`` (a :class:`LabelValues`): the label values are the description's, not
+    class ids; the index is mapped to class ids, and every image's size is checked against its label's.
     """
     ids = [s[0] for s in samples]
     label_paths = [s[2] for s in samples]
+    image_paths = None if values is None else [s[1] for s in samples]
     existed = os.path.isdir(_folder_path(data_root, cache_dir))
     folder = cache_folder(data_root, cache_dir) if persist else _folder_path(data_root, cache_dir)
     try:
-        return _load_or_build(dataset, split, ids, label_paths, folder, num_classes, ignore_label, workers, persist)
+        return _load_or_build(dataset, split, ids, label_paths, folder, num_classes, ignore_label, workers, persist,
+                              values, image_paths)
     except BaseException:
         if not existed:
             _remove_if_empty(folder)
         raise
 
 
-def _load_or_build(dataset, split, ids, label_paths, folder, num_classes, ignore_label, workers, persist=True):
+def _load_or_build(dataset, split, ids, label_paths, folder, num_classes, ignore_label, workers, persist=True,
+                   values=None, image_paths=None):
     barm_file = os.path.join(folder, f"{split}_cls.txt")
-    if os.path.exists(barm_file):
+    if values is None and os.path.exists(barm_file):
         index = read_barm_cls_file(barm_file, ids)
         if index is not None:
             log.info("class index: %s (BARM format)", barm_file)
             return index
     cache_path = os.path.join(folder, f"{dataset}_{split}_class_index.npz")
     key = fingerprint(label_paths)
+    if values is not None:  # the description and the images too: editing either rebuilds (and re-checks) the index
+        key = f"{key}:{values.digest}:{fingerprint(image_paths)}"
     index, problem = _read_cache(cache_path, key)
     if index is not None and index.ids == ids:
         return index
@@ -245,8 +311,12 @@ def _load_or_build(dataset, split, ids, label_paths, folder, num_classes, ignore
     else:
         log.info("building the class index of %d %s %s labels (%s)", len(ids), dataset, split,
                  f"cached in {folder}" if persist else "not cached")
-    index = build_index(label_paths, ids, workers=workers)
-    check_label_values(index, label_paths, num_classes, ignore_label)
+    index = build_index(label_paths, ids, workers=workers, image_paths=image_paths)
+    if values is None:
+        check_label_values(index, label_paths, num_classes, ignore_label)
+    else:
+        check_described_values(index, label_paths, values)
+        index = index.remapped(values.table)
     if persist:
         _write_cache(cache_path, key, index)
     return index

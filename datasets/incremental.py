@@ -47,15 +47,20 @@ def channel_order(steps):
     return order
 
 
-def label_lut(steps, step, split, policy):
+def label_lut(steps, step, split, policy, values=None):
     """The 256-entry uint8 table that maps raw label values to targets for ``split`` (one of ``SPLITS``) at
-    ``step``: ``policy(steps, step, split)``, a method's label policy (``Method.label_policy``), checked."""
+    ``step``: ``policy(steps, step, split)``, a method's label policy (``Method.label_policy``), checked. With
+    ``values`` (a :class:`datasets.class_index.LabelValues`: the label files hold the values of a description,
+    not class ids), a file's value ``v`` becomes ``policy_table[values.table[v]]``: first its class id (the
+    ignore value: 255), then the policy's target."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     lut = np.asarray(policy(steps, step, split))
     if lut.shape != (LUT_SIZE,) or lut.min() < 0 or lut.max() >= LUT_SIZE:
         raise ValueError(f"label policy {policy!r} returned a table of shape {lut.shape}: expected"
                          f" {LUT_SIZE} values in 0..{LUT_SIZE - 1}")
+    if values is not None:
+        lut = lut[np.asarray(values.table)]
     return lut.astype(np.uint8)
 
 

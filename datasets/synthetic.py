@@ -23,12 +23,20 @@ ground is road (id 7), a band at the bottom is the ego vehicle (id 1, ignored) a
 "unlabeled" (id 0, ignored). Training image ``i`` belongs to the ``i``-th official training city (cyclically),
 validation image ``i`` to the ``i``-th validation city.
 
+A dataset of one's own (``--dataset custom``, ``datasets.custom``) is rendered the same way, with as many classes
+as names (``SYNTHETIC_CLASSES`` by default; the first is the background, or with ``--no_background`` an ordinary
+class that fills the space between the objects), a void border of the ignore value, label ids ``ID_STEP`` apart
+(0, 10, 20, ...: not contiguous, as a user's may be), and ``dataset.json``; the images are split by the
+description's seeded split, or by ``train.txt`` / ``val.txt`` with ``--lists``.
+
 Command line::
 
     python -m datasets.synthetic --dataset voc --root data/synthetic_voc --n_train 300 --n_val 60 --size 160
     python -m datasets.synthetic --dataset cityscapes_domain --root data/synthetic_cityscapes --n_train 72 --n_val 12
+    python -m datasets.synthetic --dataset custom --root data/my_shapes --n_train 48 --n_val 12 --size 96
 """
 import argparse
+import json
 import logging
 import os
 import zlib
@@ -36,7 +44,7 @@ import zlib
 import numpy as np
 from PIL import Image, ImageDraw
 
-from datasets import ade, cityscapes_domain, saliency_path, voc
+from datasets import ade, cityscapes_domain, custom, saliency_path, voc
 from datasets.files import parallel_imap
 from utils.errors import UserError, exit_on_user_error
 
@@ -50,11 +58,17 @@ SALIENCY_MISS = 0.1  # fraction of the object pixels that the synthetic saliency
 SALIENCY_FALSE = 0.03  # fraction of the background pixels that it marks salient
 SALIENT, NOT_SALIENT = 255, 0
 STREAMS = {"layout": 0, "pixels": 1, "saliency": 2}  # independent random streams of one image
-DATASETS = ("voc", "ade", "cityscapes_domain")
+DATASETS = ("voc", "ade", "cityscapes_domain", "custom")
 # Cityscapes raw label ids (cityscapesScripts labels.py) the synthetic labels use besides the 19 classes'
 CITYSCAPES_UNLABELED, CITYSCAPES_EGO_VEHICLE, CITYSCAPES_ROAD = 0, 1, 7
 CITYSCAPES_EGO_FRACTION = 0.1  # the bottom band of the image that shows the ego vehicle
 CITYSCAPES_TRAIN_CITIES = 18  # the first 18 cities of datasets.cityscapes_domain.CITIES are the official train/ ones
+# the synthetic dataset of one's own: 7 classes, label ids ID_STEP apart, VOC's void value
+SYNTHETIC_CLASSES = ("background", "meadow cat", "red kite", "tin can", "oak", "lighthouse", "canoe")
+ID_STEP = 10
+MAX_SYNTHETIC_CLASSES = custom.MAX_CLASSES // ID_STEP + 1  # label ids 0, 10, ..., 250
+CUSTOM_NAME = "synthetic shapes"
+CUSTOM_SPLIT = "all"  # the random streams of a custom dataset's images (split by the description, not here)
 
 
 def class_style(c):
@@ -109,15 +123,17 @@ def _boundary_band(label, radius):
     return band
 
 
-def render(dataset, seed, split, i, size, with_image=True):
+def render(dataset, seed, split, i, size, with_image=True, num_classes=None):
     """Image ``i`` of ``split``: an RGB uint8 array (None without ``with_image``) and a uint8 label array.
 
     The layout (size, shapes, classes) and the pixels come from two independent random streams, so the
-    labels are the same with or without the image.
+    labels are the same with or without the image. ``num_classes``: VOC's or ADE's, else given (a custom
+    dataset: labels 0..num_classes-1 with VOC's void border).
     """
     if dataset == "cityscapes_domain":
         return render_cityscapes(seed, split, i, size, with_image)
-    num_classes = {"voc": voc.NUM_CLASSES, "ade": ade.NUM_CLASSES}[dataset]
+    if num_classes is None:
+        num_classes = {"voc": voc.NUM_CLASSES, "ade": ade.NUM_CLASSES}[dataset]
     rng, pixel_rng = _stream(dataset, seed, split, i, "layout"), _stream(dataset, seed, split, i, "pixels")
     height = int(size * rng.uniform(0.75, 1.0))
     width = int(size * rng.uniform(1.0, 1.3))
@@ -132,7 +148,7 @@ def render(dataset, seed, split, i, size, with_image=True):
     label = np.zeros((height, width), dtype=np.uint8)
     for c, mask in zip(classes, masks):
         label[mask] = c
-    if dataset == "voc":
+    if dataset != "ade":
         label[_boundary_band(label, VOID_WIDTH)] = voc.IGNORE_LABEL
     if not with_image:
         return None, label
@@ -230,9 +246,10 @@ def generate(dataset, root, n_train=300, n_val=60, size=160, seed=0, workers=Non
     """Write a synthetic ``dataset`` ("voc", "ade" or "cityscapes_domain") under ``root`` (the VOC2012 /
     ADEChallengeData2016 / Cityscapes folder) with ``workers`` threads (default: the usable CPUs) and return
     ``{split: [ids]}``. VOC folders also get ``saliency_map/``. ``labels_only`` skips the images (for class-index
-    benchmarks)."""
-    if dataset not in DATASETS:
-        raise UserError(f"unknown dataset '{dataset}': expected one of {', '.join(DATASETS)}")
+    benchmarks). A dataset of one's own is written by :func:`generate_custom`."""
+    if dataset not in ("voc", "ade", "cityscapes_domain"):
+        raise UserError(f"unknown dataset '{dataset}': expected voc, ade or cityscapes_domain (generate_custom"
+                        f" writes a custom one)")
     if n_train < 1 or n_val < 1 or size < 32:
         raise UserError("expected --n_train >= 1, --n_val >= 1 and --size >= 32")
     counts = {"train": n_train, "val": n_val}
@@ -256,20 +273,88 @@ def generate(dataset, root, n_train=300, n_val=60, size=160, seed=0, workers=Non
     return ids
 
 
+def custom_description(class_names=SYNTHETIC_CLASSES, background=True, ignore_index=voc.IGNORE_LABEL, lists=False,
+                       seed=0, val_fraction=0.2):
+    """The ``dataset.json`` content of a synthetic dataset of one's own: class ``k`` of ``class_names`` has label
+    id ``k * ID_STEP``; the first is the background unless ``background`` is False."""
+    description = {"name": CUSTOM_NAME, "classes": [{"id": k * ID_STEP, "name": n} for k, n in enumerate(class_names)],
+                   "ignore_index": ignore_index, "background": 0 if background else None, "images": "images",
+                   "labels": "labels", "image_ext": ".jpg", "label_ext": ".png", "split_seed": seed,
+                   "val_fraction": val_fraction}
+    if lists:
+        description.update(train_list="train.txt", val_list="val.txt")
+    return description
+
+
+def _write_custom(job):
+    root, i, size, seed, table = job
+    name = f"img_{i:05d}"
+    image, label = render("custom", seed, CUSTOM_SPLIT, i, size, num_classes=len(table))
+    Image.fromarray(image).save(os.path.join(root, "images", name + ".jpg"), quality=JPEG_QUALITY)
+    raw = np.where(label == voc.IGNORE_LABEL, voc.IGNORE_LABEL, np.asarray(table, dtype=np.uint8)[
+        np.minimum(label, len(table) - 1)])
+    Image.fromarray(raw.astype(np.uint8), mode="L").save(os.path.join(root, "labels", name + ".png"))
+    return name
+
+
+def generate_custom(root, n_images=60, size=96, seed=0, class_names=SYNTHETIC_CLASSES, background=True,
+                    lists=False, val_fraction=0.2, workers=None):
+    """Write a synthetic dataset of one's own under ``root`` (``images/``, ``labels/``, ``dataset.json``, with
+    ``lists`` also ``train.txt`` / ``val.txt``) with ``workers`` threads and return ``{split: [ids]}`` (the
+    split the description makes: ``datasets.custom.seeded_split``)."""
+    if n_images < 2 or size < 32 or not 2 <= len(class_names) <= MAX_SYNTHETIC_CLASSES:
+        raise UserError(f"expected at least 2 images, --size >= 32 and 2..{MAX_SYNTHETIC_CLASSES} classes")
+    for folder in ("images", "labels"):
+        os.makedirs(os.path.join(root, folder), exist_ok=True)
+    table = [k * ID_STEP for k in range(len(class_names))]
+    jobs = [(root, i, size, seed, table) for i in range(n_images)]
+    names = list(parallel_imap(_write_custom, jobs, workers, chunksize=max(1, len(jobs) // (8 * (workers or 1)))))
+    train, val = custom.seeded_split(names, seed, val_fraction)
+    if lists:
+        for split, ids in (("train", train), ("val", val)):
+            with open(os.path.join(root, f"{split}.txt"), "w", encoding="utf-8") as handle:
+                handle.write("\n".join(ids) + "\n")
+    with open(custom.description_path(root), "w", encoding="utf-8") as handle:
+        json.dump(custom_description(class_names, background, lists=lists, seed=seed, val_fraction=val_fraction),
+                  handle, indent=1)
+        handle.write("\n")
+    return {"train": train, "val": val}
+
+
 @exit_on_user_error
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--dataset", choices=DATASETS, default="voc")
     parser.add_argument("--root", required=True,
-                        help="output folder: plays the role of VOC2012/, ADEChallengeData2016/ or the Cityscapes folder")
+                        help="output folder: plays the role of VOC2012/, ADEChallengeData2016/ or the Cityscapes folder"
+                             " (custom: the folder with dataset.json)")
     parser.add_argument("--n_train", type=int, default=300, help="training images")
-    parser.add_argument("--n_val", type=int, default=60, help="validation (= test) images")
-    parser.add_argument("--size", type=int, default=160, help="nominal image size in pixels (Cityscapes: the height; the width is twice it)")
+    parser.add_argument("--n_val", type=int, default=60, help="validation (= test) images (custom: the"
+                                                              " images are n_train + n_val, split by the seeded"
+                                                              " split at n_val / (n_train + n_val))")
+    parser.add_argument("--size", type=int, default=160, help="nominal image size in pixels (Cityscapes: the height;"
+                                                             " the width is twice it)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=None, help="threads (default: the usable CPUs)")
-    parser.add_argument("--labels_only", action="store_true", help="write the label PNGs only")
+    parser.add_argument("--labels_only", action="store_true", help="write the label PNGs only (voc, ade)")
+    parser.add_argument("--classes", default=",".join(SYNTHETIC_CLASSES),
+                        help="custom: comma-separated class names, the first the background")
+    parser.add_argument("--no_background", action="store_true",
+                        help="custom: the first class is an ordinary class and the description has no background")
+    parser.add_argument("--lists", action="store_true", help="custom: also write train.txt and val.txt")
     args = parser.parse_args(argv)
+    if args.dataset == "custom":
+        if args.labels_only:
+            raise UserError("--labels_only is for voc and ade: a custom dataset is written whole")
+        total = args.n_train + args.n_val
+        ids = generate_custom(args.root, total, args.size, args.seed, tuple(n.strip() for n in args.classes.split(",")),
+                              background=not args.no_background, lists=args.lists,
+                              val_fraction=args.n_val / max(1, total), workers=args.workers)
+        print(f"wrote a synthetic dataset of {len(args.classes.split(','))} classes to {args.root}:"
+              f" {len(ids['train'])} train, {len(ids['val'])} val images (check it: python -m datasets.check"
+              f" --dataset custom --data_root {args.root})")
+        return
     ids = generate(args.dataset, args.root, args.n_train, args.n_val, args.size, args.seed, args.workers,
                    args.labels_only)
     print(f"wrote a synthetic {args.dataset} dataset to {args.root}: {len(ids['train'])} train,"

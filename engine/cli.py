@@ -11,8 +11,7 @@ import argparse
 import dataclasses
 import sys
 
-from datasets import default_num_workers
-from datasets import LAYOUTS
+from datasets import LAYOUTS, default_num_workers
 from methods import get_method_class, list_methods
 from methods.base import check_hyper_value
 from network import list_models
@@ -33,7 +32,7 @@ class OneLineParser(argparse.ArgumentParser):
 def _selection(argv):
     pre = OneLineParser(add_help=False)
     pre.add_argument("--method", default="barm", choices=list_methods())
-    pre.add_argument("--dataset", default="voc", choices=tuple(LAYOUTS))
+    pre.add_argument("--dataset", default="voc", choices=list(LAYOUTS))
     known, _ = pre.parse_known_args(argv)
     return known.method, known.dataset
 
@@ -60,9 +59,10 @@ def build_parser(method="barm", dataset="voc"):
                                        " (or step 0 only with --initial), or evaluate saved steps with --test.")
     data = parser.add_argument_group("data")
     data.add_argument("--data_root", required=True,
-                      help="the VOC2012 folder (voc), the ADEChallengeData2016 folder (ade) or the Cityscapes folder"
-                           " with leftImg8bit/ and gtFine/ (cityscapes_domain)")
-    data.add_argument("--dataset", default="voc", choices=tuple(LAYOUTS),
+                      help="the VOC2012 folder (voc), the ADEChallengeData2016 folder (ade), the Cityscapes folder"
+                           " with leftImg8bit/ and gtFine/ (cityscapes_domain), or a folder with a dataset.json"
+                           " describing a dataset of your own (custom; docs/data.md)")
+    data.add_argument("--dataset", default="voc", choices=list(LAYOUTS),
                       help="cityscapes_domain: domain-incremental Cityscapes, each step adds cities, the 19 classes"
                            " at every step (default: %(default)s)")
     data.add_argument("--task", default="15-1", help="task name, e.g. 15-1, 10-1, 100-10, or any X-Y"

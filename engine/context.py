@@ -8,13 +8,16 @@ setting folder has one row per evaluated step.
 import dataclasses
 import os
 
+from datasets import num_classes
 from methods.base import StepContext
 from utils.tasks import check_step, get_domains, get_task, task_name
 
 
 def task_steps(config):
-    """The class lists of ``--task`` / ``--task_file`` for ``--dataset``."""
-    return get_task(config.dataset, config.task, config.task_file)
+    """The class lists of ``--task`` / ``--task_file`` for ``--dataset`` (whose number of classes a dataset of
+    one's own gives in its folder's description)."""
+    return get_task(config.dataset, config.task, config.task_file,
+                    num_classes=num_classes(config.dataset, config.data_root))
 
 
 def make_context(config, step):

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler, Subset
 
-from datasets import get_layout, step_samples
+from datasets import get_layout, label_values, step_samples
 from datasets.deferred import DeferredBatch, DeferredSegmentation, deferred_collate
 from datasets.incremental import IncrementalSegmentation, label_lut
 from datasets.transforms import normalize
@@ -52,14 +52,14 @@ def train_samples(ctx, config, method, step=None, persist=True):
     whether a class index built here is cached (not for ``--dry_run``)."""
     step = ctx.step if step is None else step
     if ctx.domains is None and method.trains_on_every_image(dataclasses.replace(ctx, step=step)):
-        return get_layout(ctx.dataset).list_split(ctx.data_root, "train")
+        return get_layout(ctx.dataset, ctx.data_root).list_split(ctx.data_root, "train")
     return step_samples(ctx.dataset, ctx.data_root, [list(s) for s in ctx.steps], step, ctx.overlap, "train",
                         cache_dir=config.cache_dir, persist=persist, domains=ctx.domains)
 
 
 def class_names(ctx):
     """Names of the model's channels, in channel order."""
-    names = get_layout(ctx.dataset).CLASS_NAMES
+    names = get_layout(ctx.dataset, ctx.data_root).CLASS_NAMES
     return [names[c] for s in ctx.steps[:ctx.step + 1] for c in s]
 
 
@@ -180,7 +180,9 @@ class TrainData:
         # --device_augment: the workers read and plan, the training device decodes and transforms
         self.dataset_class = DeferredSegmentation if config.device_augment else IncrementalSegmentation
         self.collate = deferred_collate(self.transform) if config.device_augment else None
-        self.current = self.dataset_class(samples, label_lut(steps, ctx.step, "train", method.label_policy),
+        self.values = label_values(ctx.dataset, ctx.data_root)
+        self.current = self.dataset_class(samples, label_lut(steps, ctx.step, "train", method.label_policy,
+                                                             self.values),
                                           self.transform, extra_maps=self.extra_maps)
         self.memory = self.memory_use = None  # the memory dataset and the method's MemoryUse, once set
         self.memory_loader = None
@@ -216,12 +218,13 @@ class TrainData:
             return
         ctx, method = self.ctx, self.method
         wanted = set(memory.ids)
-        samples = [s for s in get_layout(ctx.dataset).list_split(ctx.data_root, "train") if s[0] in wanted]
+        samples = [s for s in get_layout(ctx.dataset, ctx.data_root).list_split(ctx.data_root, "train")
+                   if s[0] in wanted]
         if len(samples) != len(wanted):
             missing = sorted(wanted - {s[0] for s in samples})
             raise UserError(f"memory image {missing[0]} is not in the training list of {ctx.data_root}")
         steps = [list(s) for s in ctx.steps]
-        lut = label_lut(steps, ctx.step, memory.label_split, method.label_policy)
+        lut = label_lut(steps, ctx.step, memory.label_split, method.label_policy, self.values)
         self.memory_use = memory
         self.memory = self.dataset_class(samples, lut, self.transform, extra_maps=self.extra_maps)
         if memory.mode == "concat":
@@ -286,7 +289,7 @@ def eval_loader(ctx, config, split, dist_info, method):
     split = method.test_split if split == "test" else split
     samples = _samples(ctx, split, config, dist_info)
     lut = label_lut([list(s) for s in ctx.steps], ctx.step, "val" if split == "val" else "test",
-                    method.label_policy)
+                    method.label_policy, label_values(ctx.dataset, ctx.data_root))
     dataset = IncrementalSegmentation(samples, lut, method.eval_transform(config.crop_size, config.crop_val))
     shard = Subset(dataset, list(range(dist_info.rank, len(dataset), dist_info.world_size)))
     return DataLoader(shard, batch_size=config.val_batch_size if config.crop_val else 1, shuffle=False,

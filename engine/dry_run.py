@@ -8,6 +8,7 @@ depend on the architecture only).
 """
 import os
 
+from datasets import check_data
 from engine.context import make_context, task_steps
 from engine.data import train_samples
 from engine.models import check_start, model_spec, pretrained_source, read_previous
@@ -45,6 +46,8 @@ def dry_run(config, method_cls, method_hyper, steps, world_size):
             check_start(checkpoint, path, step - 1, method)
         spec = model_spec(step_config, method_cls)
         bn_chunks_per_process(step_config, not method.bn_frozen(ctx), world_size)
+        if step == steps[0]:  # every file, where the dataset asks (one of the user's own), as the run would
+            check_data(ctx.dataset, ctx.data_root, step_config.cache_dir, persist=False)
         images = len(train_samples(ctx, step_config, method, persist=False))
         per_epoch = iterations_per_epoch(images, step_config, world_size)
         if per_epoch < 1:

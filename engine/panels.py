@@ -47,9 +47,10 @@ PANEL_DIR = "panels"
 TENSORBOARD_TAG = "predictions"
 
 
-def dataset_palette(dataset):
-    """The (256, 3) uint8 palette of ``dataset`` ("voc", "ade"): ``datasets.{voc,ade}.palette()``."""
-    return get_layout(dataset).palette()
+def dataset_palette(dataset, data_root=None):
+    """The (256, 3) uint8 palette of ``dataset`` ("voc", "ade"; "custom" with its ``data_root``): its layout's
+    ``palette()``."""
+    return get_layout(dataset, data_root).palette()
 
 
 def _numpy(array):
@@ -236,7 +237,8 @@ def visualize_test_step(ctx, config, method, spec, state, path, dist_info, count
         return []
     model = to_device(build_eval_model(method, spec, ctx, state, path), config, dist_info.device)
     panels, ids = predict_panels(model, method, loader, count, os.path.join(folder, PANEL_DIR),
-                                 get_layout(ctx.dataset).palette(), get_layout(ctx.dataset).CLASS_NAMES,
+                                 get_layout(ctx.dataset, ctx.data_root).palette(),
+                                 get_layout(ctx.dataset, ctx.data_root).CLASS_NAMES,
                                  [c for s in ctx.steps for c in s], dist_info.device,
                                  use_channels_last(config, dist_info.device))
     write_panels_to_tensorboard(folder, panels, ids, ctx.step)

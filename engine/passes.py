@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Subset
 
+from datasets import label_values
 from datasets.incremental import IncrementalSegmentation, label_lut
 from engine.data import PASS_TAG, SeededDataset, SeededSampler, previous_samples, to_batch
 from engine.models import pretrained_source
@@ -72,7 +73,8 @@ class StepData:
         ``step`` (default: the ctx's), the "eval" transform (resize + centre crop at ``--crop_size``) or the
         "train" one, the method's extra maps; every sample on every process unless ``shard``."""
         step = self.ctx.step if step is None else step
-        lut = label_lut([list(s) for s in self.ctx.steps], step, split, self.method.label_policy)
+        lut = label_lut([list(s) for s in self.ctx.steps], step, split, self.method.label_policy,
+                        label_values(self.ctx.dataset, self.ctx.data_root))
         transform = (self.method.train_transform(self.config.crop_size) if transform == "train"
                      else self.method.eval_transform(self.config.crop_size, True))
         dataset = IncrementalSegmentation(samples, lut, transform,

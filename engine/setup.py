@@ -15,6 +15,7 @@ import uuid
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from datasets import check_data
 from engine.checkpoints import check_identity, check_same_run, check_writable
 from engine.data import TrainData
 from engine.iteration import build_optimizer, grad_scaler, seed_everything
@@ -62,6 +63,8 @@ def set_up_step(ctx, config, method, dist_info, first_step, run_folder, last_ste
         raise UserError(f"step {ctx.step} trains BatchNorm statistics, which needs at least 2 images per"
                         f" batch{' across the GPUs' if sync_bn else ''} (got {what})")
     select_best = method.selects_best(ctx, config.select_best)                 # method.selects_best
+    if ctx.step == first_step:  # every file, where the dataset asks (one of the user's own): cached after once
+        main_first(lambda: check_data(ctx.dataset, ctx.data_root, config.cache_dir), dist_info)
     data = TrainData(ctx, config, dist_info, method)  # method.extra_maps, train_transform, label_policy
     later = range(ctx.step + 1, (ctx.step if last_step is None else last_step) + 1)
     progress = TaskProgress(sum(planned_iterations(resolve_step(config, method, t, dist_info.world_size),

@@ -183,6 +183,18 @@ def module_params(*modules):
     return [p for m in modules for p in (m.parameters() if isinstance(m, nn.Module) else m)]
 
 
+#: A dataset no reference ran (one of the user's own) takes, where a method keeps per-dataset values that are not
+#: its published run's settings (loss weights, label tables), the references' VOC values: VOC is each
+#: repository's generic case (background 0, void 255). Its published run's settings it does not take: a method's
+#: ``published()`` is None there, and the trainer's generic defaults apply (``engine.resolve.GENERIC``).
+GENERIC_DATASET = "voc"
+
+
+def per_dataset(table, dataset):
+    """``table[dataset]``, or ``table[GENERIC_DATASET]`` for a dataset the table does not list."""
+    return table[dataset] if dataset in table else table[GENERIC_DATASET]
+
+
 #: The trainer's flags a method's published run sets (:class:`Published`), by flag name.
 PUBLISHED_FLAGS = ("crop_size", "crop_val", "lr_policy", "train_epoch", "global_batch", "lr", "weight_decay",
                    "random_seed", "output_stride", "amp")

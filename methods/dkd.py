@@ -27,7 +27,7 @@ import torch
 
 from datasets.incremental import IGNORE, LUT_SIZE, channel_order
 from datasets.transforms import mib_train_transform
-from methods.base import Deviation, MemoryUse, Method, Published, epoch_due, hyper
+from methods.base import Deviation, MemoryUse, Method, Published, epoch_due, hyper, per_dataset
 from methods.dkd_losses import (BACKGROUND, MEMORY_PSEUDO_THRESHOLD, W_AC, W_DKD_NEG, W_DKD_POS, W_KD, W_MBCE,
                                 dkd_loss_terms, dkd_memory_pseudo_labels, dkd_predict)
 from methods.memory import Memory, collect_candidates
@@ -84,14 +84,14 @@ DKD_PUBLISHED = {
 def default_pos_weight(dataset, step):
     """The reference mBCE pos_weight for ``dataset`` ("voc" or "ade") at ``step`` (DKD configs/config_{voc,ade}.json;
     VOC's step 0: scripts/voc/overlapped/*.sh)."""
-    base, incremental = POS_WEIGHTS[dataset]
+    base, incremental = per_dataset(POS_WEIGHTS, dataset)
     return base if step == 0 else incremental
 
 
 def backbone_lr(dataset, step):
     """The reference backbone learning rate for ``dataset`` at ``step``; heads use ``HEAD_LR_FACTOR`` × it
     (DKD scripts/{voc,ade}/overlapped/*.sh, configs/config_{voc,ade}.json)."""
-    base, incremental = BACKBONE_LR[dataset]
+    base, incremental = per_dataset(BACKBONE_LR, dataset)
     return base if step == 0 else incremental
 
 
@@ -108,13 +108,11 @@ def dkd_lut(steps, step, split, dataset):
 
     Channel positions equal DKD's raw ids for natural class orders (no re-indexing in DKD).
     """
-    if dataset not in EVAL_MASKING_VALUE:
-        raise ValueError(f"dkd_lut: unknown dataset {dataset!r}: expected one of {sorted(EVAL_MASKING_VALUE)}")
     order = channel_order(steps)
     if split == "test":
-        kept, fill = [c for s in steps[:step + 1] for c in s], EVAL_MASKING_VALUE[dataset]
+        kept, fill = [c for s in steps[:step + 1] for c in s], per_dataset(EVAL_MASKING_VALUE, dataset)
     elif split == "val":
-        kept, fill = list(steps[step]), EVAL_MASKING_VALUE[dataset]
+        kept, fill = list(steps[step]), per_dataset(EVAL_MASKING_VALUE, dataset)
     else:
         kept, fill = list(steps[step]), TRAIN_MASKING_VALUE
     lut = np.full(LUT_SIZE, fill, dtype=np.uint8)
@@ -184,7 +182,7 @@ class DKD(Method):
     @classmethod
     def default_hyper(cls, dataset):
         """DKD's values for ``dataset``: pos_weight 2 at step 0 and 1 after on VOC, 35 at every step on ADE."""
-        base, incremental = POS_WEIGHTS.get(dataset, POS_WEIGHTS["voc"])  # others are refused (domain_refusal)
+        base, incremental = per_dataset(POS_WEIGHTS, dataset)
         return cls.Hyper(pos_weight_base=base, pos_weight=incremental)
 
     def published(self):
@@ -234,8 +232,8 @@ class DKD(Method):
         """DKD's PolyLR has no floor; on ADE its ``WarmupPolyLR`` warms up over 0.2·I iterations, not rounded
         (DKD utils/lr_scheduler.py), with ``--lr_policy warm_poly``."""
         options = {"min_lr": 0.0}
-        if WARMUP_FRACTION[self.dataset] > 0:
-            options.update(warmup=WARMUP_FRACTION[self.dataset], round_warmup=False)
+        if per_dataset(WARMUP_FRACTION, self.dataset) > 0:
+            options.update(warmup=per_dataset(WARMUP_FRACTION, self.dataset), round_warmup=False)
         return options
 
     # ---- data -----------------------------------------------------------------------------------------
@@ -326,7 +324,7 @@ class DKD(Method):
         averaged (a class without ground truth counts as 0), hIoU reported; future classes background on VOC,
         ignored on ADE; ADE 0 scored."""
         convention = {"background_in_old": True, "exclude_absent": False,
-                      "future_classes": "background" if EVAL_MASKING_VALUE[self.dataset] == BACKGROUND else "ignored"}
+                      "future_classes": "background" if per_dataset(EVAL_MASKING_VALUE, self.dataset) == BACKGROUND else "ignored"}
         if self.dataset == "ade":
             convention["ade_class0"] = "scored"
         return convention

@@ -39,7 +39,7 @@ from datasets import get_layout
 from datasets.incremental import IGNORE, LUT_SIZE, channel_order
 from datasets.transforms import eval_transform, mib_train_transform
 from methods import losses
-from methods.base import Method, Published, epoch_due, hyper
+from methods.base import Method, Published, epoch_due, hyper, per_dataset
 from network.abn import convert_sync_abn
 from utils.tasks import is_domain_incremental
 
@@ -153,11 +153,11 @@ LABEL_TABLES = {
 
 def protocol_label_policy(protocol, dataset):
     """The label policy ``(steps, step, split) -> table`` of a repository's protocol (``"mib"`` or
-    ``"plop"``) on ``dataset`` (``"voc"`` or ``"ade"``)."""
-    if (protocol, dataset) not in LABEL_TABLES:
-        raise ValueError(f"no label table for protocol {protocol!r} on dataset {dataset!r}: expected one of"
-                         f" {PROTOCOLS} on voc, ade or cityscapes_domain")
-    return LABEL_TABLES[(protocol, dataset)]
+    ``"plop"``) on ``dataset`` (``"voc"`` or ``"ade"``; another dataset takes the VOC table,
+    ``methods.base.per_dataset``)."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"no label table for protocol {protocol!r}: expected one of {PROTOCOLS}")
+    return per_dataset({d: table for (p, d), table in LABEL_TABLES.items() if p == protocol}, dataset)
 
 
 def protocol_hyper(default=MIB_PROTOCOL):

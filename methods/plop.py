@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from methods.base import Deviation, hyper
+from methods.base import Deviation, hyper, per_dataset
 from methods.losses import ce_all_pixels, check_map_pairs, collapse_logits, layer_factors
 from methods.mib_family import INIT_FULL, PLOP_PROTOCOL, MiBFamily, protocol_hyper
 from utils.tasks import is_domain_incremental
@@ -304,7 +304,7 @@ class PLOP(MiBFamily):
 
     @classmethod
     def default_hyper(cls, dataset):
-        factor, logits_factor = POD_FACTORS.get(dataset, POD_FACTORS["voc"])
+        factor, logits_factor = per_dataset(POD_FACTORS, dataset)
         with_background = not is_domain_incremental(dataset)  # PLOP's Cityscapes scripts set neither
         return cls.Hyper(pod_factor=factor, pod_logits_factor=logits_factor, init_balanced=with_background,
                          classif_adaptive_factor=with_background)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from methods import losses
-from methods.base import Published, hyper
+from methods.base import Published, hyper, per_dataset
 from methods.losses import check_map_pairs, collapse_logits, layer_factors
 from methods.lwf import kd_old_channels
 from methods.mib_family import INIT_WEIGHTS, PLOP_PROTOCOL, MiBFamily, kd_alpha_hyper
@@ -80,10 +80,11 @@ RCIL_PUBLISHED = {
 
 def pckd_factors(dataset, n_maps):
     """The per-map weights λ_1..λ_n of a PCKD term on ``dataset``: the dataset's feature factor for every map but the
-    last, its last-map factor for the last one (RCIL train.py). Call it with :data:`PCKD_SPATIAL_MAPS` for the
-    spatial term and :data:`PCKD_CHANNEL_MAPS` for the channel term (whose factors differ on cityscapes_domain)."""
+    last, its last-map factor for the last one (RCIL train.py); a dataset without its own factors takes VOC's
+    (``methods.base.per_dataset``). Call it with :data:`PCKD_SPATIAL_MAPS` for the spatial term and
+    :data:`PCKD_CHANNEL_MAPS` for the channel term (whose factors differ on cityscapes_domain)."""
     table = PCKD_CHANNEL_FACTORS if n_maps == PCKD_CHANNEL_MAPS and dataset in PCKD_CHANNEL_FACTORS else PCKD_FACTORS
-    factor, last_factor = table[dataset]
+    factor, last_factor = per_dataset(table, dataset)
     return layer_factors(n_maps, factor, last_factor)
 
 
@@ -222,7 +223,7 @@ class RCIL(MiBFamily):
     @classmethod
     def default_hyper(cls, dataset):
         """PCKD weights per dataset (RCIL train.py: 0.01 / 0.0005 on VOC, 5e-6 / 5e-7 on ADE)."""
-        factor, last_factor = PCKD_FACTORS.get(dataset, PCKD_FACTORS["voc"])
+        factor, last_factor = per_dataset(PCKD_FACTORS, dataset)
         if not is_domain_incremental(dataset):
             return RCILHyper(pckd_factor=factor, pckd_last_factor=last_factor)
         channel, channel_last = PCKD_CHANNEL_FACTORS[dataset]

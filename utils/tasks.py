@@ -5,6 +5,10 @@ the concatenation of the steps is the model's channel order. Every task of the r
 listed by name (with the names the other repositories use as aliases); any other ``"X-Y"`` name resolves
 to the natural order (see :func:`natural_task`), and a JSON file can define any custom order
 (:func:`load_task_file`).
+
+A dataset other than VOC and ADE (a dataset of the user's own, described by its data folder) has no named
+tasks but "offline"; its number of classes is not known here (this module does not read data folders): the
+caller passes it as ``num_classes`` (``datasets.get_layout(dataset, data_root).NUM_CLASSES``).
 """
 import json
 import os
@@ -147,17 +151,41 @@ _ALIASES = {
 }
 _TABLES = {"voc": _voc_tasks, "ade": _ade_tasks, **_DOMAIN_TABLES}
 _NATURAL_NAME = re.compile(r"^(\d+)(?:-(\d+))+$")
+OFFLINE = "offline"  # every class in one step: the only named task of a dataset without a task table
+_GENERIC_ALIASES = {"joint": OFFLINE}
 
 
-def _check_dataset(dataset):
-    if dataset not in _TABLES:
-        raise UserError(f"unknown dataset '{dataset}': expected one of {', '.join(sorted(_TABLES))}")
+def class_count(dataset, num_classes=None):
+    """The number of classes of ``dataset`` (background included): ``num_classes`` when given, else VOC's or
+    ADE's; any other dataset without ``num_classes`` is a :class:`UserError`."""
+    if num_classes is not None:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+            raise UserError(f"dataset '{dataset}' has {num_classes} classes: expected at least 2 (background"
+                            f" included)")
+        return num_classes
+    if dataset in DOMAIN_CLASSES:
+        return DOMAIN_CLASSES[dataset]
+    if dataset not in NUM_CLASSES:
+        raise UserError(f"unknown dataset '{dataset}': expected one of {', '.join(sorted(NUM_CLASSES))}, or the"
+                        f" number of classes of a dataset of your own")
+    return NUM_CLASSES[dataset]
 
 
-def list_tasks(dataset):
+def _table(dataset, num_classes=None):
+    """The named tasks of ``dataset``: VOC's and ADE's tables, else "offline" only."""
+    if dataset in _TABLES:
+        return _TABLES[dataset]()
+    return {OFFLINE: [_span(0, class_count(dataset, num_classes) - 1)]}
+
+
+def _aliases(dataset):
+    return _ALIASES.get(dataset, _GENERIC_ALIASES)
+
+
+def list_tasks(dataset, num_classes=None):
     """Named tasks of ``dataset`` (aliases included); any other ``X-Y`` name also resolves (natural order)."""
-    _check_dataset(dataset)
-    return sorted(list(_TABLES[dataset]()) + list(_ALIASES[dataset]), key=_task_sort_key)
+    class_count(dataset, num_classes)
+    return sorted(list(_table(dataset, num_classes)) + list(_aliases(dataset)), key=_task_sort_key)
 
 
 def _task_sort_key(name):
@@ -165,7 +193,7 @@ def _task_sort_key(name):
     return [int(part) if i % 2 else part for i, part in enumerate(re.split(r"(\d+)", name))]
 
 
-def natural_task(dataset, name):
+def natural_task(dataset, name, num_classes=None):
     """Resolve ``"X-Y"`` (or ``"X-Y-Z-..."``) to the natural class order, or return None if not of that form.
 
     ``X-Y``: step 0 holds background and classes 1..X, then steps of Y classes in ascending order; when Y
@@ -176,7 +204,7 @@ def natural_task(dataset, name):
     if not _NATURAL_NAME.match(name):
         return None
     sizes = [int(part) for part in name.split("-")]
-    last = NUM_CLASSES[dataset] - 1
+    last = class_count(dataset, num_classes) - 1
     base, increments = sizes[0], sizes[1:]
     if base < 1 or base >= last or min(increments) < 1:
         raise UserError(f"task '{name}' for {dataset}: expected X-Y with 1 <= X < {last} and Y >= 1")
@@ -201,7 +229,6 @@ def get_domains(dataset, task, task_file=None):
     """Domain ids per step of ``task`` of a domain-incremental ``dataset`` (None for a class-incremental one).
 
     Unknown names, and ``task_file`` (custom orders are class orders), raise :class:`UserError`."""
-    _check_dataset(dataset)
     if not is_domain_incremental(dataset):
         return None
     if task_file is not None:
@@ -213,38 +240,40 @@ def get_domains(dataset, task, task_file=None):
     return table[task]
 
 
-def get_task(dataset, task, task_file=None):
+def get_task(dataset, task, task_file=None, num_classes=None):
     """Class ids per step for ``task`` of ``dataset``, step 0 starting with class 0 (VOC/ADE: background).
 
-    ``task_file`` (a JSON file, see :func:`load_task_file`) overrides the name. Unknown names raise
+    ``task_file`` (a JSON file, see :func:`load_task_file`) overrides the name. ``num_classes``: the number of
+    classes of a dataset other than VOC and ADE (see :func:`class_count`). Unknown names raise
     :class:`UserError` listing the valid ones. A domain-incremental dataset (:func:`is_domain_incremental`) has
     one classifier over all its classes at every step: step 0 holds every class and the later steps add none
     (empty lists, one per step of :func:`get_domains`).
     """
-    _check_dataset(dataset)
     if is_domain_incremental(dataset):
         domains = get_domains(dataset, task, task_file)
         return [list(range(DOMAIN_CLASSES[dataset]))] + [[] for _ in domains[1:]]
+    class_count(dataset, num_classes)
     if task_file is not None:
-        return load_task_file(dataset, task_file)
-    table = _TABLES[dataset]()
-    name = _ALIASES[dataset].get(task, task)
+        return load_task_file(dataset, task_file, num_classes)
+    table = _table(dataset, num_classes)
+    name = _aliases(dataset).get(task, task)
     if name in table:
         return table[name]
-    steps = natural_task(dataset, str(task))
+    steps = natural_task(dataset, str(task), num_classes)
     if steps is None:
-        raise UserError(f"unknown {dataset} task '{task}': expected one of {', '.join(list_tasks(dataset))},"
-                        f" any 'X-Y' name (natural order), or --task_file FILE.json")
+        raise UserError(f"unknown {dataset} task '{task}': expected one of"
+                        f" {', '.join(list_tasks(dataset, num_classes))}, any 'X-Y' name (natural order), or"
+                        f" --task_file FILE.json")
     return steps
 
 
-def load_task_file(dataset, path):
+def load_task_file(dataset, path, num_classes=None):
     """Read a custom class order from JSON: a list of steps, or an object mapping step numbers to lists.
 
     Example: ``[[0, 3, 1, 2], [5, 4], [6]]`` or ``{"0": [0, 3, 1, 2], "1": [5, 4], "2": [6]}``. Step 0 must
     start with 0; every id must be a class of the dataset and appear once.
     """
-    _check_dataset(dataset)
+    class_count(dataset, num_classes)
     try:
         with open(path, encoding="utf-8") as handle:
             content = json.load(handle)
@@ -258,12 +287,12 @@ def load_task_file(dataset, path):
         if [int(k) for k in keys] != list(range(len(keys))):
             raise UserError(f"task file {path}: steps must be numbered 0, 1, ... without gaps")
         content = [content[k] for k in keys]
-    return validate_steps(dataset, content, source=f"task file {path}")
+    return validate_steps(dataset, content, source=f"task file {path}", num_classes=num_classes)
 
 
-def validate_steps(dataset, steps, source="task"):
+def validate_steps(dataset, steps, source="task", num_classes=None):
     """Check a list of class-id lists (see :func:`load_task_file`) and return it as plain ints."""
-    n = NUM_CLASSES[dataset]
+    n = class_count(dataset, num_classes)
     if (not isinstance(steps, list) or not steps
             or not all(isinstance(s, list) and s and all(isinstance(c, int) and not isinstance(c, bool)
                                                          for c in s) for s in steps)):

@@ -121,3 +121,17 @@ def test_an_unsynchronised_published_run_is_rank_0s_batch_on_any_number_of_proce
         resolved("barm", "voc", "15-1", 1, world=3)
     with pytest.raises(UserError, match="--crop_size 33 is too small for output stride 16"):
         resolved("barm", "voc", "15-1", 0, "--crop_size", "33")
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_a_dataset_of_ones_own_gets_the_generic_defaults(method, tmp_path):
+    """No published run for ``--dataset custom``: every common flag is ciss's generic default."""
+    from datasets.synthetic import generate_custom
+    from engine.resolve import GENERIC
+    root = str(tmp_path / "shapes")
+    generate_custom(root, n_images=4, size=32, workers=1)
+    config = parse_args(["--method", method, "--dataset", "custom", "--task", "4-2", "--data_root", root])
+    cls = get_method_class(method)
+    step = resolve_step(config, cls(method_hyper(config, cls), dataset="custom"), 1, 1)
+    for name in PROTOCOL_FLAGS:
+        assert getattr(step, name) == GENERIC[name] and step.source(name) == "default", (method, name)

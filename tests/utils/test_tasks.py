@@ -156,3 +156,33 @@ def test_every_named_task_resolves():
         for name in list_tasks(dataset):
             steps = get_task(dataset, name)
             assert steps[0][0] == 0
+
+
+# ---- a dataset of one's own: its number of classes is given (datasets.get_layout(...).NUM_CLASSES) ------------
+def test_any_dataset_with_its_number_of_classes():
+    assert get_task("custom", "4-2", num_classes=7) == [[0, 1, 2, 3, 4], [5, 6]]
+    assert get_task("custom", "2-2", num_classes=7) == [[0, 1, 2], [3, 4], [5, 6]]
+    assert get_task("custom", "3-1-2", num_classes=7) == [[0, 1, 2, 3], [4], [5, 6]]
+    assert get_task("custom", "offline", num_classes=7) == [[0, 1, 2, 3, 4, 5, 6]]
+    assert get_task("custom", "joint", num_classes=3) == [[0, 1, 2]]
+    assert list_tasks("custom", num_classes=7) == ["joint", "offline"]
+
+
+def test_any_dataset_needs_its_number_of_classes():
+    with pytest.raises(UserError, match="unknown dataset 'custom'"):
+        get_task("custom", "4-2")
+    with pytest.raises(UserError, match="1 <= X < 6"):
+        get_task("custom", "6-1", num_classes=7)
+    with pytest.raises(UserError, match="expected at least 2"):
+        get_task("custom", "offline", num_classes=1)
+    with pytest.raises(UserError, match="unknown custom task '15-1b'"):
+        get_task("custom", "15-1b", num_classes=7)
+
+
+def test_task_file_of_any_dataset(tmp_path):
+    path = tmp_path / "order.json"
+    path.write_text(json.dumps([[0, 6, 1], [3, 2], [5, 4]]))
+    assert get_task("custom", "ignored", task_file=str(path), num_classes=7) == [[0, 6, 1], [3, 2], [5, 4]]
+    path.write_text(json.dumps([[0, 7]]))
+    with pytest.raises(UserError, match="outside custom's 0..6"):
+        load_task_file("custom", str(path), num_classes=7)
