@@ -28,6 +28,7 @@ from engine.results import (device_name, format_step, format_summary, read_resul
                             write_step_results, write_summary, write_summary_rows)
 from engine.run_folder import RunFolder
 from engine.setup import run_step
+from engine.shared_step0 import use_shared_step0
 from methods import get_method_class
 from utils.distributed import cleanup, setup
 from utils.errors import UserError, exit_on_user_error
@@ -68,9 +69,14 @@ def train(config, dist_info, status):
     run_folder = RunFolder(make_context(config, first).root, dist_info.is_main)
     rows = []
     try:
+        shared = (first == 0 and config.step0_from is not None
+                  and not (config.resume and finished(make_context(config, 0)))
+                  and use_shared_step0(config, method_cls, dist_info, run_folder))
         for step in range(first, last + 1):
             ctx = make_context(config, step)
             status["ctx"] = ctx
+            if step == 0 and shared:
+                continue
             if config.resume and finished(ctx):
                 log.info("step %d is finished (%s): skipped", step, ctx.step_dir())
                 continue

@@ -161,6 +161,11 @@ def build_parser(method="barm", dataset="voc"):
                        help="all: every step keeps its final.pth; last: once a step finishes, the final.pth of the"
                             " earlier steps of the run is removed (results files stay) (default: %(default)s)")
     steps.add_argument("--ckpt_dir", default="checkpoints", help="(default: %(default)s)")
+    steps.add_argument("--step0_from", default=None, metavar="auto|DIR",
+                       help="start from another run's step 0 when it trains exactly this run's step 0 (e.g. 15-1"
+                            " after 15-5): DIR (a run folder, its step0 folder or its final.pth; refused with the"
+                            " first difference otherwise) or auto (the newest match under --ckpt_dir, else train"
+                            " it)")
     steps.add_argument("--subpath", default=None,
                        help="runs go to CKPT_DIR/SUBPATH/TASK/{overlap,disjoint}/step{t} (default: the method name)")
 

@@ -25,6 +25,7 @@ from engine.passes import StepData
 from engine.context import make_context
 from engine.progress import TaskProgress, planned_iterations
 from engine.resolve import bn_chunks_per_process, resolve_step
+from engine.shared_step0 import shared_from
 from engine.step import StepRun
 from network.chunked_bn import convert_chunked_batchnorm
 from utils.checkpoint import load_checkpoint_file
@@ -51,7 +52,7 @@ def set_up_step(ctx, config, method, dist_info, first_step, run_folder, last_ste
             log.info("step %d starts from %s, the step 0 of --method %s, which trains as --method %s's does",
                      ctx.step, path, shared, method.name)
         started_from = {"path": os.path.abspath(path), "step": ctx.step - 1, "method": checkpoint.get("method"),
-                        "run_id": checkpoint.get("run_id")}
+                        "run_id": checkpoint.get("run_id"), "shared_from": shared_from(path)}
         config = adopt_recorded_model(config, checkpoint, path)
     spec = model_spec(config, type(method))                                     # method.model_families
     bn_trains = not method.bn_frozen(ctx)                                       # method.bn_frozen
