@@ -145,10 +145,15 @@ class WandbWriter:
 
         self.wandb = wandb
         environ = os.environ
-        self.run = wandb.init(id=run_id, resume="allow", name=name, config=config,
-                              project=None if environ.get("WANDB_PROJECT") else WANDB_PROJECT,
-                              group=None if environ.get("WANDB_RUN_GROUP") else group,
-                              dir=None if environ.get("WANDB_DIR") else folder)
+        try:
+            self.run = wandb.init(id=run_id, resume="allow", name=name, config=config,
+                                  project=None if environ.get("WANDB_PROJECT") else WANDB_PROJECT,
+                                  group=None if environ.get("WANDB_RUN_GROUP") else group,
+                                  dir=None if environ.get("WANDB_DIR") else folder)
+        except wandb.errors.UsageError as err:  # not logged in, a bad project or entity
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise UserError(f"--logger wandb could not start a run: {reason.rstrip('.')}; WANDB_MODE=offline logs"
+                            f" without an account") from None
 
     def scalars(self, values, step, prefix=""):
         values = {f"{prefix}{name}": value for name, value in values.items() if value is not None}
