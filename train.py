@@ -7,12 +7,14 @@ processes with gloo). ``python train.py --help`` lists the flags; ``--method NAM
 method's hyper-parameters.
 """
 import dataclasses
+import functools
 import json
 import logging
 import os
 import shlex
 import signal
 import sys
+import tempfile
 
 import torch
 
@@ -24,12 +26,13 @@ from engine.evaluate import evaluate_state
 from engine.models import MODEL_KEYS, check_start, model_spec, model_state, read_checkpoint
 from engine.resolve import resolve_step
 from engine.panels import visualize_test_step
-from engine.results import (device_name, format_step, format_summary, read_results, step_results, summary_row,
-                            write_step_results, write_summary, write_summary_rows)
+from engine.results import (SUMMARY_COLUMNS, chain_results, device_name, format_step, format_summary, read_results,
+                            step_results, summary_row, write_step_results, write_summary, write_summary_rows)
 from engine.run_folder import RunFolder
 from engine.setup import run_step
 from engine.shared_step0 import use_shared_step0
 from methods import get_method_class
+from reports.plots import plot_miou_per_step
 from utils.distributed import cleanup, setup
 from utils.errors import UserError, exit_on_user_error
 from utils.logging import setup_logging
@@ -61,6 +64,32 @@ def finished(ctx, step=None):
     return os.path.exists(results) and read_results(results).get("checkpoint_removed", False)
 
 
+#: What the loggers that take tables and figures (WandB) get at the end of each step.
+SUMMARY_TABLE = "summary"
+SUMMARY_FIGURE = "mIoU_per_step"
+SUMMARY_FIGURE_FILE = "miou_per_step.png"
+
+
+def log_summary(ctx, config, step_log, iteration):
+    """At the end of a step, for the loggers that take tables and figures (WandB, on rank 0): the summary across
+    steps of the run's chain so far (``summary.csv``'s rows) and the report's mIoU-per-step figure
+    (:func:`reports.plots.plot_miou_per_step`, where matplotlib is installed), at the step's last iteration."""
+    if not step_log.takes_media:
+        return
+    rows = [summary_row(r) for r in chain_results(ctx.root, ctx.step)]
+    step_log.table(SUMMARY_TABLE, SUMMARY_COLUMNS, rows, iteration)
+    series = [(config.subpath or config.method, [row["step"] for row in rows],
+               {key: [row[key] for row in rows] for key in ("mIoU_old", "mIoU_new", "mIoU")})]
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            path = plot_miou_per_step(series, os.path.join(folder, SUMMARY_FIGURE_FILE),
+                                      title=f"{ctx.dataset} {ctx.task} ({ctx.setting})")
+        except ImportError:
+            log.info("no mIoU figure for the loggers: matplotlib is not installed")
+            return
+        step_log.image(SUMMARY_FIGURE, path, iteration)
+
+
 def train(config, dist_info, status):
     method_cls = get_method_class(config.method)
     first, last = step_range(config, task_steps(config))
@@ -82,7 +111,8 @@ def train(config, dist_info, status):
                 continue
             method = method_cls(method_hyper(config, method_cls), dataset=config.dataset)
             step_config = resolve_step(config, method, step, dist_info.world_size)
-            run_step(ctx, step_config, method, dist_info, first, run_folder, last)
+            run_step(ctx, step_config, method, dist_info, first, run_folder, last,
+                     end_of_step=functools.partial(log_summary, ctx, config))
             if dist_info.is_main:
                 rows = write_summary(ctx.root, step)
         if rows:

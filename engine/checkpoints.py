@@ -49,8 +49,8 @@ def check_identity(checkpoint, method, ctx, spec, path):
     """Refuse a ``last.pth`` written by another run (method, classes or model)."""
     ours = identity(ctx, method, spec)
     for key in ("method", "classes", "domains", "model", "backbone", "output_stride"):
-        if checkpoint.get(key) != ours[key]:
-            raise UserError(f"{path} belongs to another run ({key} {checkpoint.get(key)}, this run {ours[key]}):"
+        if checkpoint.get(key) != ours.get(key):
+            raise UserError(f"{path} belongs to another run ({key} {checkpoint.get(key)}, this run {ours.get(key)}):"
                             f" remove it or drop --resume")
 
 

@@ -18,6 +18,7 @@ from network import list_models
 from network.backbone import ARCHITECTURES
 from engine.config import RunConfig
 from utils.errors import USER_ERROR_EXIT_CODE, UserError
+from utils.logging import DEFAULT_LOGGERS, LOGGERS, require_loggers
 from utils.schedulers import POLICIES
 
 
@@ -217,6 +218,11 @@ def build_parser(method="barm", dataset="voc"):
                                  " after every epoch when an epoch has more than 100 iterations, else every 5th)")
     evaluation.add_argument("--print_interval", type=int, default=10,
                             help="iterations between loss logs (default: %(default)s)")
+    evaluation.add_argument("--logger", nargs="+", default=list(DEFAULT_LOGGERS), choices=LOGGERS,
+                            help="where the scalars go, one or more: tensorboard (events in each step folder), wandb"
+                                 " (one WandB run per step, with the configuration, the summary table and the"
+                                 " mIoU figure; needs pip install wandb; WANDB_MODE=offline works without network)"
+                                 " (default: tensorboard)")
 
     runtime = parser.add_argument_group("runtime")
     runtime.add_argument("--device", default="auto",
@@ -252,6 +258,7 @@ def validate(config, method_cls=None):
         raise UserError(f"--initial trains step 0 only, but --curr_step is {config.curr_step}")
     if config.test_ckpt is not None and not config.test:
         raise UserError("--test_ckpt names a checkpoint to evaluate: add --test")
+    require_loggers(config.logger)
     return config
 
 

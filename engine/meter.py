@@ -1,5 +1,5 @@
 """The training loop's logging, kept out of the loop: running means of the loss terms, skipped updates, speed,
-time left, tensorboard and the progress bar (one :class:`TrainingLog` per step, in the manner of
+time left, the scalars of the chosen loggers (tensorboard, WandB) and the progress bar (one :class:`TrainingLog` per step, in the manner of
 torchvision's reference ``MetricLogger``).
 
 The loss terms are summed on the device (:class:`LossMeter`): reading them is the only synchronisation, at
@@ -7,6 +7,7 @@ logging points, so nothing in an iteration waits for the device. A loss that is 
 and is counted; too many in a row stop the run.
 """
 import logging
+import os
 import time
 
 import torch
@@ -14,7 +15,7 @@ import torch.distributed as dist
 
 from engine.progress import duration
 from utils.errors import UserError
-from utils.logging import ScalarWriter, progress
+from utils.logging import StepLoggers, progress
 
 log = logging.getLogger("ciss")
 
@@ -54,16 +55,20 @@ class TrainingLog:
 
     ``iterations_per_epoch`` and ``total_iterations`` of the step; ``images_per_iteration`` = the global batch;
     ``task_progress``: the :class:`engine.progress.TaskProgress` of the run; ``first_iteration``: where the
-    step (re)starts (tensorboard drops the events after it)."""
+    step (re)starts (tensorboard drops the events after it). ``run_id`` (the step's, kept by ``--resume``) and
+    ``run_config`` (``config.json``'s content) describe the step to the loggers that record runs (WandB: one run
+    per step, named ``step{t}``, grouped by the run folder)."""
 
     def __init__(self, ctx, config, dist_info, iterations_per_epoch, total_iterations, task_progress,
-                 first_iteration=0):
+                 first_iteration=0, run_id=None, run_config=None):
         self.ctx, self.config, self.is_main = ctx, config, dist_info.is_main
         self.device = dist_info.device
         self.iterations_per_epoch, self.total_iterations = iterations_per_epoch, total_iterations
         self.images_per_iteration = config.batch_size * dist_info.world_size
         self.task_progress = task_progress
-        self.writer = ScalarWriter(ctx.step_dir(), self.is_main, purge_step=first_iteration or None)
+        self.writer = StepLoggers(config.logger, self.is_main, ctx.step_dir(), run_folder=ctx.root, run_id=run_id,
+                                  name=f"step{ctx.step}", group=os.path.relpath(ctx.root, config.ckpt_dir),
+                                  config=run_config, purge_step=first_iteration or None)
         self.task_progress.start_step(first_iteration)
         self.meter = self.batches = self.epoch_index = self.started = None
 
@@ -94,6 +99,17 @@ class TrainingLog:
 
     def scalars(self, values, iteration, prefix=""):
         self.writer.scalars(values, iteration, prefix)
+
+    @property
+    def takes_media(self):
+        """Whether a logger takes tables and figures (on this rank): see :meth:`table` and :meth:`image`."""
+        return self.writer.takes_media
+
+    def table(self, name, columns, rows, iteration):
+        self.writer.table(name, columns, rows, iteration)
+
+    def image(self, name, path, iteration):
+        self.writer.image(name, path, iteration)
 
     def close(self):
         self.writer.close()

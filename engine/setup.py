@@ -149,11 +149,17 @@ def set_up_step(ctx, config, method, dist_info, first_step, run_folder, last_ste
     return run
 
 
-def run_step(ctx, config, method, dist_info, first_step, run_folder, last_step=None):
-    """Set up, train and test one step (``last_step``: the run's last step, for the time-left estimates)."""
+def run_step(ctx, config, method, dist_info, first_step, run_folder, last_step=None, end_of_step=None):
+    """Set up, train and test one step (``last_step``: the run's last step, for the time-left estimates);
+    ``end_of_step(step_log, iteration)``, if given, is called with the step's
+    :class:`engine.meter.TrainingLog` and last iteration once the step's results are written, before its loggers
+    close (the entry point logs the summary across steps there)."""
     run = set_up_step(ctx, config, method, dist_info, first_step, run_folder, last_step)
     try:
         run.train()
-        return run.finish()
+        results = run.finish()
+        if end_of_step is not None:
+            end_of_step(run.log, run.iteration)
+        return results
     finally:
         run.close()

@@ -154,7 +154,7 @@ class StepRun:
         config, ctx, device, method, data = self.config, self.ctx, self.dist.device, self.method, self.data
         self._log_header()
         self.log = TrainingLog(ctx, config, self.dist, len(data), self.total_iterations, self.progress,
-                               self.iteration)
+                               self.iteration, run_id=self.run_id, run_config=self._config_file())
         val_loader = None
         for epoch in range(self.start_epoch, config.train_epoch):
             method.set_train_mode(self.student, ctx)
