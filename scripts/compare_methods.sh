@@ -78,4 +78,5 @@ for method in $METHODS; do
 done
 
 "$PYTHON" scripts/report.py "${folders[@]}" --out "$OUT/report" --allow_mixed_conventions
-echo "report: $OUT/report/report.md${SEEDS:+ and groups.md (mean ± std over the seeds)} ($(( $(date +%s) - start )) s in all)"
+echo "report: $OUT/report/report.md${SEEDS:+ and groups.md (mean ± std over the seeds)}" \
+     "($(( $(date +%s) - start )) s in all)"

@@ -42,15 +42,17 @@ recipe_runs() {
                 pattern=${entry#*=} && pattern=${pattern%%:*} && letters=${entry##*:}
             fi
         done
-        [ -n "$pattern" ] || recipe_error "ORDERS: $dataset $task has no published class orders but its own ($OWN_ORDER):" \
-            "tasks with orders are ${ORDERED_TASKS[*]%%=*} (docs/recipes.md)"
+        [ -n "$pattern" ] || recipe_error "ORDERS: $dataset $task has no published class orders but its own" \
+            "($OWN_ORDER): tasks with orders are ${ORDERED_TASKS[*]%%=*} (docs/recipes.md)"
         [[ " $letters " == *" $order "* ]] || recipe_error "ORDERS: $dataset $task has no order '$order': expected" \
             "$OWN_ORDER (its own) or one of $letters"
         RUN_TASKS+=("${pattern//%/$order}")
     done
     for seed in ${SEEDS:-}; do
-        [[ "$seed" =~ ^[0-9]+$ ]] || recipe_error "SEEDS: '$seed' is not a seed: expected non-negative integers, e.g. SEEDS=\"1 2 3\""
-        [[ " ${RUN_SEEDS[*]:-} " == *" $seed "* ]] && recipe_error "SEEDS: seed $seed is given twice: its runs would share a folder"
+        [[ "$seed" =~ ^[0-9]+$ ]] || recipe_error "SEEDS: '$seed' is not a seed: expected non-negative integers," \
+            "e.g. SEEDS=\"1 2 3\""
+        [[ " ${RUN_SEEDS[*]:-} " == *" $seed "* ]] && recipe_error "SEEDS: seed $seed is given twice: its runs would" \
+            "share a folder"
         RUN_SEEDS+=("$seed")
     done
     [ ${#RUN_SEEDS[@]} -gt 0 ] || RUN_SEEDS=("")
