@@ -2,7 +2,9 @@
 
 * :func:`plot_miou_per_step`: mIoU of the old, new and all classes per step (three panels), every run on one
   figure;
-* :func:`plot_class_heatmap`: one run's IoU per class (rows) and step (columns).
+* :func:`plot_class_heatmap`: one run's IoU per class (rows) and step (columns);
+* :func:`plot_miou_band`: the same panels for experiments (runs that differ only by seed and class order): the
+  mean per step as a line, ± the standard deviation as a shaded band and error bars.
 
 Figures have a fixed size in pixels (documented per function), so reports stay comparable and tests can check
 them; values are fractions in, percent on the axes.
@@ -25,6 +27,8 @@ RUN_COLOURS = "tab10"  # up to 10 runs
 RUN_COLOURS_MANY = "tab20"  # more runs
 RUN_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 LEGEND_WIDTH_RATIO = 0.45  # the legend column's width relative to a panel
+BAND_ALPHA = 0.25  # opacity of the ± standard deviation band
+ERROR_BAR_CAP = 3  # points
 
 
 def _figure(width_px, height_px):
@@ -124,3 +128,60 @@ def plot_class_heatmap(matrix, class_labels, steps, path, title=""):
     figure.colorbar(image, ax=axes, label="IoU (%)")
     figure.tight_layout()
     return _save(figure, path, width, height)
+
+
+def miou_band_figure(series, title=""):
+    """The figure of :func:`plot_miou_band` (a matplotlib ``Figure``; the bands are the ``PolyCollection`` s that
+    ``fill_between`` adds to the three panels, in ``series`` order)."""
+    from matplotlib import colormaps
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    width, height = MIOU_FIGURE_PX
+    figure = _figure(width, height)
+    colours = colormaps[RUN_COLOURS if len(series) <= colormaps[RUN_COLOURS].N else RUN_COLOURS_MANY]
+    style = [(colours(i % colours.N), RUN_MARKERS[i % len(RUN_MARKERS)]) for i in range(len(series))]
+    grid = figure.add_gridspec(1, len(LINE_STYLES) + 1, width_ratios=[1] * len(LINE_STYLES) + [LEGEND_WIDTH_RATIO])
+    all_steps = sorted({step for _, steps, _, _ in series for step in steps})
+    for k, (key, name) in enumerate(LINE_STYLES):
+        axes = figure.add_subplot(grid[0, k])
+        for (label, steps, means, stds), (colour, marker) in zip(series, style):
+            centre = np.asarray(_percent(means.get(key, [None] * len(steps))))
+            spread = np.asarray(_percent(stds.get(key, [None] * len(steps))))
+            axes.plot(steps, centre, color=colour, marker=marker, markersize=4, linewidth=1.2)
+            defined = np.isfinite(centre) & np.isfinite(spread)
+            lower, upper = np.where(defined, centre - spread, 0.0), np.where(defined, centre + spread, 0.0)
+            axes.fill_between(steps, lower, upper, where=defined, color=colour, alpha=BAND_ALPHA, linewidth=0)
+            if defined.any():  # a step whose neighbours have no spread still shows it
+                axes.errorbar(np.asarray(steps)[defined], centre[defined], yerr=spread[defined], fmt="none",
+                              ecolor=colour, capsize=ERROR_BAR_CAP, linewidth=1)
+        axes.set_xticks(all_steps)
+        axes.set_xlabel("step")
+        axes.set_ylim(0, PERCENT)
+        axes.grid(True, alpha=0.3)
+        axes.set_title(f"{name} classes")
+        if k == 0:
+            axes.set_ylabel("mIoU (%), mean ± std")
+        else:
+            axes.tick_params(labelleft=False)
+    legend = figure.add_subplot(grid[0, -1])
+    legend.axis("off")
+    handles = [Line2D([], [], color=colour, marker=marker, label=label)
+               for (label, _, _, _), (colour, marker) in zip(series, style)]
+    handles.append(Patch(color="grey", alpha=BAND_ALPHA, label="± standard deviation"))
+    legend.legend(handles=handles, loc="center left", fontsize="small", frameon=False)
+    figure.suptitle(title)
+    figure.tight_layout()
+    return figure
+
+
+def plot_miou_band(series, path, title=""):
+    """Mean mIoU per step of every experiment, ± its standard deviation as a shaded band (and error bars), one panel
+    per class set: old, new, all (1200 x 450 px PNG at ``path``, as :func:`plot_miou_per_step`).
+
+    ``series``: ``[(label, steps, means, stds), ...]``, ``means`` and ``stds`` as ``{"mIoU_old": [...], "mIoU_new":
+    [...], "mIoU": [...]}`` with fractions per step (None where undefined: no band where the standard deviation is
+    None, e.g. a step only one run reached). Returns ``path``.
+    """
+    width, height = MIOU_FIGURE_PX
+    return _save(miou_band_figure(series, title), path, width, height)

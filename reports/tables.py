@@ -1,6 +1,7 @@
 """The report of one or several runs: ``report.md`` (per task, the runs side by side), ``report.csv``,
-``forgetting.csv`` and the figures (:mod:`reports.plots`), written by :func:`write_report`; the runs are read
-and measured by :mod:`reports.runs`.
+``forgetting.csv``, the experiments (runs that differ only by seed and class order: ``groups.md``, ``groups.csv``,
+mean ± sample standard deviation) and the figures (:mod:`reports.plots`), written by :func:`write_report`; the runs
+are read, grouped and measured by :mod:`reports.runs`.
 """
 import csv
 import json
@@ -8,9 +9,10 @@ import math
 import os
 import re
 
-from reports.runs import (AVERAGE_ROW, METRICS, check_conventions, class_iou_matrix, convention_key, convention_tags,
-                          describe_convention, forgetting, group_runs, label_runs, mean_forgetting, step_rows)
-from reports.plots import plot_class_heatmap, plot_miou_per_step
+from reports.runs import (AVERAGE_ROW, METRICS, check_conventions, class_iou_matrix, convention_key,
+                          convention_tags, describe_convention, experiment_groups, experiment_rows, forgetting,
+                          group_runs, label_runs, mean_forgetting, order_name, run_seed, step_rows)
+from reports.plots import plot_class_heatmap, plot_miou_band, plot_miou_per_step
 from utils.errors import UserError
 
 PERCENT = 100.0
@@ -20,6 +22,10 @@ MISSING = "-"
 REPORT_MD = "report.md"
 REPORT_CSV = "report.csv"
 FORGETTING_CSV = "forgetting.csv"
+GROUPS_MD = "groups.md"
+GROUPS_CSV = "groups.csv"
+PLUS_MINUS = " ± "
+BAND_KEYS = ("mIoU_old", "mIoU_new", "mIoU")  # the panels of the figure
 
 
 def _pct(value, decimals=MD_DECIMALS):
@@ -164,6 +170,93 @@ def forgetting_rows(runs):
     return out
 
 
+def _mean_std_cell(stat):
+    """``(mean, std, n)`` as ``"45.00 ± 1.23"`` (percent), the mean alone for one value, ``-`` for none."""
+    centre, spread, _ = stat
+    if centre is None:
+        return MISSING
+    return _pct(centre) if spread is None else f"{_pct(centre)}{PLUS_MINUS}{_pct(spread)}"
+
+
+def experiment_lines(experiment):
+    """One experiment as Markdown lines: its runs (seed, class order, folder), then mean ± standard deviation per
+    step and column, with the number of runs of each step, and its mean forgetting."""
+    rows = experiment_rows(experiment)
+    n_runs = len(experiment.runs)
+    lines = [f"### {experiment.label}: {n_runs} run{'s' if n_runs != 1 else ''}", "",
+             f"{experiment.method}, {experiment.dataset} {experiment.family} ({experiment.setting}); evaluation"
+             f" convention: {describe_convention(experiment.convention)}.", ""]
+    lines += _md_table(["run", "seed", "class order", "steps", "folder"],
+                       [[r.label, "?" if run_seed(r) is None else run_seed(r), order_name(r),
+                         f"{r.steps[0]}-{r.steps[-1]}", f"`{r.folder}`"] for r in experiment.runs])
+    lines += [""] + _md_table(["step", "n", *[title for _, title in METRICS]],
+                              [[row["step"], row["n"], *[_mean_std_cell(row[key]) for key, _ in METRICS]]
+                               for row in rows])
+    lines += ["", f"Mean forgetting: {_mean_std_cell(rows[-1]['mean_forgetting'])} points"
+              f" (n = {rows[-1]['mean_forgetting'][2]})."]
+    return lines
+
+
+def groups_markdown(experiments, figures=None):
+    """``groups.md`` as lines: per dataset, task family and setting, every experiment (:func:`experiment_lines`)
+    and the figure of their means with the ± standard deviation band."""
+    figures = figures or {}
+    lines = ["# Experiments: mean ± standard deviation over seeds and class orders", "",
+             "Runs that differ only by their seed and class order are one experiment (docs/reports.md): mIoU in %,"
+             " mean ± sample standard deviation (n − 1 in the denominator) over the runs, per step and column;"
+             " n = the number of runs that reached the step; avg = the mean over the runs of each run's average over"
+             " its steps. One run: its value alone.", ""]
+    panels = {}
+    for experiment in experiments:
+        panels.setdefault(experiment.panel, []).append(experiment)
+    for panel, members in panels.items():
+        dataset, family, setting = panel
+        lines += [f"## {dataset} {family} ({setting})", ""]
+        for experiment in members:
+            lines += experiment_lines(experiment) + [""]
+        if panel in figures:
+            lines += [f"![mean mIoU per step ± standard deviation]({figures[panel]})", ""]
+    return lines
+
+
+GROUP_COLUMNS = ("experiment", "method", "dataset", "task_family", "setting", "convention", "runs", "seeds",
+                 "orders", "step", "n", *(f"{k}_{stat}" for k, _ in METRICS for stat in ("mean", "std")),
+                 "mean_forgetting_mean", "mean_forgetting_std")
+LIST_SEPARATOR = ";"
+
+
+def group_rows(experiments):
+    """``groups.csv`` rows: one per step of every experiment and its ``avg`` row: the mean and sample standard
+    deviation of each column over the runs (percent; the std empty for one run), ``n`` runs at the step, the
+    experiment's seeds and class orders (``;``-separated, in run order)."""
+    out = []
+    for experiment in experiments:
+        for row in experiment_rows(experiment):
+            line = {"experiment": experiment.label, "method": experiment.method, "dataset": experiment.dataset,
+                    "task_family": experiment.family, "setting": experiment.setting,
+                    "convention": json.dumps(experiment.convention, sort_keys=True), "runs": len(experiment.runs),
+                    "seeds": LIST_SEPARATOR.join("" if s is None else str(s) for s in experiment.seeds),
+                    "orders": LIST_SEPARATOR.join(experiment.orders), "step": row["step"], "n": row["n"]}
+            for key, _ in METRICS:
+                line[f"{key}_mean"], line[f"{key}_std"] = (_csv_value(v) for v in row[key][:2])
+            forget = row.get("mean_forgetting", (None, None, 0))
+            line["mean_forgetting_mean"], line["mean_forgetting_std"] = (_csv_value(v) for v in forget[:2])
+            out.append(line)
+    return out
+
+
+def band_series(experiments):
+    """The series of :func:`reports.plots.plot_miou_band`: per experiment, its label with its number of runs, the
+    steps, and the mean and standard deviation of old / new / all per step."""
+    series = []
+    for experiment in experiments:
+        rows = experiment_rows(experiment)[:-1]
+        series.append((f"{experiment.label} (n={len(experiment.runs)})", [row["step"] for row in rows],
+                       {key: [row[key][0] for row in rows] for key in BAND_KEYS},
+                       {key: [row[key][1] for row in rows] for key in BAND_KEYS}))
+    return series
+
+
 def _write_csv(rows, columns, path):
     with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
@@ -172,8 +265,10 @@ def _write_csv(rows, columns, path):
 
 
 def write_report(runs, out_dir, allow_mixed=False, plots=True):
-    """Write ``report.md``, ``report.csv``, ``forgetting.csv`` and (``plots``) the PNG figures of ``runs``
-    (labelled with :func:`label_runs`) into ``out_dir``; returns ``{name: path}`` of the files written.
+    """Write ``report.md``, ``report.csv``, ``forgetting.csv``, ``groups.md``, ``groups.csv`` (the experiments:
+    :func:`reports.runs.experiment_groups`) and (``plots``) the PNG figures of ``runs`` (labelled with
+    :func:`label_runs`) into ``out_dir``: ``miou_mean_*.png`` for each dataset, task family and setting where an
+    experiment has several runs; returns ``{name: path}`` of the files written.
     Mixed conventions raise :class:`UserError` unless ``allow_mixed``."""
     label_runs(runs)
     mixed = check_conventions(runs, allow_mixed)
@@ -198,10 +293,26 @@ def write_report(runs, out_dir, allow_mixed=False, plots=True):
             plot_class_heatmap(matrix, [f"{c} {n}" for c, n in zip(class_ids, names)], run.steps,
                                os.path.join(out_dir, name), title=f"{run.label}: IoU per class and step")
             figures["heatmap"][run.label] = written[name] = name
+    experiments = experiment_groups(runs)
+    band_figures = {}
+    if plots:
+        panels = {}
+        for experiment in experiments:
+            panels.setdefault(experiment.panel, []).append(experiment)
+        for panel, members in panels.items():
+            if max(len(e.runs) for e in members) < 2:
+                continue  # no spread to draw
+            name = f"miou_mean_{group_slug(panel)}.png"
+            plot_miou_band(band_series(members), os.path.join(out_dir, name),
+                           title=f"{panel[0]} {panel[1]} ({panel[2]}): mean ± standard deviation")
+            band_figures[panel] = written[name] = name
+    with open(os.path.join(out_dir, GROUPS_MD), "w", encoding="utf-8") as handle:
+        handle.write("\n".join(groups_markdown(experiments, band_figures)))
+    _write_csv(group_rows(experiments), GROUP_COLUMNS, os.path.join(out_dir, GROUPS_CSV))
     with open(os.path.join(out_dir, REPORT_MD), "w", encoding="utf-8") as handle:
         handle.write("\n".join(markdown_report(runs, mixed, figures)))
     _write_csv(csv_rows(runs), CSV_COLUMNS, os.path.join(out_dir, REPORT_CSV))
     _write_csv(forgetting_rows(runs), FORGETTING_COLUMNS, os.path.join(out_dir, FORGETTING_CSV))
-    for name in (REPORT_MD, REPORT_CSV, FORGETTING_CSV):
+    for name in (REPORT_MD, REPORT_CSV, FORGETTING_CSV, GROUPS_MD, GROUPS_CSV):
         written[name] = name
     return {name: os.path.join(out_dir, name) for name in written}

@@ -2,7 +2,8 @@
 # Every method on the same synthetic VOC 15-1 overlap task, on the CPU, then one report (scripts/report.py):
 #   PYTHON=.venv/bin/python bash scripts/compare_methods.sh          (about 25 minutes on 2 cores)
 # OUT (default compare/) holds the data, the runs and the report (report.md, report.csv, PNG figures).
-# METHODS picks a subset. The setting is small (ResNet-18 from scratch, 97-pixel crops, 200 images), the
+# METHODS picks a subset; SEEDS="1 2 3" trains every method once per seed (--random_seed S, subpath METHOD-seedS)
+# and the report gives each method's mean ± standard deviation over the seeds (groups.md). The setting is small (ResNet-18 from scratch, 97-pixel crops, 200 images), the
 # protocol each method's own: its network, labels, losses, and its published learning rates of the
 # incremental steps (step 0 trains every backbone at 0.01, since none starts from ImageNet weights here), with
 # --clean (synchronised gradients, the last weights: see docs/differences.md).
@@ -15,6 +16,10 @@ OUT=${OUT:-compare}
 METHODS=${METHODS:-"ft lwf lwf-mc ilt ewc pi rw mib plop rcil dkd ssul barm kproba"}
 INIT_EPOCHS=${INIT_EPOCHS:-12}
 STEP_EPOCHS=${STEP_EPOCHS:-20}
+for seed in ${SEEDS:-}; do
+    [[ "$seed" =~ ^[0-9]+$ ]] || { echo "error: SEEDS: '$seed' is not a seed: expected non-negative integers, e.g." \
+        "SEEDS=\"1 2\"" >&2; exit 2; }
+done
 AMP=$("$PYTHON" -m utils.hardware --amp_flag)
 
 [ -d "$OUT/VOC2012" ] || "$PYTHON" -m datasets.synthetic --dataset voc --root "$OUT/VOC2012" --n_train 200 \
@@ -45,23 +50,33 @@ shared_step0() {  # methods whose step 0 is FT's (plain CE over all pixels, MiB'
     case "$1" in ft|lwf|ilt|mib) return 0 ;; *) return 1 ;; esac
 }
 
+NO_SEED=-  # without SEEDS: one run per method, its default seed, subpath METHOD
+
 start=$(date +%s)
+folders=()
 for method in $METHODS; do
-    folder="$CKPT/$method/15-1/overlap"
-    if shared_step0 "$method" && [ "$method" != ft ] && [ -f "$CKPT/ft/15-1/overlap/step0/final.pth" ] \
-            && [ ! -f "$folder/step0/final.pth" ]; then
-        mkdir -p "$folder" && cp -r "$CKPT/ft/15-1/overlap/step0" "$folder/"
-    fi
-    # shellcheck disable=SC2046
-    "$PYTHON" train.py --method "$method" "${COMMON[@]}" --initial --train_epoch "$INIT_EPOCHS" --resume \
-        $(init_flags "$method") > "$OUT/$method.log" 2>&1
-    # shellcheck disable=SC2046
-    "$PYTHON" train.py --method "$method" "${COMMON[@]}" --curr_step 1 --train_epoch "$STEP_EPOCHS" --resume \
-        $(step_flags "$method") >> "$OUT/$method.log" 2>&1
-    echo "$method done after $(( $(date +%s) - start )) s"
+    for seed in ${SEEDS:-$NO_SEED}; do
+        if [ "$seed" = "$NO_SEED" ]; then
+            run=$method ft=ft seed_flags=()
+        else
+            run=$method-seed$seed ft=ft-seed$seed seed_flags=(--random_seed "$seed" --subpath "$run")
+        fi
+        folder="$CKPT/$run/15-1/overlap"
+        if shared_step0 "$method" && [ "$method" != ft ] && [ -f "$CKPT/$ft/15-1/overlap/step0/final.pth" ] \
+                && [ ! -f "$folder/step0/final.pth" ]; then
+            mkdir -p "$folder" && cp -r "$CKPT/$ft/15-1/overlap/step0" "$folder/"
+        fi
+        # shellcheck disable=SC2046
+        "$PYTHON" train.py --method "$method" "${COMMON[@]}" ${seed_flags[@]+"${seed_flags[@]}"} --initial \
+            --train_epoch "$INIT_EPOCHS" --resume $(init_flags "$method") > "$OUT/$run.log" 2>&1
+        # shellcheck disable=SC2046
+        "$PYTHON" train.py --method "$method" "${COMMON[@]}" ${seed_flags[@]+"${seed_flags[@]}"} --curr_step 1 \
+            --train_epoch "$STEP_EPOCHS" --resume $(step_flags "$method") >> "$OUT/$run.log" 2>&1
+        folders+=("$folder")
+        echo "$run done after $(( $(date +%s) - start )) s"
+    done
 done
 
-folders=()
-for method in $METHODS; do folders+=("$CKPT/$method/15-1/overlap"); done
 "$PYTHON" scripts/report.py "${folders[@]}" --out "$OUT/report" --allow_mixed_conventions
-echo "report: $OUT/report/report.md ($(( $(date +%s) - start )) s in all)"
+echo "report: $OUT/report/report.md${SEEDS:+ and groups.md (mean ± std over the seeds)}" \
+     "($(( $(date +%s) - start )) s in all)"

@@ -11,8 +11,12 @@ highest step), a step folder ``.../step{t}`` (the run that ends at that step) or
   background, the averages over steps, mean forgetting), per-step tables, forgetting per class, the figures;
 * ``report.csv``: one row per run and step plus an ``avg`` row (percent); ``forgetting.csv``: one row per run
   and class (best IoU, its step, final IoU, forgetting, percent);
-* ``miou_{dataset}_{task}_{setting}.png`` (old / new / all mIoU per step, every run of the task) and
-  ``heatmap_{i}_{run}.png`` (IoU per class and step of each run).
+* ``groups.md`` and ``groups.csv``: the experiments, runs that differ only by their seed and class order (e.g.
+  ``SEEDS="1 2 3"`` or ``ORDERS="a b c"`` of a recipe): mean ± sample standard deviation (n − 1) per step and column,
+  the number of runs of each step; the experiments of several runs are also printed (standard output);
+* ``miou_{dataset}_{task}_{setting}.png`` (old / new / all mIoU per step, every run of the task),
+  ``miou_mean_{dataset}_{family}_{setting}.png`` (the experiments' means per step with a ± standard deviation
+  band, where one has several runs) and ``heatmap_{i}_{run}.png`` (IoU per class and step of each run).
 
 Runs evaluated under different conventions (``results.json``'s ``convention``) are refused (one line, exit
 status 2) unless ``--allow_mixed_conventions``; the tables then name each run's convention. The logic lives
@@ -26,8 +30,8 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from reports.runs import load_run  # noqa: E402 (after the path set-up)
-from reports.tables import write_report  # noqa: E402
+from reports.runs import experiment_groups, load_run  # noqa: E402 (after the path set-up)
+from reports.tables import experiment_lines, write_report  # noqa: E402
 from utils.errors import UserError, exit_on_user_error  # noqa: E402
 from utils.logging import setup_logging  # noqa: E402
 
@@ -58,6 +62,9 @@ def main(argv=None):
     labels = args.labels or [None] * len(args.runs)
     runs = [load_run(folder, label) for folder, label in zip(args.runs, labels)]
     written = write_report(runs, args.out, allow_mixed=args.allow_mixed_conventions, plots=not args.no_plots)
+    for experiment in experiment_groups(runs):
+        if len(experiment.runs) > 1:
+            print("\n".join(experiment_lines(experiment)) + "\n")
     log.info("report of %d run(s) in %s: %s", len(runs), args.out, ", ".join(sorted(os.path.basename(p)
                                                                                       for p in written.values())))
     return written

@@ -31,3 +31,4 @@ COMMON=(--method barm --data_root "$DATA_ROOT" --dataset "$DATASET" --task "$TAS
         --ckpt_dir "$CKPT_DIR" --subpath "$SUBPATH")
 GPUS=${GPUS_INIT-0} recipe_step "${COMMON[@]}" "${INIT[@]}" --curr_step 0 --initial
 GPUS=${GPUS-0,1} recipe_step "${COMMON[@]}" "${STEPS[@]}" --curr_step 1
+recipe_report

@@ -43,9 +43,10 @@ COMMON=(--method dkd --data_root "$DATA_ROOT" --dataset "$DATASET" --task "$TASK
 export GPUS=${GPUS-0,1,2,3}
 STEP0="$CKPT_DIR/$DKD_SUBPATH/$TASK/$SETTING/step0/final.pth"
 FROM=()
-if [ "$VARIANT" = dkd-m ] && [ "$SUBPATH" != "$DKD_SUBPATH" ] && [ -f "$STEP0" ]; then
-    FROM=(--prev_ckpt "$STEP0")   # DKD-M's step 0 is DKD's
+if [ "$VARIANT" = dkd-m ] && [ "$SUBPATH" != "$DKD_SUBPATH" ] && [ -f "$STEP0" ] && [ -z "${SEEDS:-}${ORDERS:-}" ]; then
+    FROM=(--prev_ckpt "$STEP0")   # DKD-M's step 0 is DKD's (with SEEDS or ORDERS, each run trains its own)
 else
     recipe_step "${COMMON[@]}" --lr "$LR0" --curr_step 0 --initial
 fi
 recipe_step "${COMMON[@]}" --lr "$LR" --mem_size "$MEMORY" --curr_step 1 ${FROM[@]+"${FROM[@]}"}
+recipe_report

@@ -29,3 +29,4 @@ COMMON=(--method kproba --data_root "$DATA_ROOT" --dataset "$DATASET" --task "$T
         --ckpt_dir "$CKPT_DIR" --subpath "$SUBPATH")
 GPUS=${GPUS_INIT-0} recipe_step "${COMMON[@]}" "${INIT[@]}" --curr_step 0 --initial
 GPUS=$STEP_GPUS recipe_step "${COMMON[@]}" "${STEPS[@]}" --curr_step 1
+recipe_report

@@ -3,7 +3,63 @@
 # sets RECIPE (its name), PROTOCOL, NUMBER, SOURCE and DEVIATION; `recipe_announce` prints them; `recipe_step`
 # launches train.py (scripts/launch.sh) with the recipe's flags, then `--recipe NAME`, then $EXTRA, so that the
 # run records which values came from the recipe and which from the user.
+# SEEDS="1 2 3" runs the recipe once per seed (`--random_seed S --subpath $SUBPATH-seedS` after `--recipe NAME`: the
+# user's choice), ORDERS="a b c" once per class order of the task (a: the task's own, b, c, ...: its published
+# shuffled orders, `--task NAME` after `--recipe NAME`; ORDERED_TASKS), every seed of every order; `recipe_report`
+# then runs scripts/report.py on the runs (mean ± standard deviation of the experiment). Without SEEDS and ORDERS a
+# recipe runs once, with the published seed, as before.
 RECIPE_TABLE="scripts/recipes/published.tsv"
+# Tasks with published class orders besides their own (utils/tasks.py): VOC 15-1's 22 shuffled orders of SSUL, BARM
+# and DKD (15-1_b ... 15-1_w); ADE's b and c orders of MiB tasks.py (100-50b, 100-10b, 50b; 100-50c, ...).
+# Entries: DATASET:TASK=NAME-PATTERN:LETTERS, the pattern's % replaced by the order's letter.
+VOC_SHUFFLED_LETTERS="b c d e f g h i j k l m n o p q r s t u v w"
+ADE_ORDER_LETTERS="b c"
+ORDERED_TASKS=("voc:15-1=15-1_%:$VOC_SHUFFLED_LETTERS" "ade:100-50=100-50%:$ADE_ORDER_LETTERS"
+               "ade:100-10=100-10%:$ADE_ORDER_LETTERS" "ade:50-50=50%:$ADE_ORDER_LETTERS")
+OWN_ORDER=a
+RUN_TASKS=()
+RUN_SEEDS=()
+RECIPE_FOLDERS=()
+
+recipe_error() {
+    echo "error: $*" >&2
+    exit 2
+}
+
+# recipe_runs DATASET TASK: RUN_TASKS (one per order of ORDERS, default the task) and RUN_SEEDS (SEEDS, default one
+# run with the recipe's seed), checked
+recipe_runs() {
+    local dataset=$1 task=$2 order entry pattern letters seed
+    RUN_TASKS=() RUN_SEEDS=()
+    for order in ${ORDERS:-$OWN_ORDER}; do
+        if [ "$order" = "$OWN_ORDER" ]; then
+            RUN_TASKS+=("$task")
+            continue
+        fi
+        pattern="" letters=""
+        for entry in "${ORDERED_TASKS[@]}"; do
+            if [ "${entry%%=*}" = "$dataset:$task" ]; then
+                pattern=${entry#*=} && pattern=${pattern%%:*} && letters=${entry##*:}
+            fi
+        done
+        [ -n "$pattern" ] || recipe_error "ORDERS: $dataset $task has no published class orders but its own" \
+            "($OWN_ORDER): tasks with orders are ${ORDERED_TASKS[*]%%=*} (docs/recipes.md)"
+        [[ " $letters " == *" $order "* ]] || recipe_error "ORDERS: $dataset $task has no order '$order': expected" \
+            "$OWN_ORDER (its own) or one of $letters"
+        RUN_TASKS+=("${pattern//%/$order}")
+    done
+    for seed in ${SEEDS:-}; do
+        [[ "$seed" =~ ^[0-9]+$ ]] || recipe_error "SEEDS: '$seed' is not a seed: expected non-negative integers," \
+            "e.g. SEEDS=\"1 2 3\""
+        [[ " ${RUN_SEEDS[*]:-} " == *" $seed "* ]] && recipe_error "SEEDS: seed $seed is given twice: its runs would" \
+            "share a folder"
+        RUN_SEEDS+=("$seed")
+    done
+    [ ${#RUN_SEEDS[@]} -gt 0 ] || RUN_SEEDS=("")
+    if [ ${#RUN_TASKS[@]} -ne "$(printf '%s\n' "${RUN_TASKS[@]}" | sort -u | grep -c .)" ]; then
+        recipe_error "ORDERS: an order is given twice: its runs would share a folder"
+    fi
+}
 
 recipe_lookup() {
     local method=$1 dataset=$2 task=$3 setting=$4 wanted=${5:-} default_protocol=${6:--}
@@ -29,6 +85,8 @@ recipe_lookup() {
     IFS=$'\t' read -r _ _ _ _ PROTOCOL NUMBER SOURCE DEVIATION <<< "$row"
     RECIPE="$method/$dataset/$task/$setting"
     [ "$PROTOCOL" = - ] || RECIPE="$RECIPE/$PROTOCOL-protocol"
+    RECIPE_SETTING=$setting
+    recipe_runs "$dataset" "$task"
 }
 
 recipe_announce() {
@@ -37,10 +95,33 @@ recipe_announce() {
     echo "recipe $RECIPE: $number ($SOURCE); known deviation: $DEVIATION" >&2
 }
 
-# recipe_step FLAGS...: one train.py launch with the recipe's FLAGS, then --recipe, then the user's $EXTRA
+# recipe_step FLAGS...: one train.py launch per order and seed (one without ORDERS and SEEDS) with the recipe's FLAGS,
+# then --recipe, then the order's task and the seed with its subpath, then the user's $EXTRA
 recipe_step() {
-    # shellcheck disable=SC2086
-    launch "$@" --recipe "$RECIPE" ${EXTRA:-}
+    local task seed subpath chosen folder
+    for task in "${RUN_TASKS[@]}"; do
+        for seed in "${RUN_SEEDS[@]}"; do
+            chosen=() subpath=$SUBPATH
+            [ "$task" = "$TASK" ] || chosen+=(--task "$task")
+            if [ -n "$seed" ]; then
+                subpath="$SUBPATH-seed$seed"
+                chosen+=(--random_seed "$seed" --subpath "$subpath")
+            fi
+            folder="$CKPT_DIR/$subpath/$task/$RECIPE_SETTING"
+            [[ " ${RECIPE_FOLDERS[*]:-} " == *" $folder "* ]] || RECIPE_FOLDERS+=("$folder")
+            # shellcheck disable=SC2086
+            TASK=$task SUBPATH=$subpath launch "$@" --recipe "$RECIPE" ${chosen[@]+"${chosen[@]}"} ${EXTRA:-}
+        done
+    done
+}
+
+# recipe_report: with SEEDS or ORDERS, the report of the runs (scripts/report.py: mean ± standard deviation of the
+# experiment per step) into $REPORT_DIR (default $CKPT_DIR/reports/$SUBPATH-$TASK-$SETTING)
+recipe_report() {
+    [ -n "${SEEDS:-}${ORDERS:-}" ] || return 0
+    local out=${REPORT_DIR:-$CKPT_DIR/reports/$SUBPATH-$TASK-$RECIPE_SETTING}
+    echo "report of ${#RECIPE_FOLDERS[@]} runs: $out/groups.md" >&2
+    "$PYTHON" scripts/report.py "${RECIPE_FOLDERS[@]}" --out "$out"
 }
 
 # gpu_ids N: "0,1,...,N-1", the default GPUS of a recipe whose published run used N GPUs

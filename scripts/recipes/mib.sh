@@ -59,3 +59,4 @@ COMMON=(--method "$METHOD" --protocol "$PROTOCOL" --data_root "$DATA_ROOT" --dat
 export GPUS=${GPUS-0,1}
 recipe_step "${COMMON[@]}" --lr 0.01 --train_epoch "$EPOCH0" --curr_step 0 --initial
 recipe_step "${COMMON[@]}" --lr 0.001 --train_epoch "$EPOCH" --curr_step 1
+recipe_report

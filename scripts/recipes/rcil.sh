@@ -41,3 +41,4 @@ COMMON=(--method rcil --data_root "$DATA_ROOT" --dataset "$DATASET" --task "$TAS
 export GPUS=${GPUS-$(gpu_ids "$PUBLISHED_GPUS")}
 recipe_step "${COMMON[@]}" --lr "$LR0" --curr_step 0 --initial
 recipe_step "${COMMON[@]}" --lr "$LR1" --curr_step 1
+recipe_report

@@ -35,3 +35,4 @@ GPUS=${GPUS-0,1} recipe_step --method ssul --data_root "$DATA_ROOT" --dataset "$
     --model deeplabv3_resnet101 --loss_type bce_loss --crop_size 513 --crop_val --weight_decay 1e-4 \
     --random_seed 1 --output_stride 16 --amp --pseudo_thresh 0.7 --mem_size "$MEMORY" "${VALUES[@]}" \
     --curr_step 0 --ckpt_dir "$CKPT_DIR" --subpath "$SUBPATH"
+recipe_report

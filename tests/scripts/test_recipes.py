@@ -38,7 +38,8 @@ def invocation(row):
 
 
 def run_recipe(tmp_path, env, args):
-    inherited = {k: v for k, v in os.environ.items() if k not in ("GPUS", "GPUS_INIT", "EXTRA", "PROTOCOL", "SUBPATH")}
+    inherited = {k: v for k, v in os.environ.items()
+                 if k not in ("GPUS", "GPUS_INIT", "EXTRA", "PROTOCOL", "SUBPATH", "SEEDS", "ORDERS", "REPORT_DIR")}
     environment = {**inherited, "PYTHON": "echo", "CKPT_DIR": str(tmp_path), **env}
     return subprocess.run(["bash", os.path.join("scripts", "recipes", args[0]), *args[1:]], cwd=REPO,
                           capture_output=True, text=True, env=environment, timeout=60)
@@ -116,9 +117,15 @@ def test_every_method_and_the_settings_the_papers_published_have_a_recipe():
     (["mib.sh", "ewc", "ade", "100-50"], "no published ewc setting ade 100-50 overlap"),
     (["mib.sh", "sdr", "voc", "15-1"], "unknown method 'sdr'"),
     (["dkd.sh", "voc", "15-1", "overlap", "dkdm"], "unknown variant 'dkdm'"),
+    (["mib.sh", "mib", "voc", "15-5", "overlap", {"ORDERS": "a b"}], "voc 15-5 has no published class orders"),
+    (["barm.sh", "ade", "100-50", {"ORDERS": "d"}], "ade 100-50 has no order 'd': expected a (its own) or one of b c"),
+    (["barm.sh", "voc", "15-1", {"ORDERS": "b b"}], "an order is given twice"),
+    (["barm.sh", "voc", "15-1", {"SEEDS": "1 one"}], "SEEDS: 'one' is not a seed"),
+    (["ssul.sh", "voc", "15-1", {"SEEDS": "3 3"}], "seed 3 is given twice"),
 ])
 def test_a_setting_that_was_never_published_is_refused_with_one_line(tmp_path, args, fragment):
-    result = run_recipe(tmp_path, {}, args)
+    env = args.pop() if isinstance(args[-1], dict) else {}
+    result = run_recipe(tmp_path, env, args)
     assert result.returncode == 2 and result.stdout == ""
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], result.stderr
@@ -166,3 +173,63 @@ def test_the_readme_names_the_flag_of_every_published_behaviour():
                 assert "`--bn_chunks 1`" in table
             elif isinstance(deviation.clean, bool):
                 assert f"`--{'' if deviation.clean else 'no_'}{deviation.flag}`" in table, deviation.flag
+
+
+def test_seeds_and_orders_run_every_seed_of_every_order_into_its_own_folder_then_the_report(tmp_path):
+    """SEEDS and ORDERS: one run per order and seed; the seed, its subpath and the order's task are the user's choice
+    (after --recipe); the recipe's other values unchanged; then scripts/report.py on every run's folder."""
+    env = {"SEEDS": "1 2", "ORDERS": "a b c", "GPUS": ""}
+    result = run_recipe(tmp_path, env, ["mib.sh", "mib", "ade", "100-50"])
+    assert result.returncode == 0, result.stderr
+    steps = launches(result.stdout)
+    baseline = launches(run_recipe(tmp_path, {"GPUS": ""}, ["mib.sh", "mib", "ade", "100-50"]).stdout)
+    assert len(baseline) == 2 and len(steps) == 2 * 3 * 2  # two launches per run, 3 orders x 2 seeds
+    runs = {(flags["task"], flags["random_seed"], flags["subpath"], flags["curr_step"]) for _, flags in steps}
+    assert runs == {(task, seed, f"mib-seed{seed}", step) for task in ("100-50", "100-50b", "100-50c")
+                    for seed in ("1", "2") for step in ("0", "1")}
+    for _, flags in steps:  # everything else is the published run's
+        step = int(flags["curr_step"])
+        assert {k: v for k, v in flags.items() if k not in ("task", "random_seed", "subpath")} == \
+            {k: v for k, v in baseline[step][1].items() if k not in ("task", "random_seed", "subpath")}
+    for line in (line for line in result.stdout.splitlines() if "train.py" in line):
+        recipe = line.index("--recipe")
+        assert line.rindex("--random_seed") > recipe and line.rindex("--subpath") > recipe
+        assert line.index("--task") < recipe and ("--task 100-50 " in line[:recipe])
+    report = [line for line in result.stdout.splitlines() if "scripts/report.py" in line]
+    assert len(report) == 1
+    words = report[0].split()
+    folders = words[words.index("scripts/report.py") + 1:words.index("--out")]
+    assert folders == [os.path.join(str(tmp_path), f"mib-seed{seed}", task, "overlap")
+                       for task in ("100-50", "100-50b", "100-50c") for seed in (1, 2)]
+    assert words[words.index("--out") + 1] == os.path.join(str(tmp_path), "reports", "mib-100-50-overlap")
+
+
+def test_only_seeds_keeps_the_task_and_no_seeds_keeps_the_published_run(tmp_path):
+    result = run_recipe(tmp_path, {"SEEDS": "7", "GPUS": ""}, ["ssul.sh", "voc", "15-1"])
+    (_, flags), = launches(result.stdout)
+    line = next(line for line in result.stdout.splitlines() if "train.py" in line)
+    assert line.count("--task") == 1 and flags["random_seed"] == "7" and flags["subpath"] == "SSUL-seed7"
+    assert "scripts/report.py" in result.stdout
+    plain = run_recipe(tmp_path, {"GPUS": ""}, ["ssul.sh", "voc", "15-1"])
+    (_, flags), = launches(plain.stdout)
+    assert flags["random_seed"] == "1" and flags["subpath"] == "SSUL" and "scripts/report.py" not in plain.stdout
+
+
+@pytest.mark.parametrize("script, dataset, task, letters", [
+    ("barm.sh", "voc", "15-1", "b c d e f g h i j k l m n o p q r s t u v w"),
+    ("barm.sh", "ade", "100-50", "b c"), ("barm.sh", "ade", "100-10", "b c"), ("barm.sh", "ade", "50-50", "b c"),
+])
+def test_every_order_of_orders_is_a_task_of_the_task_table_with_the_same_step_sizes(tmp_path, script, dataset, task,
+                                                                                  letters):
+    from utils.tasks import get_task, list_tasks
+    result = run_recipe(tmp_path, {"ORDERS": f"a {letters}", "GPUS": ""}, [script, dataset, task])
+    assert result.returncode == 0, result.stderr
+    tasks = []
+    for _, flags in launches(result.stdout):
+        if flags["task"] not in tasks:
+            tasks.append(flags["task"])
+    assert len(tasks) == 1 + len(letters.split()) and tasks[0] == task
+    sizes = [len(s) for s in get_task(dataset, task)]
+    for name in tasks[1:]:
+        assert name in list_tasks(dataset)
+        assert [len(s) for s in get_task(dataset, name)] == sizes and get_task(dataset, name) != get_task(dataset, task)
