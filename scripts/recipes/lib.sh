@@ -95,8 +95,9 @@ recipe_announce() {
     echo "recipe $RECIPE: $number ($SOURCE); known deviation: $DEVIATION" >&2
 }
 
-# recipe_step FLAGS...: one train.py launch per order and seed (one without ORDERS and SEEDS) with the recipe's FLAGS,
-# then --recipe, then the order's task and the seed with its subpath, then the user's $EXTRA
+# recipe_step FLAGS...: one train.py launch per order and seed (one without ORDERS and SEEDS) with the recipe's FLAGS
+# and --step0_from auto (a step 0 another run already trained the same way is reused: 15-1 after 15-5), then
+# --recipe, then the order's task and the seed with its subpath, then the user's $EXTRA
 recipe_step() {
     local task seed subpath chosen folder
     for task in "${RUN_TASKS[@]}"; do
@@ -110,7 +111,8 @@ recipe_step() {
             folder="$CKPT_DIR/$subpath/$task/$RECIPE_SETTING"
             [[ " ${RECIPE_FOLDERS[*]:-} " == *" $folder "* ]] || RECIPE_FOLDERS+=("$folder")
             # shellcheck disable=SC2086
-            TASK=$task SUBPATH=$subpath launch "$@" --recipe "$RECIPE" ${chosen[@]+"${chosen[@]}"} ${EXTRA:-}
+            TASK=$task SUBPATH=$subpath launch "$@" --step0_from auto --recipe "$RECIPE" ${chosen[@]+"${chosen[@]}"} \
+                ${EXTRA:-}
         done
     done
 }

@@ -99,6 +99,7 @@ def test_a_recipe_passes_the_reference_values_and_prints_its_number(tmp_path, ro
         if method in ("ssul", "ssul-m", "dkd", "dkd-m") and (step > 0 or one_run):
             assert int(flags["mem_size"]) == (MEMORY[dataset] if method.endswith("-m") else 0)
         assert flags["curr_step"] == str(step) and ("initial" in flags) == (step == 0 and not one_run)
+        assert flags["step0_from"] == "auto"  # a step 0 trained the same way by another run is reused
 
 
 def test_every_method_and_the_settings_the_papers_published_have_a_recipe():
