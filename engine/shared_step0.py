@@ -39,9 +39,8 @@ AUTO = "auto"
 #: it logs and loads, on which device, and evaluation-only settings.
 RUN_FLAGS = frozenset({
     "task", "task_file", "curr_step", "end_step", "initial", "ckpt_dir", "subpath", "resume", "test", "test_ckpt",
-    "prev_ckpt", "ckpt", "step0_from", "num_workers", "print_interval", "visualize", "recipe", "dry_run",
+    "prev_ckpt", "step0_from", "num_workers", "print_interval", "visualize", "recipe", "dry_run",
     "val_batch_size", "keep_checkpoints", "cache_dir", "device", "compile", "channels_last", "clean", "logger",
-    "wandb_project", "wandb_entity", "wandb_name",
 })
 COPIED = ("results.json", "per_class.csv", "config.json")  # beside final.pth, with ``shared_from`` in the JSONs
 SEARCH_DEPTH = ("*", "*", "*")  # {subpath}/{task}/{setting} under --ckpt_dir

@@ -336,7 +336,7 @@ IGNORED_ARGS = frozenset({
     "data_root", "cache_dir", "ckpt_dir", "subpath", "prev_ckpt", "keep_checkpoints",
     "curr_step", "end_step", "initial", "resume", "dry_run", "test", "test_ckpt", "visualize", "print_interval",
     "batch_size", "accumulate", "micro_batch", "val_batch_size", "num_workers",
-    "device", "compile", "channels_last", "device_augment",
+    "device", "compile", "channels_last", "device_augment", "step0_from", "logger",
 })
 #: A subpath's seed suffix, as the recipes write it (``{subpath}-seed{S}``): left out of an experiment's name.
 SEED_SUFFIX = re.compile(r"-seed\d+$")
