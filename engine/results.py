@@ -60,12 +60,13 @@ def step_results(confusion, ctx, method_name, class_names, checkpoint, conventio
         f"0 to {n_old - 1} mIoU": float(np.mean(iou[:n_old])),
         f"0 to {n_old - 1} mAcc": float(np.mean(acc[:n_old])),
     })
+    layout = get_layout(ctx.dataset, ctx.data_root)
     if n > n_old:
         results.update({f"{n_old} to {n - 1} mIoU": float(np.mean(iou[n_old:])),
                         f"{n_old} to {n - 1} mAcc": float(np.mean(acc[n_old:]))})
     results.update({
         "summary": step_summary(confusion, n_old, exclude_absent=convention.get("exclude_absent", False),
-                                background=getattr(get_layout(ctx.dataset), "HAS_BACKGROUND", True)),
+                                background=getattr(layout, "HAS_BACKGROUND", True)),
         "convention": convention,
         "dataset": ctx.dataset, "task": ctx.task, "setting": ctx.setting, "step": ctx.step,
         "method": method_name, "checkpoint": checkpoint,
@@ -73,7 +74,7 @@ def step_results(confusion, ctx, method_name, class_names, checkpoint, conventio
         "class_names": class_names,
         # domain-incremental tasks: the domains of steps 0..t, whose held-out images the step was tested on
         **({"domains": [list(d) for d in ctx.domains[:ctx.step + 1]],
-            "domain_names": [get_layout(ctx.dataset).CITIES[d] for s in ctx.domains[:ctx.step + 1] for d in s]}
+            "domain_names": [layout.CITIES[d] for s in ctx.domains[:ctx.step + 1] for d in s]}
            if ctx.domains is not None else {}),
         "confusion_matrix": np.asarray(confusion, dtype=np.int64).tolist(),
     })
