@@ -207,9 +207,11 @@ class TrainData:
         self.dataset = dataset
         self.sampler, self.loader = self._loader(dataset)
         if len(self) == 0:
+            config = self.config
+            batch = (f"--batch_size {config.batch_size}" if "batch_size" in config.explicit else
+                     f"its batch of {config.batch_size} per process (global batch {config.global_batch})")
             raise UserError(f"step {self.ctx.step} of {self.ctx.task} ({self.ctx.setting}) has"
-                            f" {len(self.sampler)} training images per process, fewer than its batch of"
-                            f" {self.config.batch_size} per process")
+                            f" {len(self.sampler)} training images per process, fewer than {batch}")
 
     def set_memory(self, memory):
         """Use the method's memory (a :class:`methods.base.MemoryUse` of image ids from the training lists of
