@@ -3,6 +3,7 @@ steps and through --resume, memory (replace and concat), validation policy and b
 checkpoints of another layout, --compile. Test methods are registered for the duration of a test only."""
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -166,12 +167,13 @@ def test_order_of_hook_calls_and_state_carried_to_the_next_step(tiny_voc, tmp_pa
 
 
 def test_resume_restores_method_state_and_skips_the_passes(tiny_voc, tmp_path, recorder, monkeypatch):
-    args = ["--end_step", "1", "--train_epoch", "3"]
-    straight = tmp_path / "straight"
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    train.run(parse_args(common(tiny_voc, straight, "recorder", "--initial", "--train_epoch", "1")))
+    shutil.copytree(straight, killed)  # one step 0 for both: step 1 is what is interrupted
+    args = ["--curr_step", "1", "--end_step", "1", "--train_epoch", "3"]
     train.run(parse_args(common(tiny_voc, straight, "recorder", *args)))
     per_epoch = len(step_image_ids("voc", tiny_voc, "15-1", 1, True)) // 4
 
-    killed = tmp_path / "killed"
     monkeypatch.setattr(Recorder, "stop_at", per_epoch)  # at the first iteration of the second epoch
     with pytest.raises(Interrupt):
         train.run(parse_args(common(tiny_voc, killed, "recorder", *args)))
@@ -215,19 +217,19 @@ def test_memory_samples_join_the_batches(tiny_voc, tmp_path, recorder, monkeypat
 
 
 def test_validation_policy_and_best_selection(tiny_voc, tmp_path, recorder, monkeypatch):
-    monkeypatch.setattr(Recorder, "validate_every", 2)
+    monkeypatch.setattr(Recorder, "validate_every", 4)
     monkeypatch.setattr(Recorder, "best", True)
     scores = iter([0.1, 0.5, 0.2, 0.3, 0.4, 0.05] * 10)
     monkeypatch.setattr(engine.step, "selection_score", lambda iou, ctx: next(scores))
-    train.run(parse_args(common(tiny_voc, tmp_path, "recorder", "--initial", "--train_epoch", "3")))
+    train.run(parse_args(common(tiny_voc, tmp_path, "recorder", "--initial", "--train_epoch", "2")))
     checkpoint = final(tmp_path, "recorder", 0)
-    assert checkpoint["selected"] == {"iteration": 4, "score": 0.5}  # the second validation scored best
+    assert checkpoint["selected"] == {"iteration": 8, "score": 0.5}  # the second validation scored best
     assert not os.path.exists(os.path.join(step_dir(tmp_path, "recorder", 0), "best.pth"))
     with open(os.path.join(step_dir(tmp_path, "recorder", 0), "results.json")) as handle:
         assert json.load(handle)["Mean IoU"] == checkpoint["metrics"]["Mean IoU"]
 
     other = tmp_path / "last"
-    train.run(parse_args(common(tiny_voc, other, "recorder", "--initial", "--train_epoch", "3", "--select_last")))
+    train.run(parse_args(common(tiny_voc, other, "recorder", "--initial", "--train_epoch", "1", "--select_last")))
     assert "selected" not in final(other, "recorder", 0)
 
 
