@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 from datasets import LAYOUTS, get_layout, split_class_index, step_samples
-from datasets.class_index import build_index
+from datasets.class_index import build_index, size_problem
 from datasets.incremental import step_mask
 from utils.errors import UserError, exit_on_user_error
 from utils.tasks import NUM_CLASSES, get_domains, get_task, is_domain_incremental, task_name
@@ -40,18 +40,15 @@ RAW_LABEL_IDS = 34  # Cityscapes labelIds 0..33 (cityscapesScripts labels.py), a
 
 
 def _image_problem(sample):
-    image_id, image_path, label_path = sample
+    """Why an image of ``(id, image path, label path)`` cannot be used: it does not decode, or its size is not its
+    label's (:func:`datasets.class_index.size_problem`); None when it can."""
+    _, image_path, label_path = sample
     try:
         with Image.open(image_path) as image:
             image.load()
-            size = image.size
-        with Image.open(label_path) as label:
-            label_size = label.size
     except (OSError, SyntaxError, ValueError) as err:
         return f"cannot decode {image_path} ({err})"
-    if size != label_size:
-        return f"image {image_path} is {size[0]}x{size[1]} but its label is {label_size[0]}x{label_size[1]}"
-    return None
+    return size_problem(image_path, label_path)
 
 
 def verify_images(samples, workers):

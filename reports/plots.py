@@ -59,36 +59,8 @@ def plot_miou_per_step(series, path, title=""):
     per step (None where undefined, e.g. new at step 0). One colour and marker per run (the same in the three
     panels; up to 20 distinct colours), one legend to the right. Returns ``path``.
     """
-    from matplotlib import colormaps
-    from matplotlib.lines import Line2D
-
     width, height = MIOU_FIGURE_PX
-    figure = _figure(width, height)
-    colours = colormaps[RUN_COLOURS if len(series) <= colormaps[RUN_COLOURS].N else RUN_COLOURS_MANY]
-    style = [(colours(i % colours.N), RUN_MARKERS[i % len(RUN_MARKERS)]) for i in range(len(series))]
-    grid = figure.add_gridspec(1, len(LINE_STYLES) + 1, width_ratios=[1] * len(LINE_STYLES) + [LEGEND_WIDTH_RATIO])
-    all_steps = sorted({step for _, steps, _ in series for step in steps})
-    for k, (key, name) in enumerate(LINE_STYLES):
-        axes = figure.add_subplot(grid[0, k])
-        for (label, steps, values), (colour, marker) in zip(series, style):
-            axes.plot(steps, _percent(values.get(key, [None] * len(steps))), color=colour, marker=marker,
-                      markersize=4, linewidth=1.2)
-        axes.set_xticks(all_steps)
-        axes.set_xlabel("step")
-        axes.set_ylim(0, PERCENT)
-        axes.grid(True, alpha=0.3)
-        axes.set_title(f"{name} classes")
-        if k == 0:
-            axes.set_ylabel("mIoU (%)")
-        else:
-            axes.tick_params(labelleft=False)
-    legend = figure.add_subplot(grid[0, -1])
-    legend.axis("off")
-    legend.legend(handles=[Line2D([], [], color=colour, marker=marker, label=label)
-                           for (label, _, _), (colour, marker) in zip(series, style)],
-                  loc="center left", fontsize="small", frameon=False)
-    figure.suptitle(title)
-    figure.tight_layout()
+    figure = miou_figure([(label, steps, values, None) for label, steps, values in series], title)
     return _save(figure, path, width, height)
 
 
@@ -130,15 +102,18 @@ def plot_class_heatmap(matrix, class_labels, steps, path, title=""):
     return _save(figure, path, width, height)
 
 
-def miou_band_figure(series, title=""):
-    """The figure of :func:`plot_miou_band` (a matplotlib ``Figure``; the bands are the ``PolyCollection`` s that
-    ``fill_between`` adds to the three panels, in ``series`` order)."""
+def miou_figure(series, title=""):
+    """The three panels (old, new, all) of :func:`plot_miou_per_step` and :func:`plot_miou_band`, a matplotlib
+    ``Figure``: ``series`` = ``[(label, steps, means, stds), ...]``; where ``stds`` is not None, a band of ± the
+    standard deviation (the ``PolyCollection`` s that ``fill_between`` adds to the panels, in ``series`` order) and
+    error bars."""
     from matplotlib import colormaps
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
     width, height = MIOU_FIGURE_PX
     figure = _figure(width, height)
+    banded = any(stds is not None for _, _, _, stds in series)
     colours = colormaps[RUN_COLOURS if len(series) <= colormaps[RUN_COLOURS].N else RUN_COLOURS_MANY]
     style = [(colours(i % colours.N), RUN_MARKERS[i % len(RUN_MARKERS)]) for i in range(len(series))]
     grid = figure.add_gridspec(1, len(LINE_STYLES) + 1, width_ratios=[1] * len(LINE_STYLES) + [LEGEND_WIDTH_RATIO])
@@ -147,8 +122,10 @@ def miou_band_figure(series, title=""):
         axes = figure.add_subplot(grid[0, k])
         for (label, steps, means, stds), (colour, marker) in zip(series, style):
             centre = np.asarray(_percent(means.get(key, [None] * len(steps))))
-            spread = np.asarray(_percent(stds.get(key, [None] * len(steps))))
             axes.plot(steps, centre, color=colour, marker=marker, markersize=4, linewidth=1.2)
+            if stds is None:
+                continue
+            spread = np.asarray(_percent(stds.get(key, [None] * len(steps))))
             defined = np.isfinite(centre) & np.isfinite(spread)
             lower, upper = np.where(defined, centre - spread, 0.0), np.where(defined, centre + spread, 0.0)
             axes.fill_between(steps, lower, upper, where=defined, color=colour, alpha=BAND_ALPHA, linewidth=0)
@@ -161,14 +138,15 @@ def miou_band_figure(series, title=""):
         axes.grid(True, alpha=0.3)
         axes.set_title(f"{name} classes")
         if k == 0:
-            axes.set_ylabel("mIoU (%), mean ± std")
+            axes.set_ylabel("mIoU (%), mean ± std" if banded else "mIoU (%)")
         else:
             axes.tick_params(labelleft=False)
     legend = figure.add_subplot(grid[0, -1])
     legend.axis("off")
     handles = [Line2D([], [], color=colour, marker=marker, label=label)
                for (label, _, _, _), (colour, marker) in zip(series, style)]
-    handles.append(Patch(color="grey", alpha=BAND_ALPHA, label="± standard deviation"))
+    if banded:
+        handles.append(Patch(color="grey", alpha=BAND_ALPHA, label="± standard deviation"))
     legend.legend(handles=handles, loc="center left", fontsize="small", frameon=False)
     figure.suptitle(title)
     figure.tight_layout()
@@ -184,4 +162,4 @@ def plot_miou_band(series, path, title=""):
     None, e.g. a step only one run reached). Returns ``path``.
     """
     width, height = MIOU_FIGURE_PX
-    return _save(miou_band_figure(series, title), path, width, height)
+    return _save(miou_figure(series, title), path, width, height)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from reports import runs as report_runs, tables as report_tables
-from reports.plots import miou_band_figure
+from reports.plots import miou_figure
 from tests.helpers import IOU_BARM, IOU_FT, MIB, SUMMARY_BARM, SUMMARY_FT, read_csv, write_run
 from utils.tasks import get_task, list_tasks, natural_task
 
@@ -116,7 +116,7 @@ def test_the_figure_draws_the_mean_and_a_band_of_one_standard_deviation(tmp_path
     a, b = two_seeds(tmp_path / "ckpt")
     runs = report_runs.label_runs([report_runs.load_run(a), report_runs.load_run(b)])
     experiments = report_runs.experiment_groups(runs)
-    figure = miou_band_figure(report_tables.band_series(experiments))
+    figure = miou_figure(report_tables.band_series(experiments))
     old_panel = figure.axes[0]
     lines = [line for line in old_panel.get_lines() if len(line.get_xdata()) == 3]
     assert np.allclose(lines[0].get_ydata(), [75.0, 65.75, 100 * (0.55 + 0.705) / 2])
