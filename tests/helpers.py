@@ -2,6 +2,7 @@
 copies of trained run folders, scalar reference formulas (log-sum-exp, softmax, softplus, BCE), per-pixel loops
 of the MiB-family losses, hand-made inputs (class indexes, regularizer updates, BARM and RCIL models, results
 files of toy runs) and randomised norm layers."""
+import contextlib
 import csv
 import importlib.util
 import io
@@ -43,6 +44,27 @@ def train_cmd(data_root, ckpt_dir, *extra):
 
 def run(cmd, **kwargs):
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, **kwargs)
+
+
+def run_inline(cmd):
+    """A ``train.py`` command line (as :func:`train_cmd` makes) run by ``train.main`` in this process, its output
+    captured: what :func:`run` returns, without an interpreter's start-up (seconds of imports per command). For
+    runs that need no environment of their own; the script's own start-up is tested through :func:`run`."""
+    import train  # the entry point: imported where a test runs it
+
+    assert os.path.basename(cmd[1]) == "train.py", cmd
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    cwd = os.getcwd()
+    try:
+        os.chdir(REPO)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            train.main(cmd[2:])
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+    finally:
+        os.chdir(cwd)
+    return subprocess.CompletedProcess(cmd, code, out.getvalue(), err.getvalue())
 
 
 def step_dir(ckpt_dir, step, task="15-1", method="barm"):
