@@ -4,7 +4,7 @@ import pathlib
 
 import pytest
 
-from tests.helpers import run, train_cmd
+from tests.helpers import run_inline, train_cmd
 
 HERE = pathlib.Path(__file__).resolve().parent
 
@@ -20,6 +20,6 @@ def pytest_collection_modifyitems(config, items):
 def step0(tiny_voc, tmp_path_factory):
     """Step 0 trained once (1 epoch); tests copy its folder."""
     ckpt = tmp_path_factory.mktemp("step0")
-    result = run(train_cmd(tiny_voc, ckpt, "--initial", "--train_epoch", "1"))
+    result = run_inline(train_cmd(tiny_voc, ckpt, "--initial", "--train_epoch", "1"))
     assert result.returncode == 0, result.stderr
     return ckpt

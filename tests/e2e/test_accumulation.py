@@ -8,12 +8,12 @@ import re
 
 import torch
 
-from tests.helpers import copy_run, run, step_dir, train_cmd, weights
+from tests.helpers import copy_run, run_inline, step_dir, train_cmd, weights
 
 
 def _step1(tiny_voc, step0, tmp_path, name, *flags):
     ckpt = copy_run(step0, tmp_path / name)
-    result = run(train_cmd(tiny_voc, ckpt, "--curr_step", "1", "--end_step", "1", "--train_epoch", "2", *flags))
+    result = run_inline(train_cmd(tiny_voc, ckpt, "--curr_step", "1", "--end_step", "1", "--train_epoch", "2", *flags))
     assert result.returncode == 0, result.stderr[-3000:]
     with open(os.path.join(step_dir(ckpt, 1), "config.json"), encoding="utf-8") as handle:
         return result.stdout + result.stderr, json.load(handle), weights(os.path.join(step_dir(ckpt, 1), "final.pth"))

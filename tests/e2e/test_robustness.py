@@ -16,7 +16,7 @@ import train
 from datasets import step_image_ids
 from engine.cli import parse_args
 from methods.barm import BARM
-from tests.helpers import REPO, assert_user_error, copy_run, eval_results, run, step_dir, train_cmd
+from tests.helpers import REPO, assert_user_error, copy_run, eval_results, run, run_inline, step_dir, train_cmd
 from utils.errors import UserError
 from utils.runlock import LOCK_NAME
 
@@ -25,7 +25,7 @@ from utils.runlock import LOCK_NAME
 def trained(tiny_voc, tmp_path_factory):
     """Step 0 (1 epoch) then step 1 (1 epoch) of BARM, trained once; tests copy the folder."""
     ckpt = tmp_path_factory.mktemp("trained")
-    result = run(train_cmd(tiny_voc, ckpt, "--end_step", "1", "--train_epoch", "1", "--print_interval", "1"))
+    result = run_inline(train_cmd(tiny_voc, ckpt, "--end_step", "1", "--train_epoch", "1", "--print_interval", "1"))
     assert result.returncode == 0, result.stderr
     return ckpt
 
@@ -60,7 +60,7 @@ def test_a_failing_run_leaves_a_finished_step_untouched(tiny_voc, trained, tmp_p
     image.write_bytes(b"")
     folder = step_dir(ckpt, 0)
     before = {name: open(os.path.join(folder, name), "rb").read() for name in os.listdir(folder)}
-    assert_user_error(run(train_cmd(str(data), ckpt, "--initial", "--train_epoch", "1")), str(image), "empty",
+    assert_user_error(run_inline(train_cmd(str(data), ckpt, "--initial", "--train_epoch", "1")), str(image), "empty",
                       "expected a JPEG or PNG image")
     assert {name: open(os.path.join(folder, name), "rb").read() for name in os.listdir(folder)} == before
 
@@ -71,7 +71,7 @@ def test_two_runs_on_one_folder(tiny_voc, tmp_path):
     lock = os.path.join(str(tmp_path), "barm", "15-1", "overlap", LOCK_NAME)
     try:
         wait_for(lock, first)
-        second = run(train_cmd(tiny_voc, tmp_path, "--initial", "--train_epoch", "1"))
+        second = run_inline(train_cmd(tiny_voc, tmp_path, "--initial", "--train_epoch", "1"))
         assert_user_error(second, "another run", f"pid {first.pid}", lock)
     finally:
         first.kill()
@@ -85,7 +85,7 @@ def test_a_stale_lock_is_replaced(tiny_voc, tmp_path):
     os.makedirs(folder)
     with open(os.path.join(folder, LOCK_NAME), "w") as handle:
         json.dump({"pid": gone.pid, "host": os.uname().nodename, "started": "earlier"}, handle)
-    result = run(train_cmd(tiny_voc, tmp_path, "--initial", "--train_epoch", "1"))
+    result = run_inline(train_cmd(tiny_voc, tmp_path, "--initial", "--train_epoch", "1"))
     assert result.returncode == 0, result.stderr
     assert f"process {gone.pid} is gone" in result.stdout
     assert not os.path.exists(os.path.join(folder, LOCK_NAME))
@@ -96,7 +96,7 @@ def test_leftover_temporary_files_are_removed(tiny_voc, trained, tmp_path):
     leftover = os.path.join(step_dir(ckpt, 1), ".last.pth.999999.tmp")
     with open(leftover, "wb") as handle:
         handle.write(b"half a checkpoint")
-    result = run(train_cmd(tiny_voc, ckpt, "--curr_step", "1", "--end_step", "1", "--train_epoch", "1"))
+    result = run_inline(train_cmd(tiny_voc, ckpt, "--curr_step", "1", "--end_step", "1", "--train_epoch", "1"))
     assert result.returncode == 0, result.stderr
     assert not os.path.exists(leftover) and "left by an interrupted run" in result.stdout
 
@@ -106,10 +106,10 @@ def test_summary_follows_one_run_and_test_writes_beside(tiny_voc, trained, tmp_p
     summary = os.path.join(str(ckpt), "barm", "15-1", "overlap", "summary.csv")
     assert [line.split(",")[0] for line in open(summary).read().splitlines()] == ["step", "0", "1"]
     # re-training step 0 makes step 1's results stale: the summary holds step 0 only
-    assert run(train_cmd(tiny_voc, ckpt, "--initial", "--train_epoch", "1", "--random_seed", "5")).returncode == 0
+    assert run_inline(train_cmd(tiny_voc, ckpt, "--initial", "--train_epoch", "1", "--random_seed", "5")).returncode == 0
     assert [line.split(",")[0] for line in open(summary).read().splitlines()] == ["step", "0"]
     results = open(os.path.join(step_dir(ckpt, 0), "results.json")).read()
-    assert run(train_cmd(tiny_voc, ckpt, "--test", "--curr_step", "0")).returncode == 0
+    assert run_inline(train_cmd(tiny_voc, ckpt, "--test", "--curr_step", "0")).returncode == 0
     assert open(os.path.join(step_dir(ckpt, 0), "results.json")).read() == results  # --test writes elsewhere
     assert os.path.exists(os.path.join(str(ckpt), "barm", "15-1", "overlap", "eval", "crop65", "summary.csv"))
 
@@ -118,13 +118,13 @@ def test_the_readme_test_line_uses_the_recorded_settings(tiny_voc, trained):
     # no crop, model or backbone flags: the checkpoints' own settings (crop 65, centre crop, resnet18)
     cmd = [sys.executable, os.path.join(REPO, "train.py"), "--data_root", tiny_voc, "--ckpt_dir", str(trained),
            "--task", "15-1", "--overlap", "--num_workers", "0", "--test"]
-    result = run(cmd)
+    result = run_inline(cmd)
     assert result.returncode == 0, result.stderr
     for step in (0, 1):
         with open(os.path.join(step_dir(trained, step), "results.json")) as handle:
             assert eval_results(trained, step)["confusion_matrix"] == json.load(handle)["confusion_matrix"]
     # an explicit flag wins, and is said
-    explicit = run(cmd + ["--crop_size", "49", "--curr_step", "0"])
+    explicit = run_inline(cmd + ["--crop_size", "49", "--curr_step", "0"])
     assert explicit.returncode == 0 and "evaluating with --crop_size 49 as asked" in explicit.stdout
     assert eval_results(trained, 0, name="crop49")["evaluation"]["crop_size"] == 49
 
@@ -135,9 +135,9 @@ def test_a_step_continues_the_recorded_model(tiny_voc, trained, tmp_path):
     without = [a for a in cmd if a not in ("--backbone", "resnet18")]
     result = run(without)
     assert result.returncode == 0 and "trained with --backbone resnet18: continuing with it" in result.stdout
-    assert_user_error(run(cmd[:cmd.index("resnet18")] + ["resnet50"] + cmd[cmd.index("resnet18") + 1:]),
+    assert_user_error(run_inline(cmd[:cmd.index("resnet18")] + ["resnet50"] + cmd[cmd.index("resnet18") + 1:]),
                       "--backbone resnet18", "--backbone resnet50")
-    assert_user_error(run(cmd + ["--output_stride", "8"]), "--output_stride 16", "--output_stride 8")
+    assert_user_error(run_inline(cmd + ["--output_stride", "8"]), "--output_stride 16", "--output_stride 8")
 
 
 class Interrupt(Exception):
@@ -215,10 +215,10 @@ def test_bad_data_root_is_reported_before_any_weights_are_fetched(tmp_path, monk
 
 def test_keep_only_the_last_checkpoint(tiny_voc, trained, tmp_path):
     ckpt = copy_run(trained, tmp_path)
-    result = run(train_cmd(tiny_voc, ckpt, "--curr_step", "2", "--end_step", "2", "--train_epoch", "1",
+    result = run_inline(train_cmd(tiny_voc, ckpt, "--curr_step", "2", "--end_step", "2", "--train_epoch", "1",
                            "--keep_checkpoints", "last"))
     assert result.returncode == 0, result.stderr
     assert [os.path.exists(os.path.join(step_dir(ckpt, s), "final.pth")) for s in range(3)] == [False, False, True]
     assert all(os.path.exists(os.path.join(step_dir(ckpt, s), "results.json")) for s in range(3))
-    resumed = run(train_cmd(tiny_voc, ckpt, "--end_step", "2", "--train_epoch", "1", "--resume"))
+    resumed = run_inline(train_cmd(tiny_voc, ckpt, "--end_step", "2", "--train_epoch", "1", "--resume"))
     assert resumed.returncode == 0 and resumed.stdout.count("is finished") == 3

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from datasets.synthetic import generate
-from tests.helpers import REPO, read_csv, run, train_cmd
+from tests.helpers import REPO, read_csv, run, run_inline, train_cmd
 
 KEYS = ("mIoU_old", "mIoU_new", "mIoU", "hIoU", "mIoU_nobg", "mIoU_old_nobg", "hIoU_nobg")  # groups.md's columns
 OTHER_ORDER = [[0, *range(1, 6), *range(16, 21)], list(range(6, 16))]  # 10-10 with classes 6-15 added
@@ -45,7 +45,7 @@ def test_two_seeds_reported_as_mean_and_standard_deviation_with_a_band(few_image
     order.write_text(json.dumps(OTHER_ORDER))
     ckpt = tmp_path / "ckpt"
     for seed, extra in ((1, []), (2, ["--task_file", str(order)])):
-        result = run(train_cmd(few_images, ckpt, "--method", "ft", "--task", "10-10", "--train_epoch", "1",
+        result = run_inline(train_cmd(few_images, ckpt, "--method", "ft", "--task", "10-10", "--train_epoch", "1",
                                "--lr", "0.01", "--random_seed", str(seed), "--subpath", f"ft-seed{seed}", *extra))
         assert result.returncode == 0, result.stderr
     folders = [glob.glob(str(ckpt / f"ft-seed{seed}" / "*" / "overlap"))[0] for seed in (1, 2)]

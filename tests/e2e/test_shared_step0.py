@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from tests.helpers import assert_user_error, run, step_dir, train_cmd
+from tests.helpers import assert_user_error, run_inline, step_dir, train_cmd
 
 
 def _digest(path):
@@ -19,7 +19,7 @@ def _digest(path):
 def after_15_5(tiny_voc, tmp_path_factory):
     """A run folder holding a finished 15-5 step 0 (1 epoch), trained because no step 0 matched."""
     ckpt = tmp_path_factory.mktemp("shared")
-    result = run(train_cmd(tiny_voc, ckpt, "--task", "15-5", "--initial", "--train_epoch", "1", "--step0_from", "auto"))
+    result = run_inline(train_cmd(tiny_voc, ckpt, "--task", "15-5", "--initial", "--train_epoch", "1", "--step0_from", "auto"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "no finished step 0 under" in result.stdout + result.stderr
     return ckpt
@@ -27,7 +27,7 @@ def after_15_5(tiny_voc, tmp_path_factory):
 
 def test_15_1_after_15_5_shares_its_step_0(tiny_voc, after_15_5):
     source = step_dir(after_15_5, 0, task="15-5")
-    result = run(train_cmd(tiny_voc, after_15_5, "--task", "15-1", "--end_step", "1", "--train_epoch", "1",
+    result = run_inline(train_cmd(tiny_voc, after_15_5, "--task", "15-1", "--end_step", "1", "--train_epoch", "1",
                            "--step0_from", "auto"))
     assert result.returncode == 0, result.stderr[-3000:]
     log = result.stdout + result.stderr
@@ -47,17 +47,17 @@ def test_15_1_after_15_5_shares_its_step_0(tiny_voc, after_15_5):
     # the run's summary follows the chain through the shared step 0, and --test accepts both steps
     with open(os.path.join(os.path.dirname(own), "summary.csv"), encoding="utf-8") as handle:
         assert [line.split(",")[0] for line in handle.read().splitlines()[1:]] == ["0", "1"]
-    tested = run(train_cmd(tiny_voc, after_15_5, "--task", "15-1", "--test"))
+    tested = run_inline(train_cmd(tiny_voc, after_15_5, "--task", "15-1", "--test"))
     assert tested.returncode == 0, tested.stderr[-3000:]
 
 
 def test_a_step_0_that_differs_is_refused_naming_the_difference(tiny_voc, after_15_5, tmp_path):
     source = os.path.dirname(step_dir(after_15_5, 0, task="15-5"))
-    result = run(train_cmd(tiny_voc, tmp_path, "--task", "15-1", "--end_step", "1", "--train_epoch", "1",
+    result = run_inline(train_cmd(tiny_voc, tmp_path, "--task", "15-1", "--end_step", "1", "--train_epoch", "1",
                            "--random_seed", "5", "--step0_from", source))
     assert_user_error(result, f"--step0_from {source}: that step 0 was trained with --random_seed 1, this run's"
                               " step 0 has --random_seed 5")
     assert not os.path.exists(step_dir(tmp_path, 0))
     # a folder without a step 0
-    result = run(train_cmd(tiny_voc, tmp_path, "--task", "15-1", "--step0_from", str(tmp_path)))
+    result = run_inline(train_cmd(tiny_voc, tmp_path, "--task", "15-1", "--step0_from", str(tmp_path)))
     assert_user_error(result, f"--step0_from {tmp_path}: no step0/final.pth there")

@@ -5,13 +5,13 @@ import os
 
 import torch
 
-from tests.helpers import copy_run, eval_results, run, step_dir, train_cmd, weights
+from tests.helpers import copy_run, eval_results, run_inline, step_dir, train_cmd, weights
 from utils.checkpoint import load_checkpoint_file
 
 
 def test_three_steps_then_test_reproduces_the_metrics(tiny_voc, step0, tmp_path):
     ckpt = copy_run(step0, tmp_path)
-    result = run(train_cmd(tiny_voc, ckpt, "--curr_step", "1", "--end_step", "2", "--train_epoch", "1"))
+    result = run_inline(train_cmd(tiny_voc, ckpt, "--curr_step", "1", "--end_step", "2", "--train_epoch", "1"))
     assert result.returncode == 0, result.stderr
     assert "weights identical" not in result.stdout  # single process: no replica check
     trained = {}
@@ -35,14 +35,14 @@ def test_three_steps_then_test_reproduces_the_metrics(tiny_voc, step0, tmp_path)
         assert [line.split(",")[0] for line in handle.read().splitlines()] == ["step", "0", "1", "2"]
 
     before = {step: open(os.path.join(step_dir(ckpt, step), "results.json")).read() for step in range(3)}
-    tested = run(train_cmd(tiny_voc, ckpt, "--test"))
+    tested = run_inline(train_cmd(tiny_voc, ckpt, "--test"))
     assert tested.returncode == 0, tested.stderr
     for step in range(3):
         again = eval_results(ckpt, step)
         assert again["confusion_matrix"] == trained[step]["confusion_matrix"]
         assert open(os.path.join(step_dir(ckpt, step), "results.json")).read() == before[step]  # untouched
         assert again["Mean IoU"] == trained[step]["Mean IoU"] and again["summary"] == trained[step]["summary"]
-    one = run(train_cmd(tiny_voc, ckpt, "--test", "--curr_step", "1"))
+    one = run_inline(train_cmd(tiny_voc, ckpt, "--test", "--curr_step", "1"))
     assert one.returncode == 0 and f"test mIoU {100 * trained[1]['Mean IoU']:.2f}" in one.stdout
 
 
@@ -75,6 +75,6 @@ def check_barm_incremental_step(ckpt, log):
 def test_barm_without_pseudo_trains_without_teacher_and_auxiliary_losses(tiny_voc, step0, tmp_path):
     ckpt = copy_run(step0, tmp_path)
     cmd = train_cmd(tiny_voc, ckpt, "--curr_step", "1", "--end_step", "1", "--train_epoch", "1", "--no_pseudo")
-    result = run(cmd)
+    result = run_inline(cmd)
     assert result.returncode == 0, result.stderr
     assert "teacher: no" in result.stdout and "tri_bg" not in result.stdout and "std" in result.stdout
