@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.helpers import REPO, assert_user_error, run
+from tests.helpers import REPO, assert_user_error, run_inline
 
 SMALL = ["--task", "15-5", "--overlap", "--backbone", "resnet18", "--no_pretrained", "--crop_size", "49",
          "--batch_size", "4", "--num_workers", "0", "--crop_val", "--val_batch_size", "8", "--lr_policy", "poly",
@@ -39,7 +39,7 @@ def snapshot(root):
 @pytest.fixture(scope="module")
 def mib_step0(tiny_voc, tmp_path_factory):
     ckpt = tmp_path_factory.mktemp("mib_step0")
-    result = run(cmd(tiny_voc, ckpt, "mib", "--initial"))
+    result = run_inline(cmd(tiny_voc, ckpt, "mib", "--initial"))
     assert result.returncode == 0, result.stderr
     return ckpt
 
@@ -47,7 +47,7 @@ def mib_step0(tiny_voc, tmp_path_factory):
 @pytest.fixture(scope="module")
 def barm_step0(tiny_voc, tmp_path_factory):
     ckpt = tmp_path_factory.mktemp("barm_step0")
-    result = run(cmd(tiny_voc, ckpt, "barm", "--initial"))
+    result = run_inline(cmd(tiny_voc, ckpt, "barm", "--initial"))
     assert result.returncode == 0, result.stderr
     return ckpt
 
@@ -60,14 +60,14 @@ def copy(ckpt, tmp_path):
 
 def test_a_step1_of_another_method_adopts_a_shared_step0_and_test_agrees(tiny_voc, mib_step0, tmp_path):
     ckpt = copy(mib_step0, tmp_path)
-    trained = run(cmd(tiny_voc, ckpt, "lwf", "--curr_step", "1"))
+    trained = run_inline(cmd(tiny_voc, ckpt, "lwf", "--curr_step", "1"))
     assert trained.returncode == 0, trained.stderr
     assert "the step 0 of --method mib, which trains as --method lwf's does" in trained.stdout
     with open(os.path.join(folder(ckpt, 1), "results.json"), encoding="utf-8") as handle:
         started_from = json.load(handle)["started_from"]
     assert started_from["method"] == "mib" and started_from["step"] == 0
     assert started_from["path"] == os.path.abspath(os.path.join(folder(ckpt, 0), "final.pth"))
-    tested = run(cmd(tiny_voc, ckpt, "lwf", "--test"))  # step 0 (mib's) and step 1 (lwf's), as training accepted
+    tested = run_inline(cmd(tiny_voc, ckpt, "lwf", "--test"))  # step 0 (mib's) and step 1 (lwf's), as training accepted
     assert tested.returncode == 0, tested.stderr
     assert os.path.exists(os.path.join(folder(ckpt), "eval", "crop49", "step0", "results.json"))
 
@@ -77,10 +77,10 @@ def test_a_step1_that_cannot_share_the_step0_is_refused_by_training_and_test(tin
     ckpt = copy(mib_step0, tmp_path)
     before = snapshot(str(ckpt))
     path = os.path.join(folder(ckpt, 0), "final.pth")
-    refused = run(cmd(tiny_voc, ckpt, method, "--curr_step", "1"))
+    refused = run_inline(cmd(tiny_voc, ckpt, method, "--curr_step", "1"))
     assert_user_error(refused, path, "--method mib;", f"--method {method} cannot start from it")
     assert snapshot(str(ckpt)) == before  # nothing written
-    tested = run(cmd(tiny_voc, ckpt, method, "--test", "--curr_step", "0"))
+    tested = run_inline(cmd(tiny_voc, ckpt, method, "--test", "--curr_step", "0"))
     assert_user_error(tested, path, "--method mib;", f"--method {method} cannot start from it")
 
 
@@ -88,17 +88,17 @@ def test_mib_after_a_barm_step0_names_the_checkpoint_not_a_flag(tiny_voc, barm_s
     ckpt = copy(barm_step0, tmp_path)
     path = os.path.join(folder(ckpt, 0), "final.pth")
     for extra in ([], ["--resume"]):
-        refused = run(cmd(tiny_voc, ckpt, "mib", "--curr_step", "1", *extra))
+        refused = run_inline(cmd(tiny_voc, ckpt, "mib", "--curr_step", "1", *extra))
         assert_user_error(refused, path, "--method barm;", "--method mib cannot start from it")
         assert "--model" not in refused.stderr
-    refused = run(cmd(tiny_voc, ckpt, "kproba", "--curr_step", "1"))  # KProBA needs its own step 0's prototypes
+    refused = run_inline(cmd(tiny_voc, ckpt, "kproba", "--curr_step", "1"))  # KProBA needs its own step 0's prototypes
     assert_user_error(refused, path, "--method barm;", "--method kproba cannot start from it")
 
 
 @pytest.mark.parametrize("method", ["mib", "barm"])
 def test_a_bit_flipped_step0_is_refused_and_nothing_is_written(tiny_voc, mib_step0, barm_step0, tmp_path, method):
     ckpt = copy(mib_step0 if method == "mib" else barm_step0, tmp_path)
-    trained = run(cmd(tiny_voc, ckpt, method, "--curr_step", "1"))  # a finished step 1 that must stay untouched
+    trained = run_inline(cmd(tiny_voc, ckpt, method, "--curr_step", "1"))  # a finished step 1 that must stay untouched
     assert trained.returncode == 0, trained.stderr
     path = os.path.join(folder(ckpt, 0), "final.pth")
     data = bytearray(open(path, "rb").read())
@@ -106,9 +106,9 @@ def test_a_bit_flipped_step0_is_refused_and_nothing_is_written(tiny_voc, mib_ste
         data[len(data) // 2 + i] ^= 0xFF
     open(path, "wb").write(bytes(data))
     before = snapshot(str(ckpt))
-    refused = run(cmd(tiny_voc, ckpt, method, "--curr_step", "1"))
+    refused = run_inline(cmd(tiny_voc, ckpt, method, "--curr_step", "1"))
     assert_user_error(refused, path, "is damaged")
     assert snapshot(str(ckpt)) == before
-    tested = run(cmd(tiny_voc, ckpt, method, "--test"))
+    tested = run_inline(cmd(tiny_voc, ckpt, method, "--test"))
     assert_user_error(tested, path, "is damaged")
     assert snapshot(str(ckpt)) == before

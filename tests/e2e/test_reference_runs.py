@@ -10,7 +10,7 @@ from engine.context import StepContext
 from engine.models import model_spec
 from methods import get_method
 from tests.engine.test_reference_checkpoints import dkd_file, mib_file
-from tests.helpers import REPO, assert_user_error, run
+from tests.helpers import REPO, assert_user_error, run, run_inline
 from utils.tasks import get_task
 
 SMALL = ["--backbone", "resnet18", "--no_pretrained", "--num_workers", "0", "--device", "cpu"]
@@ -27,7 +27,7 @@ def files_under(*roots):
 
 def test_dry_run_prints_every_step_and_writes_nothing(tiny_voc, tmp_path):
     before = files_under(tiny_voc)
-    result = run(train(tiny_voc, tmp_path / "ckpt", "--method", "mib", "--global_batch", "2", "--dry_run"))
+    result = run_inline(train(tiny_voc, tmp_path / "ckpt", "--method", "mib", "--global_batch", "2", "--dry_run"))
     assert result.returncode == 0, result.stderr
     described = json.loads(result.stdout)
     assert [s["step"] for s in described["steps"]] == [0, 1, 2, 3, 4, 5]
@@ -63,20 +63,20 @@ def reference_file(tmp_path, name, step, writer):
 
 def test_a_released_checkpoint_evaluates_with_the_methods_own_protocol(tiny_voc, tmp_path):
     path = reference_file(tmp_path, "dkd", 1, dkd_file)
-    result = run(train(tiny_voc, tmp_path / "ckpt", "--method", "dkd", "--test", "--test_ckpt", path,
+    result = run_inline(train(tiny_voc, tmp_path / "ckpt", "--method", "dkd", "--test", "--test_ckpt", path,
                        "--curr_step", "1", "--crop_size", "65"))
     assert result.returncode == 0, result.stderr
     folder = tmp_path / "ckpt" / "dkd" / "15-1" / "overlap" / "eval" / "crop65" / "step1"
     results = json.loads((folder / "results.json").read_text())
     assert results["checkpoint"] == path and "hIoU" in json.dumps(results)  # DKD's evaluator reports hIoU
-    refused = run(train(tiny_voc, tmp_path / "other", "--method", "barm", "--test", "--test_ckpt", path,
+    refused = run_inline(train(tiny_voc, tmp_path / "other", "--method", "barm", "--test", "--test_ckpt", path,
                         "--curr_step", "1", "--crop_size", "65"))
     assert_user_error(refused, f"checkpoint {path} holds a dkd (DKD's network), not the deeplabv3bga")
 
 
 def test_a_reference_step_0_starts_the_next_step(tiny_voc, tmp_path):
     path = reference_file(tmp_path, "rcil", 0, mib_file)  # RCIL's own file: "module." keys, both branches
-    result = run(train(tiny_voc, tmp_path / "ckpt", "--method", "rcil", "--curr_step", "1", "--end_step", "1",
+    result = run_inline(train(tiny_voc, tmp_path / "ckpt", "--method", "rcil", "--curr_step", "1", "--end_step", "1",
                        "--prev_ckpt", path, "--train_epoch", "1", "--crop_size", "65", "--global_batch", "4",
                        "--val_interval", "0"))
     assert result.returncode == 0, result.stderr
