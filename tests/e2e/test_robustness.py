@@ -40,7 +40,9 @@ def wait_for(path, process, seconds=300):
 @pytest.mark.parametrize("sig, status, name", [(signal.SIGINT, 130, "SIGINT"), (signal.SIGTERM, 143, "SIGTERM")])
 def test_interruption_ends_with_one_line_and_the_resume_command(tiny_voc, tmp_path, sig, status, name):
     cmd = train_cmd(tiny_voc, tmp_path, "--initial", "--train_epoch", "50")
-    process = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # SIGINT as a terminal delivers it, even when the tests run in a background job (which ignores SIGINT)
+    process = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     last = os.path.join(step_dir(tmp_path, 0), "last.pth")
     wait_for(last, process)
     process.send_signal(sig)
