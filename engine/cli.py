@@ -30,6 +30,14 @@ class OneLineParser(argparse.ArgumentParser):
         sys.exit(USER_ERROR_EXIT_CODE)
 
 
+def switch(parser, on, off, on_help, off_help):
+    """``--ON`` / ``--OFF``, exclusive: the setting ``ON`` is True, False, or None when neither is given (the
+    method's published run, or ciss's default, decides)."""
+    pair = parser.add_mutually_exclusive_group()
+    pair.add_argument(f"--{on}", dest=on, action="store_const", const=True, default=None, help=on_help)
+    pair.add_argument(f"--{off}", dest=on, action="store_const", const=False, help=off_help)
+
+
 def _selection(argv):
     pre = OneLineParser(add_help=False)
     pre.add_argument("--method", default="barm", choices=list_methods())
@@ -77,12 +85,10 @@ def build_parser(method="barm", dataset="voc"):
                            " allow without oversubscription, at most 4: %(default)s here)")
     data.add_argument("--crop_size", type=int, default=None, help="training crop and --crop_val size"
                                                                   " (default: the method's published run)")
-    crop_val = data.add_mutually_exclusive_group()
-    crop_val.add_argument("--crop_val", dest="crop_val", action="store_const", const=True, default=None,
-                          help="validate/test on a centre crop after resizing the shorter side to --crop_size"
-                               " (default: the method's published run; without: full images, batch 1)")
-    crop_val.add_argument("--no_crop_val", dest="crop_val", action="store_const", const=False,
-                          help="validate/test on full images, batch 1")
+    switch(data, "crop_val", "no_crop_val",
+        "validate/test on a centre crop after resizing the shorter side to --crop_size"
+        " (default: the method's published run; without: full images, batch 1)",
+        "validate/test on full images, batch 1")
     batch = data.add_mutually_exclusive_group()
     batch.add_argument("--batch_size", type=int, default=None,
                        help="training batch per process, as BARM's (default: the method's published global batch"
@@ -127,11 +133,10 @@ def build_parser(method="barm", dataset="voc"):
     train.add_argument("--weight_decay", type=float, default=None, help="(default: the method's published run)")
     train.add_argument("--random_seed", type=int, default=None,
                        help="re-applied at every step (default: the method's published run)")
-    amp = train.add_mutually_exclusive_group()
-    amp.add_argument("--amp", dest="amp", action="store_const", const=True, default=None,
-                     help="mixed precision: fp16 autocast + GradScaler on CUDA, bf16 autocast on CPU (default: the"
-                          " method's published run)")
-    amp.add_argument("--no_amp", dest="amp", action="store_const", const=False, help="fp32")
+    switch(train, "amp", "no_amp",
+        "mixed precision: fp16 autocast + GradScaler on CUDA, bf16 autocast on CPU (default: the"
+        " method's published run)",
+        "fp32")
     train.add_argument("--device_augment", action="store_true",
                        help="decode the training JPEGs and augment them on the training device (GPU: nvJPEG and"
                             " tensor ops) instead of in the loader's workers, for GPUs the CPU cannot feed")
@@ -150,14 +155,12 @@ def build_parser(method="barm", dataset="voc"):
                        help="continue an interrupted run: skip finished steps, resume a step from its last.pth")
     steps.add_argument("--prev_ckpt", "--ckpt", dest="prev_ckpt", default=None, metavar="PATH",
                        help="checkpoint of step curr_step-1 (default: its final.pth); official BARM/SSUL files load")
-    selection = steps.add_mutually_exclusive_group()
-    selection.add_argument("--select_best", dest="select_best", action="store_const", const=True, default=None,
-                           help="a step's result (final.pth, its test, the next step's start) is its best weights on"
-                                " the validation split, where the method's protocol selects (default for BARM and"
-                                " KProBA at step 0, SSUL at every step, as they published; the VOC validation set is"
-                                " its test set)")
-    selection.add_argument("--select_last", dest="select_best", action="store_const", const=False,
-                           help="a step's result is its last weights (the other methods' default; --clean's)")
+    switch(steps, "select_best", "select_last",
+        "a step's result (final.pth, its test, the next step's start) is its best weights on"
+        " the validation split, where the method's protocol selects (default for BARM and"
+        " KProBA at step 0, SSUL at every step, as they published; the VOC validation set is"
+        " its test set)",
+        "a step's result is its last weights (the other methods' default; --clean's)")
     steps.add_argument("--keep_checkpoints", default="all", choices=("all", "last"),
                        help="all: every step keeps its final.pth; last: once a step finishes, the final.pth of the"
                             " earlier steps of the run is removed (results files stay) (default: %(default)s)")
@@ -177,21 +180,17 @@ def build_parser(method="barm", dataset="voc"):
                            help="every deviation from the references that changes numbers on: no selection on the"
                                 " test set, synchronised gradients, one BatchNorm over the batch, and each method's"
                                 " own (see --method NAME --help)")
-    sync = reference.add_mutually_exclusive_group()
-    sync.add_argument("--sync_gradients", dest="sync_gradients", action="store_const", const=True, default=None,
-                      help="average the gradients of all processes (where the published run did not: BARM's steps"
-                           " t > 0 and KProBA's on ADE, whose default reproduces rank 0 alone on its half of the"
-                           " images)")
-    sync.add_argument("--no_sync_gradients", dest="sync_gradients", action="store_const", const=False,
-                      help="reproduce an unsynchronised published run: rank 0 alone, its batch, its fixed half of the"
-                           " images")
-    held_out = reference.add_mutually_exclusive_group()
-    held_out.add_argument("--held_out_test", dest="held_out_test", action="store_const", const=True, default=None,
-                          help="cityscapes_domain: test step t on the union of the held-out parts of steps 0..t, which"
-                               " no step trains on (default: the reference's test, the held-out part of a new shuffle"
-                               " of all domains so far, which holds images earlier steps trained on)")
-    held_out.add_argument("--no_held_out_test", dest="held_out_test", action="store_const", const=False,
-                          help="cityscapes_domain: the reference's test set (the default)")
+    switch(reference, "sync_gradients", "no_sync_gradients",
+        "average the gradients of all processes (where the published run did not: BARM's steps"
+        " t > 0 and KProBA's on ADE, whose default reproduces rank 0 alone on its half of the"
+        " images)",
+        "reproduce an unsynchronised published run: rank 0 alone, its batch, its fixed half of the"
+        " images")
+    switch(reference, "held_out_test", "no_held_out_test",
+        "cityscapes_domain: test step t on the union of the held-out parts of steps 0..t, which"
+        " no step trains on (default: the reference's test, the held-out part of a new shuffle"
+        " of all domains so far, which holds images earlier steps trained on)",
+        "cityscapes_domain: the reference's test set (the default)")
     reference.add_argument("--bn_chunks", type=int, default=None, metavar="N",
                            help="BatchNorm statistics per chunk of N of every batch, as DataParallel over N GPUs"
                                 " computed them, where BatchNorm trains (default: the published run's: 2 for SSUL,"
