@@ -1,7 +1,7 @@
 """The report of one or several runs: ``report.md`` (per task, the runs side by side), ``report.csv``,
 ``forgetting.csv``, the experiments (runs that differ only by seed and class order: ``groups.md``, ``groups.csv``,
 mean ± sample standard deviation) and the figures (:mod:`reports.plots`), written by :func:`write_report`; the runs
-are read, grouped and measured by :mod:`reports.runs`.
+are read and measured by :mod:`reports.runs`, grouped into experiments by :mod:`reports.experiments`.
 """
 import csv
 import json
@@ -9,9 +9,10 @@ import math
 import os
 import re
 
+from reports.experiments import experiment_groups, experiment_rows, order_name, run_seed
 from reports.runs import (AVERAGE_ROW, METRICS, check_conventions, class_iou_matrix, convention_key,
-                          convention_tags, describe_convention, experiment_groups, experiment_rows, forgetting,
-                          group_runs, label_runs, mean_forgetting, order_name, run_seed, step_rows)
+                          convention_tags, describe_convention, forgetting, group_runs, label_runs, mean_forgetting,
+                          step_rows)
 from reports.plots import plot_class_heatmap, plot_miou_band, plot_miou_per_step
 from utils.errors import UserError
 
@@ -266,7 +267,7 @@ def _write_csv(rows, columns, path):
 
 def write_report(runs, out_dir, allow_mixed=False, plots=True):
     """Write ``report.md``, ``report.csv``, ``forgetting.csv``, ``groups.md``, ``groups.csv`` (the experiments:
-    :func:`reports.runs.experiment_groups`) and (``plots``) the PNG figures of ``runs`` (labelled with
+    :func:`reports.experiments.experiment_groups`) and (``plots``) the PNG figures of ``runs`` (labelled with
     :func:`label_runs`) into ``out_dir``: ``miou_mean_*.png`` for each dataset, task family and setting where an
     experiment has several runs; returns ``{name: path}`` of the files written.
     Mixed conventions raise :class:`UserError` unless ``allow_mixed``."""

@@ -20,7 +20,8 @@ highest step), a step folder ``.../step{t}`` (the run that ends at that step) or
 
 Runs evaluated under different conventions (``results.json``'s ``convention``) are refused (one line, exit
 status 2) unless ``--allow_mixed_conventions``; the tables then name each run's convention. The logic lives
-in ``reports`` (``reports.runs``: the runs, ``reports.tables``: the tables, ``reports.plots``: the figures).
+in ``reports`` (``reports.runs``: the runs, ``reports.experiments``: runs of
+one experiment, ``reports.tables``: the tables, ``reports.plots``: the figures).
 """
 import argparse
 import logging
@@ -30,7 +31,8 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from reports.runs import experiment_groups, load_run  # noqa: E402 (after the path set-up)
+from reports.experiments import experiment_groups  # noqa: E402 (after the path set-up)
+from reports.runs import load_run  # noqa: E402
 from reports.tables import experiment_lines, write_report  # noqa: E402
 from utils.errors import UserError, exit_on_user_error  # noqa: E402
 from utils.logging import setup_logging  # noqa: E402

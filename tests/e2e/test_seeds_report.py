@@ -84,14 +84,14 @@ def test_two_seeds_reported_as_mean_and_standard_deviation_with_a_band(few_image
                 100 * statistics.stdev(values[step][key]), abs=1e-3)
 
     # the figure: the band of the "all" panel spans mean ± std at each step, and the saved PNG shows it
-    from reports import runs as report_runs, tables as report_tables
+    from reports import experiments as report_experiments, runs as report_runs, tables as report_tables
     from reports.plots import MIOU_FIGURE_PX, miou_figure, plot_miou_band
     figure_path = out / "miou_mean_voc_10-10_overlap.png"
     with Image.open(figure_path) as image:
         assert image.size == MIOU_FIGURE_PX
         saved = np.asarray(image.convert("RGB")).astype(int)
     runs = report_runs.label_runs([report_runs.load_run(f) for f in folders])
-    series = report_tables.band_series(report_runs.experiment_groups(runs))
+    series = report_tables.band_series(report_experiments.experiment_groups(runs))
     all_panel = miou_figure(series).axes[2]
     bands = [c for c in all_panel.collections if type(c).__name__ in ("PolyCollection", "FillBetweenPolyCollection")]
     vertices = np.concatenate([path.vertices for path in bands[0].get_paths()])

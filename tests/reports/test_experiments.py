@@ -1,4 +1,4 @@
-"""reports: runs that differ only by seed and class order are one experiment, reported as mean ± sample standard
+"""reports/experiments.py: runs that differ only by seed and class order are one experiment, reported as mean ± sample standard
 deviation per step and column; values computed by hand from the toy runs of tests/helpers.py."""
 import json
 import math
@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from reports import runs as report_runs, tables as report_tables
+from reports import experiments as report_experiments, runs as report_runs, tables as report_tables
 from reports.plots import miou_figure
 from tests.helpers import IOU_BARM, IOU_FT, MIB, SUMMARY_BARM, SUMMARY_FT, read_csv, write_run
 from utils.tasks import get_task, list_tasks, natural_task
@@ -42,24 +42,24 @@ def two_seeds(tmp_path):
 
 
 def test_mean_and_sample_standard_deviation_by_hand():
-    assert report_runs.mean_std([0.1, 0.3]) == (pytest.approx(0.2), pytest.approx(0.2 / math.sqrt(2)), 2)
-    centre, spread, n = report_runs.mean_std([1.0, 2.0, 3.0, 4.0, None, float("nan")])
+    assert report_experiments.mean_std([0.1, 0.3]) == (pytest.approx(0.2), pytest.approx(0.2 / math.sqrt(2)), 2)
+    centre, spread, n = report_experiments.mean_std([1.0, 2.0, 3.0, 4.0, None, float("nan")])
     assert (centre, n) == (2.5, 4) and spread == pytest.approx(math.sqrt((2.25 + 0.25 + 0.25 + 2.25) / 3))
-    assert report_runs.mean_std([0.4]) == (0.4, None, 1) and report_runs.mean_std([None]) == (None, None, 0)
+    assert report_experiments.mean_std([0.4]) == (0.4, None, 1) and report_experiments.mean_std([None]) == (None, None, 0)
 
 
 def test_task_families_of_the_task_tables_and_their_orders():
-    assert report_runs.family_name([16, 1, 1, 1, 1, 1]) == "15-1"
-    assert report_runs.family_name([101, 50]) == "100-50" and report_runs.family_name([51, 50, 50]) == "50-50"
-    assert report_runs.family_name([16, 2, 2, 1]) == "15-2" and report_runs.family_name([11, 2, 5]) == "10-2-5"
-    assert report_runs.family_name([21]) == "offline"
+    assert report_experiments.family_name([16, 1, 1, 1, 1, 1]) == "15-1"
+    assert report_experiments.family_name([101, 50]) == "100-50" and report_experiments.family_name([51, 50, 50]) == "50-50"
+    assert report_experiments.family_name([16, 2, 2, 1]) == "15-2" and report_experiments.family_name([11, 2, 5]) == "10-2-5"
+    assert report_experiments.family_name([21]) == "offline"
     for dataset in ("voc", "ade"):
         for task in list_tasks(dataset):
             sizes = [len(s) for s in get_task(dataset, task)]
             # the family is a natural name of the same step sizes
-            assert [len(s) for s in natural_task(dataset, report_runs.family_name(sizes)) or [[None] * sizes[0]]] \
+            assert [len(s) for s in natural_task(dataset, report_experiments.family_name(sizes)) or [[None] * sizes[0]]] \
                 == sizes, task
-    family = {t: report_runs.family_name([len(s) for s in get_task(d, t)])
+    family = {t: report_experiments.family_name([len(s) for s in get_task(d, t)])
               for d, t in [("voc", "15-1_b"), ("voc", "15-5s_w"), ("ade", "100-50c"), ("ade", "100-10b"),
                            ("ade", "50b"), ("voc", "19-1b")]}
     assert family == {"15-1_b": "15-1", "15-5s_w": "15-1", "100-50c": "100-50", "100-10b": "100-10", "50b": "50-50",
@@ -74,7 +74,7 @@ def test_runs_differing_by_seed_and_order_are_one_experiment_others_are_not(tmp_
     unknown = write_run(tmp_path, "ft", IOU_FT, SUMMARY_FT, subpath="old")  # no provenance, no config.json
     runs = report_runs.label_runs([report_runs.load_run(f) for f in (a, other_lr, b, other_convention, other_method,
                                                                      unknown)])
-    experiments = report_runs.experiment_groups(runs)
+    experiments = report_experiments.experiment_groups(runs)
     assert [[r.subpath for r in e.runs] for e in experiments] == [["ft-seed1", "ft-seed2"], ["ft-lr"], ["ft-mib"],
                                                                   ["lwf-seed1"], ["old"]]
     assert [e.label for e in experiments] == ["ft", "ft (ft-lr)", "ft (ft-mib)", "lwf", "ft (old)"]
@@ -115,7 +115,7 @@ def test_experiment_rows_csv_and_markdown_by_hand(tmp_path):
 def test_the_figure_draws_the_mean_and_a_band_of_one_standard_deviation(tmp_path):
     a, b = two_seeds(tmp_path / "ckpt")
     runs = report_runs.label_runs([report_runs.load_run(a), report_runs.load_run(b)])
-    experiments = report_runs.experiment_groups(runs)
+    experiments = report_experiments.experiment_groups(runs)
     figure = miou_figure(report_tables.band_series(experiments))
     old_panel = figure.axes[0]
     lines = [line for line in old_panel.get_lines() if len(line.get_xdata()) == 3]
