@@ -21,7 +21,9 @@ from utils.errors import UserError
 NAME = "cityscapes_domain"
 NUM_CLASSES = 19
 IGNORE_LABEL = 255
-HAS_BACKGROUND = False  # no class stands for "anything else": every class is scored at every step
+#: channel 0 is road, a class like the others: no channel stands for "anything else" (the results' ``_nobg`` means
+#: are None), every class is scored at every step
+BACKGROUND_CHANNEL = False
 CLASS_NAMES = (
     "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
     "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle",

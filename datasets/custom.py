@@ -190,7 +190,6 @@ class CustomLayout:
         names = dict(classes)
         self.CLASS_NAMES = tuple(BACKGROUND_NAME if label is None else names[label] for label in self.ORDER)
         self.NUM_CLASSES = len(self.ORDER)
-        self.HAS_BACKGROUND = background is not None
         self.LABEL_MAP = label_table(self.ORDER, settings["ignore_index"])
         allowed = [label for label in self.ORDER if label is not None]
         if settings["ignore_index"] is not None:

@@ -66,7 +66,7 @@ def step_results(confusion, ctx, method_name, class_names, checkpoint, conventio
                         f"{n_old} to {n - 1} mAcc": float(np.mean(acc[n_old:]))})
     results.update({
         "summary": step_summary(confusion, n_old, exclude_absent=convention.get("exclude_absent", False),
-                                background=getattr(layout, "HAS_BACKGROUND", True)),
+                                background=getattr(layout, "BACKGROUND_CHANNEL", True)),
         "convention": convention,
         "dataset": ctx.dataset, "task": ctx.task, "setting": ctx.setting, "step": ctx.step,
         "method": method_name, "checkpoint": checkpoint,

@@ -282,7 +282,7 @@ def test_no_background_description(shapes_copy):
     write_description(shapes_copy, description)
     layout = get_layout("custom", shapes_copy)
     assert layout.NUM_CLASSES == 8 and layout.CLASS_NAMES[:2] == (custom.BACKGROUND_NAME, "grass")
-    assert layout.LABEL_MAP[0] == 1 and layout.LABEL_MAP[60] == 7 and not layout.HAS_BACKGROUND
+    assert layout.LABEL_MAP[0] == 1 and layout.LABEL_MAP[60] == 7 and layout.ORDER[0] is None
 
 
 
@@ -293,6 +293,6 @@ def test_synthetic_command_writes_a_checkable_folder(tmp_path, capsys):
           "--classes", "sea,ship,gull", "--no_background", "--lists"])
     assert "wrote a synthetic dataset of 3 classes" in capsys.readouterr().out
     layout = get_layout("custom", root)
-    assert layout.CLASS_NAMES == (custom.BACKGROUND_NAME, "sea", "ship", "gull") and not layout.HAS_BACKGROUND
+    assert layout.CLASS_NAMES == (custom.BACKGROUND_NAME, "sea", "ship", "gull") and layout.ORDER[0] is None
     assert [len(layout.list_split(root, split)) for split in ("train", "val")] == [6, 2]
     check_data("custom", root, str(tmp_path / "cache"))

@@ -1,7 +1,8 @@
 """End to end on a dataset of one's own (``--dataset custom``): a synthetic folder with 7 classes of its own names
 and non-contiguous label ids, task 4-2, BARM and MiB, overlap and disjoint, on CPU with resnet18 (49-pixel crops,
 one epoch). ``--test`` on the saved checkpoints gives every step's metrics exactly, the results and the report name
-the user's classes, and a bad label stops the run before its first step with one line naming the file."""
+the user's classes, and a bad label stops the run before its first step with one line naming the file. A dataset
+without background (channel 0 reserved) runs MiB and SSUL, and its results give the means without channel 0."""
 import json
 import os
 import shutil
@@ -90,3 +91,49 @@ def test_bad_label_stops_before_the_first_step(shapes, tmp_path, capsys):
     assert len(lines) == 1 and lines[0].startswith("error: label ") and label in lines[0], lines
     assert "[77]" in lines[0] and "dataset.json" in lines[0]
     assert not os.path.exists(tmp_path / "ckpt" / "barm" / TASK / "overlap" / "step0")
+
+
+# ---- a dataset without background: channel 0 is reserved, no pixel is labelled with it ---------------------------
+NO_BG_CLASSES = SYNTHETIC_CLASSES[1:]  # six classes of their own, none of them a background
+
+
+@pytest.fixture(scope="module")
+def no_background_runs(tmp_path_factory):
+    """MiB and SSUL (its unknown class) on a dataset with ``"background": null``: classes 1..6, task 4-2 (step 0:
+    the reserved channel 0 and classes 1-4, step 1: classes 5-6), both steps, then ``--test``."""
+    root = str(tmp_path_factory.mktemp("custom_nobg") / "shapes")
+    generate_custom(root, n_images=20, size=48, seed=6, class_names=NO_BG_CLASSES, background=False, workers=1)
+    ckpt = tmp_path_factory.mktemp("custom_nobg_runs")
+    for method in ("mib", "ssul"):
+        train.run(parse_args(argv(root, ckpt, method, "overlap")))
+        train.run(parse_args(argv(root, ckpt, method, "overlap", "--test")))
+    return ckpt
+
+
+@pytest.mark.parametrize("method", ["mib", "ssul"])
+def test_no_background_dataset_runs_and_leaves_the_reserved_channel_out(no_background_runs, method):
+    for step, channels in ((0, 5), (1, 7)):
+        trained = results(no_background_runs, method, "overlap", step)
+        tested = results(no_background_runs, method, "overlap", step, evaluated=True)
+        assert trained["class_names"] == ["background", *NO_BG_CLASSES[:channels - 1]]
+        assert tested["confusion_matrix"] == trained["confusion_matrix"] and tested["summary"] == trained["summary"]
+        # no ground-truth pixel in the reserved channel (the four validation images need not hold every class)
+        confusion = np.asarray(trained["confusion_matrix"], dtype=np.float64)
+        assert confusion.shape == (channels, channels) and confusion[0].sum() == 0 and confusion[1:].sum() > 0
+        # the means without channel 0, from the confusion matrix by the IoU's definition, in the run's convention
+        # (MiB's and SSUL's: a class without ground truth is left out; BARM's: it counts as 0)
+        skip_absent = trained["convention"]["exclude_absent"]
+        union = [confusion[c].sum() + confusion[:, c].sum() - confusion[c, c] for c in range(channels)]
+        iou = [None if skip_absent and not confusion[c].sum() else confusion[c, c] / union[c] if union[c] else 0.0
+               for c in range(channels)]
+
+        def mean(values):
+            return float(np.mean([v for v in values if v is not None]))
+
+        summary = trained["summary"]
+        assert summary["mIoU_nobg"] == pytest.approx(mean(iou[1:]), abs=1e-6)
+        assert summary["mIoU_old_nobg"] == pytest.approx(mean(iou[1:5]), abs=1e-6)
+        if step == 1:
+            old, new = mean(iou[1:5]), mean(iou[5:])
+            assert summary["mIoU_new"] == pytest.approx(new, abs=1e-6)
+            assert summary["hIoU_nobg"] == pytest.approx(2 * old * new / (old + new) if old + new else 0.0, abs=1e-6)
