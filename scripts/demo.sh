@@ -2,7 +2,7 @@
 # The README's demo: a synthetic VOC-format dataset, then BARM on 15-1 (overlap), all six steps, with a
 # ResNet-18 on the CPU (about 3 minutes on 2 cores), printing the per-step table. BARM's losses, with --clean
 # (synchronised gradients, the last weights of every step: see docs/differences.md). Output under $OUT (about
-# 700 MB: one checkpoint per step). On a CPU with native bf16 it trains with --amp (bf16 autocast) and
+# 400 MB: one checkpoint per step). On a CPU with native bf16 it trains with --amp (bf16 autocast) and
 # channels-last tensors, the fastest CPU configuration (see the README's benchmarks).
 set -euo pipefail
 cd "$(dirname "$0")/.."
