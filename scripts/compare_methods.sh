@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every method on the same synthetic VOC 15-1 overlap task, on the CPU, then one report (scripts/report.py):
-#   PYTHON=.venv/bin/python bash scripts/compare_methods.sh          (about 25 minutes on 2 cores)
+#   PYTHON=.venv/bin/python bash scripts/compare_methods.sh          (about 35 minutes on 2 cores)
 # OUT (default compare/) holds the data, the runs and the report (report.md, report.csv, PNG figures).
 # METHODS picks a subset; SEEDS="1 2 3" trains every method once per seed (--random_seed S, subpath METHOD-seedS)
 # and the report gives each method's mean ± standard deviation over the seeds (groups.md). The setting is small (ResNet-18 from scratch, 97-pixel crops, 200 images), the
