@@ -137,3 +137,24 @@ def test_no_background_dataset_runs_and_leaves_the_reserved_channel_out(no_backg
             old, new = mean(iou[1:5]), mean(iou[5:])
             assert summary["mIoU_new"] == pytest.approx(new, abs=1e-6)
             assert summary["hIoU_nobg"] == pytest.approx(2 * old * new / (old + new) if old + new else 0.0, abs=1e-6)
+
+
+# ---- every other class-incremental method, with ciss's generic defaults ------------------------------------------
+OTHER_METHODS = {"kproba": (), "ssul": (), "ssul-m": ("--mem_size", "2"), "dkd": (), "dkd-m": ("--mem_size", "2"),
+                 "rcil": (), "plop": (), "ft": (), "lwf": (), "lwf-mc": (), "ilt": (), "ewc": (), "pi": (), "rw": ()}
+
+
+@pytest.mark.parametrize("name", sorted(OTHER_METHODS))
+def test_every_method_runs_on_a_dataset_of_ones_own(shapes, tmp_path, name):
+    """Steps 0 and 1 of 4-2 (overlap) with the method's generic defaults for a dataset no reference ran, then
+    ``--test`` gives both steps' confusion matrices exactly."""
+    method = name.removesuffix("-m") if name in ("ssul-m", "dkd-m") else name
+    extra = (*OTHER_METHODS[name], "--subpath", name)
+    train.run(parse_args(argv(shapes, tmp_path, method, "overlap", *extra)))
+    train.run(parse_args(argv(shapes, tmp_path, method, "overlap", *extra, "--test")))
+    for step, channels in ((0, 5), (1, 7)):
+        trained = results(tmp_path, name, "overlap", step)
+        tested = results(tmp_path, name, "overlap", step, evaluated=True)
+        assert trained["method"] == method and trained["class_names"] == list(SYNTHETIC_CLASSES[:channels])
+        assert len(trained["confusion_matrix"]) == channels
+        assert tested["confusion_matrix"] == trained["confusion_matrix"], name
