@@ -16,8 +16,10 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 from PIL import Image
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from datasets.class_index import ClassIndex
 from engine.iteration import grad_scaler, train_iteration
@@ -354,6 +356,20 @@ def one_step(model, student, teacher, method, images, labels):
     terms, nonfinite = train_iteration(model, student, teacher, method, BARM_CTX, Batch(images, labels), optimizer,
                                     scheduler, scaler, amp=False)
     return terms, not bool(nonfinite)
+
+
+def ddp_step_worker(rank, world, init_file, out_dir, step):
+    """One of ``world`` gloo processes (``mp.start_processes`` target): :func:`make_setup`'s student in
+    DistributedDataParallel, ``step(model, student, teacher, method, images, labels)`` on this rank's
+    ``PER_RANK`` images, the weights saved to ``out_dir/{rank}.pt``. ``step`` is a module-level function."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    method, student, teacher, images, labels = make_setup()
+    model = DistributedDataParallel(student)
+    part = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+    step(model, student, teacher, method, images[part], labels[part])
+    torch.save({k: v.detach().clone() for k, v in student.state_dict().items()}, os.path.join(out_dir, f"{rank}.pt"))
+    dist.destroy_process_group()
 
 
 def barm_setup(device, channels_last=False):

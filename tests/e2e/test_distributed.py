@@ -11,10 +11,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from metrics import StreamSegMetrics
-from tests.helpers import PER_RANK, REPO, eval_results, make_setup, one_step, run, step_dir, train_cmd
+from tests.helpers import REPO, ddp_step_worker, eval_results, make_setup, one_step, run, step_dir, train_cmd
 
 
 def test_two_gloo_processes_keep_identical_weights(tiny_voc, tmp_path):
@@ -34,19 +33,9 @@ def test_two_gloo_processes_keep_identical_weights(tiny_voc, tmp_path):
     assert eval_results(tmp_path, 0)["confusion_matrix"] == trained["confusion_matrix"]
 
 
-def _worker(rank, world, init_file, out_dir):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    method, student, teacher, images, labels = make_setup()
-    model = DistributedDataParallel(student)
-    part = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
-    one_step(model, student, teacher, method, images[part], labels[part])
-    torch.save({k: v.detach().clone() for k, v in student.state_dict().items()}, os.path.join(out_dir, f"{rank}.pt"))
-    dist.destroy_process_group()
-
-
 def test_two_processes_equal_one_process_on_the_union(tmp_path):
-    mp.start_processes(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, start_method="spawn")
+    mp.start_processes(ddp_step_worker, args=(2, str(tmp_path / "init"), str(tmp_path), one_step), nprocs=2,
+                       start_method="spawn")
     rank0, rank1 = (torch.load(tmp_path / f"{r}.pt") for r in range(2))
 
     method, student, teacher, images, labels = make_setup()

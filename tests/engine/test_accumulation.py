@@ -3,14 +3,11 @@ micro-batches give the same update as one batch of their concatenation (one proc
 a method that reads gradients (EWC) sees the accumulated gradients once per optimizer step; the settings
 resolve the micro-batch from the batch per process and refuse splits that are not even; the loader groups its
 batches so that the schedule counts optimizer steps."""
-import os
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from engine.cli import parse_args
 from engine.data import MicroBatchGroups
@@ -18,7 +15,7 @@ from engine.iteration import grad_scaler, train_iteration
 from engine.resolve import bn_chunks_per_process, resolve_step
 from methods import get_method
 from methods.base import Batch, StepContext
-from tests.helpers import BARM_CTX, PER_RANK, make_setup
+from tests.helpers import BARM_CTX, PER_RANK, ddp_step_worker, make_setup
 from utils.errors import UserError
 from utils.schedulers import build_scheduler
 
@@ -109,21 +106,15 @@ def test_ewc_statistics_come_from_the_accumulated_gradients_once_per_step():
             assert torch.allclose(fisher[name], expected, rtol=1e-5, atol=1e-9), (k, name)
 
 
-def _accumulating_worker(rank, world, init_file, out_dir):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    method, student, teacher, images, labels = make_setup()
-    model = DistributedDataParallel(student)
-    part = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
-    _step(model, student, teacher, method, BARM_CTX, _split(images[part], labels[part], PER_RANK))
-    torch.save({k: v.detach().clone() for k, v in student.state_dict().items()}, os.path.join(out_dir, f"{rank}.pt"))
-    dist.destroy_process_group()
+def _accumulating_step(model, student, teacher, method, images, labels):
+    """A rank's step: its images as micro-batches of one."""
+    _step(model, student, teacher, method, BARM_CTX, _split(images, labels, PER_RANK))
 
 
 def test_two_gloo_processes_accumulating_equal_one_process_on_the_union(tmp_path):
     # each process: its 2 images as 2 micro-batches of 1, gradients averaged over the processes once
-    mp.start_processes(_accumulating_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2,
-                       start_method="spawn")
+    mp.start_processes(ddp_step_worker, args=(2, str(tmp_path / "init"), str(tmp_path), _accumulating_step),
+                       nprocs=2, start_method="spawn")
     rank0, rank1 = (torch.load(tmp_path / f"{r}.pt") for r in range(2))
     method, student, teacher, images, labels = make_setup()
     before = {n: v.detach().clone() for n, v in student.state_dict().items()}
