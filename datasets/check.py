@@ -28,8 +28,8 @@ import sys
 import numpy as np
 from PIL import Image
 
-from datasets import LAYOUTS, get_layout, split_class_index, step_samples
-from datasets.class_index import build_index, size_problem
+from datasets import LAYOUTS, get_layout, split_class_index
+from datasets.class_index import build_index, refuse_values, size_problem
 from datasets.incremental import step_mask
 from utils.errors import UserError, exit_on_user_error
 from utils.tasks import NUM_CLASSES, get_domains, get_task, is_domain_incremental, task_name
@@ -70,11 +70,8 @@ def check_domains(dataset, data_root, task, workers=None, images=False):
         note = "" if counts[domain] == layout.CITY_COUNTS[city] else f" (public: {layout.CITY_COUNTS[city]})"
         print(f"{domain:>6} {city:<16} {counts[domain]:>6}{note}")
     index = build_index([entry[2] for entry in pool], [entry[0] for entry in pool], workers=workers)
-    bad = ~index.contains_only(set(range(RAW_LABEL_IDS)) | {layout.IGNORE_LABEL})
-    if bad.any():
-        first = int(np.flatnonzero(bad)[0])
-        raise UserError(f"label {pool[first][2]} holds values {index.classes(first)}: expected Cityscapes labelIds"
-                        f" 0..{RAW_LABEL_IDS - 1} (and 255); {int(bad.sum())} label file(s) are affected")
+    refuse_values(index, [entry[2] for entry in pool], set(range(RAW_LABEL_IDS)) | {layout.IGNORE_LABEL},
+                  f": expected Cityscapes labelIds 0..{RAW_LABEL_IDS - 1} (and {layout.IGNORE_LABEL})")
     print("labels OK (raw labelIds)")
     if images:
         verify_images([entry[:3] for entry in pool], workers or os.cpu_count() or 1)
@@ -82,10 +79,10 @@ def check_domains(dataset, data_root, task, workers=None, images=False):
     steps, domains = get_task(dataset, task), get_domains(dataset, task)
     print(f"\ntask {task}: {len(steps)} steps")
     print(f"{'step':>4} {'domains':<24} {'train':>6} {'val':>6} {'test':>6} {'held-out test':>13}")
+    domains_of_pool = [entry[3] for entry in pool]  # the pool listed once, not once per step and split
     for t, step_domains in enumerate(domains):
-        sizes = [len(step_samples(dataset, data_root, steps, t, True, split, domains=domains)) for split in
-                 ("train", "val", "test")]
-        held_out = len(step_samples(dataset, data_root, steps, t, True, "test", domains=domains, held_out_test=True))
+        sizes = [len(layout.step_indices(domains_of_pool, domains, t, split)) for split in ("train", "val", "test")]
+        held_out = len(layout.step_indices(domains_of_pool, domains, t, "test", held_out_test=True))
         shown = ",".join(map(str, step_domains)) if len(step_domains) <= 6 else f"{step_domains[0]}..{step_domains[-1]}"
         print(f"{t:>4} {shown:<24} {sizes[0]:>6} {sizes[1]:>6} {sizes[2]:>6} {held_out:>13}")
     return len(pool)

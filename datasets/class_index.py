@@ -147,27 +147,29 @@ def build_index(label_paths, ids, workers=None, progress=None, image_paths=None)
     return ClassIndex(ids, presence[:, :LABEL_VALUES].astype(bool))
 
 
-def check_label_values(index, label_paths, num_classes, ignore_label):
-    """Raise :class:`UserError` naming the first label with a value outside 0..num_classes-1 (and ignore)."""
-    allowed = set(range(num_classes)) | {ignore_label}
+def refuse_values(index, label_paths, allowed, expected):
+    """Raise :class:`UserError` naming the first label that holds a value outside ``allowed``, its stray values,
+    ``expected`` (the rest of the sentence: what the values should be) and how many labels are affected."""
     bad = ~index.contains_only(allowed)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        values = [v for v in index.classes(i) if v not in allowed]
-        raise UserError(f"label {label_paths[i]} holds values {values}: expected class ids 0..{num_classes - 1}"
-                        f" (and {ignore_label} = ignore); {int(bad.sum())} label file(s) are affected")
+        found = [v for v in index.classes(i) if v not in allowed]
+        raise UserError(f"label {label_paths[i]} holds values {found}{expected}; {int(bad.sum())} label file(s) are"
+                        f" affected")
+
+
+def check_label_values(index, label_paths, num_classes, ignore_label):
+    """Raise :class:`UserError` naming the first label with a value outside 0..num_classes-1 (and ignore)."""
+    refuse_values(index, label_paths, set(range(num_classes)) | {ignore_label},
+                  f": expected class ids 0..{num_classes - 1} (and {ignore_label} = ignore)")
 
 
 def check_described_values(index, label_paths, values):
     """Raise :class:`UserError` naming the first label with a value its dataset's description does not list
     (``values``: a :class:`LabelValues`)."""
-    bad = ~index.contains_only(values.allowed)
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        found = [v for v in index.classes(i) if v not in values.allowed]
-        raise UserError(f"label {label_paths[i]} holds values {found} that {values.source} does not describe:"
-                        f" expected {list(values.allowed)} (class ids and the ignore value); {int(bad.sum())}"
-                        f" label file(s) are affected")
+    refuse_values(index, label_paths, values.allowed,
+                  f" that {values.source} does not describe: expected {list(values.allowed)} (class ids and the"
+                  f" ignore value)")
 
 
 def fingerprint(label_paths):
