@@ -15,7 +15,7 @@ no cache file (nor a cache folder this call created) is left behind. A cache fil
 A dataset whose label files hold other values than its class ids (a dataset of the user's own,
 ``datasets.custom``) passes a :class:`LabelValues`: the values a label may hold are then the described ones, the
 index records class ids (the label values mapped through its table), the cache key includes the description's
-digest (editing the description rebuilds the index) and, with ``check_sizes``, every image's size (read from its
+digest (editing the description rebuilds the index) and every image's size (read from its
 header) must equal its label's.
 
 The labels are decoded by a thread pool (``datasets.files.parallel_imap``), never by a process pool, so

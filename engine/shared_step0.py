@@ -71,13 +71,17 @@ def difference(ours, theirs):
     return None
 
 
-def _read_record(step_dir):
-    path = os.path.join(step_dir, "config.json")
+def _json_or_none(path):
+    """The content of a JSON file, or None when it is missing or unreadable."""
     try:
         with open(path, encoding="utf-8") as handle:
             return json.load(handle)
     except (OSError, ValueError):
         return None
+
+
+def _read_record(step_dir):
+    return _json_or_none(os.path.join(step_dir, "config.json"))
 
 
 def _step_dir(source):
@@ -154,12 +158,8 @@ def share_step0(source_dir, own_dir):
 
 def shared_from(checkpoint_path):
     """The ``shared_from`` record of the step folder of ``checkpoint_path`` (None when its step was trained there)."""
-    results = os.path.join(os.path.dirname(os.path.abspath(checkpoint_path)), "results.json")
-    try:
-        with open(results, encoding="utf-8") as handle:
-            return json.load(handle).get("shared_from")
-    except (OSError, ValueError):
-        return None
+    results = _json_or_none(os.path.join(os.path.dirname(os.path.abspath(checkpoint_path)), "results.json"))
+    return None if results is None else results.get("shared_from")
 
 
 def use_shared_step0(config, method_cls, dist_info, run_folder):

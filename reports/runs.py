@@ -108,15 +108,12 @@ def _step_numbers(folder):
     return sorted(found)
 
 
-def _subpath(results, base):
-    """The run's ``--subpath``: from the step's ``config.json``, else the checkpoint path
-    ``{ckpt_dir}/{subpath}/{task}/{setting}/step{t}/final.pth``."""
-    config = os.path.join(base, f"step{results['step']}", CONFIG_FILE)
-    if os.path.isfile(config):
-        with open(config, encoding="utf-8") as handle:
-            args = json.load(handle).get("args", {})
-        if args.get("subpath") or args.get("method"):
-            return args.get("subpath") or args.get("method")
+def _subpath(results, config):
+    """The run's ``--subpath``: from the step's ``config.json`` content ``config`` (None: none), else the
+    checkpoint path ``{ckpt_dir}/{subpath}/{task}/{setting}/step{t}/final.pth``."""
+    args = (config or {}).get("args", {})
+    if args.get("subpath") or args.get("method"):
+        return args.get("subpath") or args.get("method")
     parts = os.path.normpath(str(results.get("checkpoint") or "")).split(os.sep)
     return parts[-5] if len(parts) >= 5 else ""
 
@@ -162,8 +159,10 @@ def load_run(folder, label=None):
                             f" {', '.join(missing)}: expected a results file written by ciss")
     eval_name = os.path.basename(base) if os.path.basename(os.path.dirname(base)) == "eval" else ""
     training = os.path.dirname(os.path.dirname(base)) if eval_name else base  # --test keeps the training config
-    run = Run(folder=folder, results=results, kind=kind, subpath=_subpath(results[-1], base), eval_name=eval_name,
-              configs=[_read_config(training, r["step"]) for r in results])
+    configs = [_read_config(training, r["step"]) for r in results]
+    last_config = _read_config(base, results[-1]["step"]) if eval_name else configs[-1]  # read once
+    run = Run(folder=folder, results=results, kind=kind, subpath=_subpath(results[-1], last_config),
+              eval_name=eval_name, configs=configs)
     if results[0]["step"] != 0:
         run.notes.append(f"steps 0..{results[0]['step'] - 1} of {base} belong to another run (or are missing):"
                          f" only steps {results[0]['step']}..{last} are reported")
