@@ -51,7 +51,7 @@ def train_samples(ctx, config, method, step=None, persist=True):
     every image of the training list where the method says so (``Method.trains_on_every_image``). ``persist``:
     whether a class index built here is cached (not for ``--dry_run``)."""
     step = ctx.step if step is None else step
-    if ctx.domains is None and method.trains_on_every_image(dataclasses.replace(ctx, step=step)):
+    if method.trains_on_every_image(dataclasses.replace(ctx, step=step)):
         return get_layout(ctx.dataset, ctx.data_root).list_split(ctx.data_root, "train")
     return step_samples(ctx.dataset, ctx.data_root, [list(s) for s in ctx.steps], step, ctx.overlap, "train",
                         cache_dir=config.cache_dir, persist=persist, domains=ctx.domains)

@@ -9,6 +9,7 @@ are, how the run was launched and resumed (the per-process batch and the accumul
 compared), the device and speed-only switches. Runs without ``config.json`` are compared on what their results
 record.
 """
+import functools
 import math
 import os
 import re
@@ -140,6 +141,11 @@ class Experiment:
     def orders(self):
         return [order_name(r) for r in self.runs]
 
+    @functools.cached_property
+    def rows(self):
+        """:func:`experiment_rows` of the experiment, computed once (its runs are read-only)."""
+        return experiment_rows(self)
+
 
 def experiment_groups(runs):
     """The runs as :class:`Experiment` s, in the order they first appear: a run joins the first experiment of its
@@ -173,6 +179,14 @@ def experiment_groups(runs):
         seen[key] = seen.get(key, 0) + 1
         experiment.label = key[1] if seen[key] == 1 else f"{key[1]} #{seen[key]}"
     return experiments
+
+
+def experiment_panels(experiments):
+    """``{panel: [experiments]}`` (:attr:`Experiment.panel`) in the order the panels first appear."""
+    panels = {}
+    for experiment in experiments:
+        panels.setdefault(experiment.panel, []).append(experiment)
+    return panels
 
 
 def mean_std(values):

@@ -9,7 +9,7 @@ import math
 import os
 import re
 
-from reports.experiments import experiment_groups, experiment_rows, order_name, run_seed
+from reports.experiments import experiment_groups, experiment_panels, order_name, run_seed
 from reports.runs import (AVERAGE_ROW, METRICS, check_conventions, class_iou_matrix, convention_key,
                           convention_tags, describe_convention, forgetting, group_runs, label_runs, mean_forgetting,
                           step_rows)
@@ -182,7 +182,7 @@ def _mean_std_cell(stat):
 def experiment_lines(experiment):
     """One experiment as Markdown lines: its runs (seed, class order, folder), then mean ± standard deviation per
     step and column, with the number of runs of each step, and its mean forgetting."""
-    rows = experiment_rows(experiment)
+    rows = experiment.rows
     n_runs = len(experiment.runs)
     lines = [f"### {experiment.label}: {n_runs} run{'s' if n_runs != 1 else ''}", "",
              f"{experiment.method}, {experiment.dataset} {experiment.family} ({experiment.setting}); evaluation"
@@ -207,10 +207,7 @@ def groups_markdown(experiments, figures=None):
              " mean ± sample standard deviation (n − 1 in the denominator) over the runs, per step and column;"
              " n = the number of runs that reached the step; avg = the mean over the runs of each run's average over"
              " its steps. One run: its value alone.", ""]
-    panels = {}
-    for experiment in experiments:
-        panels.setdefault(experiment.panel, []).append(experiment)
-    for panel, members in panels.items():
+    for panel, members in experiment_panels(experiments).items():
         dataset, family, setting = panel
         lines += [f"## {dataset} {family} ({setting})", ""]
         for experiment in members:
@@ -232,7 +229,7 @@ def group_rows(experiments):
     experiment's seeds and class orders (``;``-separated, in run order)."""
     out = []
     for experiment in experiments:
-        for row in experiment_rows(experiment):
+        for row in experiment.rows:
             line = {"experiment": experiment.label, "method": experiment.method, "dataset": experiment.dataset,
                     "task_family": experiment.family, "setting": experiment.setting,
                     "convention": json.dumps(experiment.convention, sort_keys=True), "runs": len(experiment.runs),
@@ -251,7 +248,7 @@ def band_series(experiments):
     steps, and the mean and standard deviation of old / new / all per step."""
     series = []
     for experiment in experiments:
-        rows = experiment_rows(experiment)[:-1]
+        rows = experiment.rows[:-1]
         series.append((f"{experiment.label} (n={len(experiment.runs)})", [row["step"] for row in rows],
                        {key: [row[key][0] for row in rows] for key in BAND_KEYS},
                        {key: [row[key][1] for row in rows] for key in BAND_KEYS}))
@@ -297,10 +294,7 @@ def write_report(runs, out_dir, allow_mixed=False, plots=True):
     experiments = experiment_groups(runs)
     band_figures = {}
     if plots:
-        panels = {}
-        for experiment in experiments:
-            panels.setdefault(experiment.panel, []).append(experiment)
-        for panel, members in panels.items():
+        for panel, members in experiment_panels(experiments).items():
             if max(len(e.runs) for e in members) < 2:
                 continue  # no spread to draw
             name = f"miou_mean_{group_slug(panel)}.png"
