@@ -32,7 +32,7 @@ from engine.run_folder import RunFolder
 from engine.setup import run_step
 from engine.shared_step0 import use_shared_step0
 from methods import get_method_class
-from reports.plots import plot_miou_per_step
+from reports.plots import PANEL_KEYS, plot_miou_per_step
 from utils.distributed import cleanup, setup
 from utils.errors import UserError, exit_on_user_error
 from utils.logging import setup_logging
@@ -79,7 +79,7 @@ def log_summary(ctx, config, step_log, iteration):
     rows = [summary_row(r) for r in chain_results(ctx.root, ctx.step)]
     step_log.table(SUMMARY_TABLE, SUMMARY_COLUMNS, rows, iteration)
     series = [(config.subpath or config.method, [row["step"] for row in rows],
-               {key: [row[key] for row in rows] for key in ("mIoU_old", "mIoU_new", "mIoU")})]
+               {key: [row[key] for row in rows] for key in PANEL_KEYS})]
     with tempfile.TemporaryDirectory() as folder:
         try:
             path = plot_miou_per_step(series, os.path.join(folder, SUMMARY_FIGURE_FILE),

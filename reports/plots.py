@@ -23,6 +23,7 @@ HEATMAP_MISSING_COLOUR = "lightgrey"  # class not yet introduced, or absent and 
 HEATMAP_COLOUR_MAP = "viridis"
 PERCENT = 100.0
 LINE_STYLES = (("mIoU_old", "old"), ("mIoU_new", "new"), ("mIoU", "all"))  # one panel each
+PANEL_KEYS = tuple(key for key, _ in LINE_STYLES)  # the summary keys a series gives, one per panel
 RUN_COLOURS = "tab10"  # up to 10 runs
 RUN_COLOURS_MANY = "tab20"  # more runs
 RUN_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")

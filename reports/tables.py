@@ -13,7 +13,7 @@ from reports.experiments import experiment_groups, experiment_panels, order_name
 from reports.runs import (AVERAGE_ROW, METRICS, check_conventions, class_iou_matrix, convention_key,
                           convention_tags, describe_convention, forgetting, group_runs, label_runs, mean_forgetting,
                           step_rows)
-from reports.plots import plot_class_heatmap, plot_miou_band, plot_miou_per_step
+from reports.plots import PANEL_KEYS, plot_class_heatmap, plot_miou_band, plot_miou_per_step
 from utils.errors import UserError
 
 PERCENT = 100.0
@@ -26,7 +26,6 @@ FORGETTING_CSV = "forgetting.csv"
 GROUPS_MD = "groups.md"
 GROUPS_CSV = "groups.csv"
 PLUS_MINUS = " ± "
-BAND_KEYS = ("mIoU_old", "mIoU_new", "mIoU")  # the panels of the figure
 
 
 def _pct(value, decimals=MD_DECIMALS):
@@ -250,8 +249,8 @@ def band_series(experiments):
     for experiment in experiments:
         rows = experiment.rows[:-1]
         series.append((f"{experiment.label} (n={len(experiment.runs)})", [row["step"] for row in rows],
-                       {key: [row[key][0] for row in rows] for key in BAND_KEYS},
-                       {key: [row[key][1] for row in rows] for key in BAND_KEYS}))
+                       {key: [row[key][0] for row in rows] for key in PANEL_KEYS},
+                       {key: [row[key][1] for row in rows] for key in PANEL_KEYS}))
     return series
 
 
@@ -281,7 +280,7 @@ def write_report(runs, out_dir, allow_mixed=False, plots=True):
         for group, members in group_runs(runs).items():
             name = f"miou_{group_slug(group)}.png"
             series = [(_run_cell(r, tags), [row["step"] for row in step_rows(r)[:-1]],
-                       {key: [row[key] for row in step_rows(r)[:-1]] for key in ("mIoU_old", "mIoU_new", "mIoU")})
+                       {key: [row[key] for row in step_rows(r)[:-1]] for key in PANEL_KEYS})
                       for r in members]
             plot_miou_per_step(series, os.path.join(out_dir, name), title=f"{group[0]} {group[1]} ({group[2]})")
             figures["miou"][group] = written[name] = name
