@@ -242,7 +242,7 @@ class TrainData:
 
     def __len__(self):
         """Optimizer steps per epoch (groups of ``accumulate`` loader batches)."""
-        return len(self.loader) // self.config.accumulate
+        return len(MicroBatchGroups(self.loader, self.config.accumulate))
 
     def epoch(self, epoch):
         """The iterations of ``epoch`` (its sampler's order and its samples' augmentation seeds), each a list
