@@ -15,7 +15,7 @@ from datasets.incremental import label_lut, open_label
 from datasets.transforms import eval_transform, resized_crop_box
 from methods import get_method
 from utils.errors import UserError
-from utils.tasks import get_domains, get_task, list_tasks
+from utils.tasks import DOMAIN_CLASSES, DOMAIN_COUNTS, get_domains, get_task, list_tasks
 
 DATASET = "cityscapes_domain"
 # the public gtFine per-city image counts, by domain id (PLOP dataset/cityscapes_domain.py::city_to_id)
@@ -234,3 +234,10 @@ def test_unknown_city_and_missing_label_are_user_errors(tmp_path):
 def test_step_samples_need_the_domains(public_tree):
     with pytest.raises(ValueError, match="domains"):
         step_samples(DATASET, public_tree, get_task(DATASET, "11-5"), 0, True, "train")
+
+
+def test_the_task_tables_counts_are_the_layouts():
+    """utils/tasks.py may not import the datasets (it is the floor below): its class and domain counts of
+    cityscapes_domain must be the layout's (19 train ids, 21 cities)."""
+    assert DOMAIN_CLASSES[DATASET] == cityscapes_domain.NUM_CLASSES == 19
+    assert DOMAIN_COUNTS[DATASET] == len(cityscapes_domain.CITIES) == 21
