@@ -8,8 +8,8 @@ import json
 import logging
 import os
 
-from engine.results import write_json
 from utils.errors import UserError
+from utils.jsonfile import write_json
 
 log = logging.getLogger("ciss")
 

@@ -20,6 +20,7 @@ from datasets import get_layout
 from metrics.stream_metrics import results_from_confusion
 from metrics.summary import step_summary
 from utils.hardware import cpu_model
+from utils.jsonfile import write_json
 
 #: What produced a number, in ``results.json`` (``provenance``) and as the last columns of ``summary.csv``.
 PROVENANCE_COLUMNS = ("seed", "class_order", "global_batch", "accumulate", "processes", "torch", "device")
@@ -79,20 +80,6 @@ def step_results(confusion, ctx, method_name, class_names, checkpoint, conventio
         "confusion_matrix": np.asarray(confusion, dtype=np.int64).tolist(),
     })
     return results
-
-
-def write_json(content, path):
-    """Write ``content`` as JSON to ``path`` atomically (a temporary file beside it, then a rename)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            json.dump(content, handle, indent=1)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def write_step_results(results, step_dir):

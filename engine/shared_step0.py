@@ -27,10 +27,10 @@ from engine.cli import method_hyper
 from engine.context import make_context
 from engine.models import model_spec
 from engine.resolve import resolve_step
-from engine.results import write_json
 from utils.checkpoint import load_checkpoint_file
 from utils.distributed import all_gather_objects, main_first
 from utils.errors import UserError
+from utils.jsonfile import read_json_or_none, write_json
 
 log = logging.getLogger("ciss")
 
@@ -71,17 +71,8 @@ def difference(ours, theirs):
     return None
 
 
-def _json_or_none(path):
-    """The content of a JSON file, or None when it is missing or unreadable."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
-    except (OSError, ValueError):
-        return None
-
-
 def _read_record(step_dir):
-    return _json_or_none(os.path.join(step_dir, "config.json"))
+    return read_json_or_none(os.path.join(step_dir, "config.json"))
 
 
 def _step_dir(source):
@@ -158,7 +149,7 @@ def share_step0(source_dir, own_dir):
 
 def shared_from(checkpoint_path):
     """The ``shared_from`` record of the step folder of ``checkpoint_path`` (None when its step was trained there)."""
-    results = _json_or_none(os.path.join(os.path.dirname(os.path.abspath(checkpoint_path)), "results.json"))
+    results = read_json_or_none(os.path.join(os.path.dirname(os.path.abspath(checkpoint_path)), "results.json"))
     return None if results is None else results.get("shared_from")
 
 

@@ -20,9 +20,10 @@ from engine.evaluate import evaluate, evaluate_state
 from engine.iteration import train_iteration
 from engine.meter import TrainingLog
 from engine.models import load_exact
-from engine.results import format_step, provenance, step_results, write_json, write_step_results
+from engine.results import format_step, provenance, step_results, write_step_results
 from utils.checkpoint import CHECKPOINT_FORMAT, load_checkpoint_file, rng_state, save_checkpoint, set_rng_state
 from utils.distributed import all_gather_objects, barrier
+from utils.jsonfile import write_json
 from utils.logging import plural
 
 log = logging.getLogger("ciss")

@@ -12,6 +12,7 @@ import socket
 import time
 
 from utils.errors import UserError
+from utils.jsonfile import read_json_or_none
 
 log = logging.getLogger("ciss")
 
@@ -26,14 +27,6 @@ def _alive(pid):
     except PermissionError:  # exists, owned by someone else
         return True
     return True
-
-
-def _read(path):
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
-    except (OSError, ValueError):
-        return None
 
 
 class RunLock:
@@ -56,7 +49,7 @@ class RunLock:
             except PermissionError:
                 raise UserError(f"the run folder {self.folder} is not writable: check --ckpt_dir") from None
             except FileExistsError:
-                owner = _read(self.path)
+                owner = read_json_or_none(self.path)
                 if owner is None or (owner.get("host") == me["host"] and not _alive(int(owner.get("pid", -1)))):
                     log.info("removing the stale lock %s (%s)", self.path,
                              "unreadable" if owner is None else f"process {owner['pid']} is gone")
@@ -76,7 +69,7 @@ class RunLock:
 
     def release(self):
         if self.held:
-            owner = _read(self.path)
+            owner = read_json_or_none(self.path)
             if owner is not None and owner.get("pid") == os.getpid():
                 os.remove(self.path)
             self.held = False
