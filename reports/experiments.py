@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from statistics import mean as _plain_mean
 
-from reports.runs import AVERAGE_ROW, METRICS, convention_key, mean_forgetting, step_rows
+from reports.runs import AVERAGE_ROW, METRICS, convention_key, group_by, mean_forgetting, step_rows
 
 #: ``config.json`` arguments that do not make two runs different experiments: what an experiment varies (the seed,
 #: the task name and ``--task_file``: the class order; the recipe's name holds the task), where the files are, how
@@ -183,10 +183,7 @@ def experiment_groups(runs):
 
 def experiment_panels(experiments):
     """``{panel: [experiments]}`` (:attr:`Experiment.panel`) in the order the panels first appear."""
-    panels = {}
-    for experiment in experiments:
-        panels.setdefault(experiment.panel, []).append(experiment)
-    return panels
+    return group_by(experiments, lambda experiment: experiment.panel)
 
 
 def mean_std(values):

@@ -295,12 +295,17 @@ def mean_forgetting(run, rows=None):
                   if r["introduced"] < last_step and (with_bg or r["channel"] != 0)])
 
 
+def group_by(items, key):
+    """``{key(item): [items]}`` in the order the keys first appear."""
+    groups = {}
+    for item in items:
+        groups.setdefault(key(item), []).append(item)
+    return groups
+
+
 def group_runs(runs):
     """``{(dataset, task, setting): [runs]}`` in the order the groups first appear."""
-    groups = {}
-    for run in runs:
-        groups.setdefault(run.group, []).append(run)
-    return groups
+    return group_by(runs, lambda run: run.group)
 
 
 def convention_key(convention):
